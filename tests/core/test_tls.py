@@ -1,0 +1,545 @@
+"""BulkTLSStream over real loopback sockets, certificates from trustme."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+import trustme
+from OpenSSL import SSL
+
+from tunneld.core._tls import (
+    BulkTLSStream,
+    accept_tls,
+    client_context,
+    open_tls_client,
+    server_context,
+)
+
+ALPN = b"tunneld/1"
+
+
+@dataclass
+class Pki:
+    ca: trustme.CA
+    ca_pem: Path
+    chain: Path
+    key: Path
+
+    def server_ctx(self, alpn: tuple[bytes, ...] = (ALPN,)) -> SSL.Context:
+        return server_context(self.chain, self.key, alpn=alpn)
+
+    def client_ctx(self, alpn: tuple[bytes, ...] = (ALPN,)) -> SSL.Context:
+        return client_context(self.ca_pem, alpn=alpn)
+
+
+def _write_pki(tmp: Path, *identities: str) -> Pki:
+    tmp.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    cert = ca.issue_cert(*identities)
+    chain = tmp / "chain.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key = tmp / "key.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    ca_pem = tmp / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    return Pki(ca, ca_pem, chain, key)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return _write_pki(tmp_path_factory.mktemp("pki"), "127.0.0.1", "localhost")
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[trio.SocketListener]:
+    (lst,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with lst:
+        yield lst
+
+
+def _port(lst: trio.SocketListener) -> int:
+    return int(lst.socket.getsockname()[1])
+
+
+async def _tcp_pair(lst: trio.SocketListener) -> tuple[trio.SocketStream, trio.SocketStream]:
+    client = await trio.open_tcp_stream("127.0.0.1", _port(lst))
+    server = await lst.accept()
+    return client, server
+
+
+async def _tls_pair(
+    lst: trio.SocketListener,
+    pki: Pki,
+    *,
+    server_hostname: str = "127.0.0.1",
+    handshake: bool = True,
+) -> tuple[BulkTLSStream, BulkTLSStream]:
+    ctcp, stcp = await _tcp_pair(lst)
+    client = BulkTLSStream(ctcp, pki.client_ctx(), server_side=False, server_hostname=server_hostname)
+    server = BulkTLSStream(stcp, pki.server_ctx(), server_side=True)
+    if handshake:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def _recv_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some()
+        assert chunk, f"EOF after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_handshake_and_echo_both_directions(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                stream = await accept_tls(await listener.accept(), pki.server_ctx())
+                async with stream:
+                    assert stream.selected_alpn_protocol() == ALPN
+                    assert stream.tls_version() == "TLSv1.3"
+                    assert stream.getpeercert_der() is None  # no client certificate
+                    msg = await _recv_exactly(stream, 5)
+                    await stream.send_all(b"echo:" + msg)
+                    await stream.send_all(b"server first")
+                    assert await _recv_exactly(stream, 5) == b"reply"
+
+            nursery.start_soon(serve)
+            client = await open_tls_client("127.0.0.1", _port(listener), pki.client_ctx())
+            async with client:
+                assert client.handshake_done
+                assert client.selected_alpn_protocol() == ALPN
+                assert client.tls_version() == "TLSv1.3"
+                der = client.getpeercert_der()
+                assert der is not None and len(der) > 100
+                await client.do_handshake()  # idempotent
+                await client.send_all(b"hello")
+                assert await _recv_exactly(client, 10) == b"echo:hello"
+                assert await _recv_exactly(client, 12) == b"server first"
+                await client.send_all(memoryview(b"reply"))
+
+
+async def test_implicit_handshake_and_no_alpn(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        ctcp, stcp = await _tcp_pair(listener)
+        client = BulkTLSStream(ctcp, pki.client_ctx(alpn=()), server_side=False, server_hostname="localhost")
+        server = BulkTLSStream(stcp, pki.server_ctx(), server_side=True)
+        async with client, server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, b"ping")  # handshake happens inside
+                assert await _recv_exactly(server, 4) == b"ping"
+            assert client.selected_alpn_protocol() is None
+            assert server.selected_alpn_protocol() is None
+
+
+async def test_bulk_64mib_each_way_concurrently(listener: trio.SocketListener, pki: Pki) -> None:
+    size = 64 * 1024 * 1024
+    with trio.fail_after(60):
+        client, server = await _tls_pair(listener, pki)
+        payload = {client: os.urandom(size), server: os.urandom(size)}
+        digests: dict[BulkTLSStream, str] = {}
+        sizes: dict[BulkTLSStream, list[int]] = {client: [], server: []}
+
+        async def sender(stream: BulkTLSStream, seed: int) -> None:
+            rnd = random.Random(seed)
+            view = memoryview(payload[stream])
+            while view:
+                n = rnd.choice((1000, 16 * 1024, 64 * 1024 + 7, 256 * 1024, 1024 * 1024))
+                await stream.send_all(view[:n])
+                view = view[n:]
+
+        async def receiver(stream: BulkTLSStream) -> None:
+            h = hashlib.sha256()
+            got = 0
+            while got < size:
+                chunk = await stream.receive_some()
+                assert chunk
+                assert len(chunk) <= 256 * 1024
+                sizes[stream].append(len(chunk))
+                h.update(chunk)
+                got += len(chunk)
+            assert got == size
+            digests[stream] = h.hexdigest()
+
+        async with client, server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender, client, 1)
+                nursery.start_soon(sender, server, 2)
+                nursery.start_soon(receiver, client)
+                nursery.start_soon(receiver, server)
+        assert digests[server] == hashlib.sha256(payload[client]).hexdigest()
+        assert digests[client] == hashlib.sha256(payload[server]).hexdigest()
+        # The point of the class: many records per receive, not one 16 KiB record.
+        for stream in (client, server):
+            assert max(sizes[stream]) >= 64 * 1024, max(sizes[stream])
+
+
+async def test_receive_drains_many_records_per_call(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        client, server = await _tls_pair(listener, pki)
+        async with client, server:
+            data = os.urandom(1024 * 1024)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, data)
+                await trio.sleep(0.1)  # let the socket buffers fill up
+                first = await server.receive_some()
+                assert len(first) > 16 * 1024, len(first)  # more than one TLS record
+                rest = await _recv_exactly(server, len(data) - len(first))
+            assert bytes(first) + rest == data
+            # max_bytes is honoured, leftovers stay buffered in the engine
+            await client.send_all(b"abcdefgh" * 4096)
+            await trio.sleep(0.05)
+            assert await server.receive_some(3) == b"abc"
+            assert await server.receive_some(5) == b"defgh"
+            assert len(await _recv_exactly(server, 8 * 4096 - 8)) == 8 * 4096 - 8
+
+
+async def test_receive_drains_over_memory_transport(pki: Pki) -> None:
+    """Deterministic variant (no kernel buffer sizes involved): an unbounded in-memory transport."""
+    with trio.fail_after(10):
+        ct, st = trio.testing.memory_stream_pair()
+        client = BulkTLSStream(ct, pki.client_ctx(), server_side=False, server_hostname="localhost")
+        server = BulkTLSStream(st, pki.server_ctx(), server_side=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        data = os.urandom(4 * 1024 * 1024)
+        await client.send_all(data)  # never blocks: the memory buffer is unbounded
+        sizes = []
+        got = bytearray()
+        while len(got) < len(data):
+            chunk = await server.receive_some()
+            sizes.append(len(chunk))
+            got += chunk
+        assert got == data
+        # one 256 KiB transport read yields ~ 256 KiB of plaintext minus record overhead
+        assert min(sizes[:-1]) >= 200 * 1024, sizes
+        await client.aclose()
+        assert await server.receive_some() == b""
+        await server.aclose()
+
+
+async def test_many_small_writes_and_send_all_parts(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(20):
+        client, server = await _tls_pair(listener, pki)
+        rnd = random.Random(7)
+        writes = [rnd.randbytes(rnd.randint(1, 100)) for _ in range(5000)]
+        header = b"H" * 12
+        big = rnd.randbytes(600 * 1024)
+        parts_msgs = [
+            [header, big],  # > SEND_CHUNK: flushed in pieces
+            [header, b"tiny"],
+            [b"", header, bytearray(b"x" * 20000), memoryview(b"y" * 70000), b"z"],
+            [],
+        ]
+        expected = b"".join(writes) + b"".join(bytes(p) for msg in parts_msgs for p in msg)
+        async with client, server:
+            async with trio.open_nursery() as nursery:
+
+                async def send() -> None:
+                    for w in writes:
+                        await client.send_all(w)
+                    await client.send_all(b"")
+                    for msg in parts_msgs:
+                        await client.send_all_parts(msg)
+
+                nursery.start_soon(send)
+                assert await _recv_exactly(server, len(expected)) == expected
+
+
+async def test_two_way_stream_conformance(listener: trio.SocketListener, pki: Pki) -> None:
+    async def maker() -> tuple[BulkTLSStream, BulkTLSStream]:
+        return await _tls_pair(listener, pki)
+
+    async def clogged_maker() -> tuple[BulkTLSStream, BulkTLSStream]:
+        # Over a lockstep transport every send blocks until the peer receives.
+        ct, st = trio.testing.lockstep_stream_pair()
+        client = BulkTLSStream(ct, pki.client_ctx(), server_side=False, server_hostname="localhost")
+        server = BulkTLSStream(st, pki.server_ctx(), server_side=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            await server.do_handshake()
+            # The server's session tickets follow its handshake; let the client read them.
+            nursery.start_soon(client.receive_some)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        return client, server
+
+    with trio.fail_after(60):
+        await trio.testing.check_two_way_stream(maker, clogged_maker)
+
+
+async def test_busy_resource_errors(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        client, server = await _tls_pair(listener, pki)
+        async with client, server:
+            with pytest.RaisesGroup(trio.BusyResourceError):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(server.receive_some)
+                    nursery.start_soon(server.receive_some)
+            # Clog the client: the server does not read.
+            with pytest.RaisesGroup(trio.BusyResourceError):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.send_all, b"x" * (64 * 1024 * 1024))
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(client.send_all, b"y")
+
+
+async def test_receive_while_peer_blocked_sending(listener: trio.SocketListener, pki: Pki) -> None:
+    """Full duplex with both sides clogged: each side keeps receiving while its send blocks."""
+    size = 8 * 1024 * 1024
+    with trio.fail_after(20):
+        client, server = await _tls_pair(listener, pki)
+        async with client, server:
+            async with trio.open_nursery() as nursery:
+                for s in (client, server):
+                    nursery.start_soon(s.send_all, b"q" * size)
+                await trio.testing.wait_all_tasks_blocked()
+                for r in (client, server):
+                    nursery.start_soon(_recv_exactly, r, size)
+
+
+@pytest.mark.parametrize(
+    ("identities", "server_hostname", "message"),
+    [
+        (("127.0.0.1", "localhost"), "example.com", "certificate for example.com does not match"),
+        (("localhost",), "127.0.0.1", "certificate for 127.0.0.1 does not match"),
+    ],
+)
+async def test_wrong_hostname(
+    listener: trio.SocketListener,
+    tmp_path: Path,
+    identities: tuple[str, ...],
+    server_hostname: str,
+    message: str,
+) -> None:
+    pki = _write_pki(tmp_path, *identities)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                # The server's side of the handshake succeeds; the client then hangs up.
+                stream = await accept_tls(await listener.accept(), pki.server_ctx())
+                async with stream:
+                    try:
+                        assert await stream.receive_some() == b""
+                    except trio.BrokenResourceError:
+                        pass
+
+            nursery.start_soon(serve)
+            with pytest.raises(trio.BrokenResourceError, match=message) as info:
+                await open_tls_client(
+                    "127.0.0.1", _port(listener), pki.client_ctx(), server_hostname=server_hostname
+                )
+            assert info.value.__cause__ is not None
+
+
+async def test_untrusted_ca(listener: trio.SocketListener, pki: Pki, tmp_path: Path) -> None:
+    other = _write_pki(tmp_path, "127.0.0.1")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                # The client's "unknown CA" alert fails the server handshake too.
+                with pytest.raises(trio.BrokenResourceError):
+                    await accept_tls(await listener.accept(), pki.server_ctx())
+
+            nursery.start_soon(serve)
+            with pytest.raises(trio.BrokenResourceError, match="certificate verify failed") as info:
+                await open_tls_client("127.0.0.1", _port(listener), other.client_ctx())
+            assert isinstance(info.value.__cause__, SSL.Error)
+
+
+async def test_verifying_client_needs_hostname(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        ctcp, stcp = await _tcp_pair(listener)
+        async with ctcp, stcp:
+            with pytest.raises(ValueError, match="server_hostname"):
+                BulkTLSStream(ctcp, pki.client_ctx(), server_side=False)
+
+
+def _stdlib_client(port: int, ca_pem: Path, payload: bytes, max_version: ssl.TLSVersion) -> tuple[bytes, str]:
+    ctx = ssl.create_default_context(cafile=str(ca_pem))
+    ctx.maximum_version = max_version
+    ctx.set_alpn_protocols(["h2", ALPN.decode()])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                chunk = tls.recv(1 << 20)
+                assert chunk
+                got += chunk
+            version = tls.version() or ""
+            tls.unwrap()  # close_notify both ways
+    return bytes(got), version
+
+
+@pytest.mark.parametrize("max_version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+async def test_interop_our_server_stdlib_client(
+    listener: trio.SocketListener, pki: Pki, max_version: ssl.TLSVersion
+) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+
+            async def echo() -> None:
+                stream = await accept_tls(await listener.accept(), pki.server_ctx())
+                async with stream:
+                    assert stream.selected_alpn_protocol() == ALPN
+                    while data := await stream.receive_some():
+                        await stream.send_all(data)
+
+            nursery.start_soon(echo)
+            got, version = await trio.to_thread.run_sync(
+                _stdlib_client, _port(listener), pki.ca_pem, payload, max_version
+            )
+        assert got == payload
+        assert version == {ssl.TLSVersion.TLSv1_3: "TLSv1.3", ssl.TLSVersion.TLSv1_2: "TLSv1.2"}[max_version]
+
+
+def _stdlib_server_ctx(pki: Pki) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(pki.chain), str(pki.key))
+    ctx.set_alpn_protocols([ALPN.decode()])
+    return ctx
+
+
+async def test_interop_trio_sslstream_client(listener: trio.SocketListener, pki: Pki) -> None:
+    payload = os.urandom(2 * 1024 * 1024)
+    with trio.fail_after(20):
+        ctcp, stcp = await _tcp_pair(listener)
+        cctx = ssl.create_default_context(cafile=str(pki.ca_pem))
+        client = trio.SSLStream(ctcp, cctx, server_hostname="127.0.0.1")
+        server = BulkTLSStream(stcp, pki.server_ctx(), server_side=True)
+        async with client, server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, payload)
+                assert await _recv_exactly(server, len(payload)) == payload
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.send_all, payload[::-1])
+                assert await _recv_exactly(client, len(payload)) == payload[::-1]
+            await client.aclose()
+            assert await server.receive_some() == b""
+
+
+async def test_interop_our_client_trio_sslstream_server(listener: trio.SocketListener, pki: Pki) -> None:
+    payload = os.urandom(2 * 1024 * 1024)
+    with trio.fail_after(20):
+        ctcp, stcp = await _tcp_pair(listener)
+        server = trio.SSLStream(stcp, _stdlib_server_ctx(pki), server_side=True)
+        client = BulkTLSStream(ctcp, pki.client_ctx(), server_side=False, server_hostname="localhost")
+        async with client, server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.send_all, payload)
+                assert await _recv_exactly(client, len(payload)) == payload
+            assert client.selected_alpn_protocol() == ALPN
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, payload[::-1])
+                assert await _recv_exactly(server, len(payload)) == payload[::-1]
+            await server.aclose()
+            assert await client.receive_some() == b""
+            assert await client.receive_some() == b""  # stays at EOF
+
+
+async def test_peer_close_notify_gives_eof(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        client, server = await _tls_pair(listener, pki)
+        async with server:
+            await client.send_all(b"last words")
+            await client.aclose()
+            assert await _recv_exactly(server, 10) == b"last words"
+            assert await server.receive_some() == b""
+            assert await server.receive_some() == b""
+
+
+async def test_transport_eof_without_close_notify_is_lenient(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        client, server = await _tls_pair(listener, pki)
+        async with server:
+            await client.send_all(b"abc")
+            transport = client.transport_stream
+            assert isinstance(transport, trio.SocketStream)
+            # TCP FIN without close_notify.  (send_eof rather than aclose: closing a socket with
+            # unread data, here the server's session tickets, sends RST instead of FIN.)
+            await transport.send_eof()
+            assert await _recv_exactly(server, 3) == b"abc"
+            assert await server.receive_some() == b""
+            assert await server.receive_some() == b""
+            await client.aclose()
+
+
+async def test_eof_during_handshake_is_broken(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        ctcp, stcp = await _tcp_pair(listener)
+        await ctcp.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            await accept_tls(stcp, pki.server_ctx())
+
+
+async def test_aclose_idempotent_and_closed_errors(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        client, server = await _tls_pair(listener, pki)
+        await client.aclose()
+        await client.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"x")
+        with pytest.raises(trio.ClosedResourceError):
+            await client.receive_some()
+        with pytest.raises(trio.ClosedResourceError):
+            await client.wait_send_all_might_not_block()
+        assert await server.receive_some() == b""
+        await server.aclose()
+        await server.aclose()
+        # closing before any handshake just closes the transport
+        ctcp, stcp = await _tcp_pair(listener)
+        fresh = BulkTLSStream(ctcp, pki.client_ctx(), server_side=False, server_hostname="localhost")
+        await fresh.aclose()
+        await fresh.aclose()
+        assert await stcp.receive_some() == b""
+        await stcp.aclose()
+
+
+async def test_aclose_wakes_blocked_receiver(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        client, server = await _tls_pair(listener, pki)
+        async with client:
+            async with trio.open_nursery() as nursery:
+
+                async def blocked() -> None:
+                    with pytest.raises(trio.ClosedResourceError):
+                        await server.receive_some()
+
+                nursery.start_soon(blocked)
+                await trio.testing.wait_all_tasks_blocked()
+                await server.aclose()
+
+
+async def test_open_tls_client_timeout(listener: trio.SocketListener, pki: Pki) -> None:
+    """A server that accepts TCP but never speaks TLS: the handshake times out."""
+    with trio.fail_after(10):
+        with pytest.raises(trio.TooSlowError):
+            await open_tls_client("127.0.0.1", _port(listener), pki.client_ctx(), timeout=0.3)
+
+
+def test_server_context_rejects_mismatched_key(pki: Pki, tmp_path: Path) -> None:
+    other = _write_pki(tmp_path, "127.0.0.1")
+    with pytest.raises(SSL.Error):
+        server_context(pki.chain, other.key)

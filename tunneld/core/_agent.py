@@ -1,0 +1,359 @@
+"""The agent: one session to the edge, many tunnels on it, reconnecting when the link breaks.
+
+Theory of operation
+-------------------
+The nursery tree (STYLE.md §2.6)::
+
+    Agent.run(*, task_status)                 reconnect loop: backoff with jitter
+    └── Agent._connection()                   one nursery per connection
+          ├── MuxSession.run()                reader + writer
+          ├── heartbeat: 4 random bytes every interval, echo expected within tolerance
+          ├── Auth, then one Bind per public endpoint
+          └── per proxy stream the edge opens: the tunnel type's agent_handle()
+                e.g. forward(stream, upstream) for tcp, the HTTP relay for http
+
+``started()`` is reported once, when the first connection has every tunnel bound.  A refused
+authtoken or a refused first Bind is fatal (:class:`AuthFailed` / :class:`TunnelRejected`):
+retrying would not help.  Any later failure just ends the connection nursery — its tunnels
+and forwarders with it — and the loop reconnects, re-binding with the same tunnel ids.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import platform
+import random
+import secrets
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from .. import __version__
+from . import proto
+from ._config import AgentConfig, TunnelConfig
+from ._errors import AuthFailed, Code, RemoteProtocolError, TunnelRejected, parse_wire_error
+from ._mux import MuxSession, MuxStream
+from ._plugins import build_registry, get_plugin_manager
+from ._rpc import call, read_message, reply
+from ._tls import client_context, open_tls_client
+from ._tunnel import TunnelType, TunnelTypeRegistry
+from ._util import split_host_port
+
+log = logging.getLogger("tunneld.agent")
+
+#: Per-stream window our agent asks a tunneld edge for (official edges ignore the request).
+WANT_WINDOW = 4 * 1024 * 1024
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
+
+
+@attrs.define
+class Metrics:
+    """Connection and request counters of one tunnel (ngrok's ``metrics`` shape)."""
+
+    conns_count: int = 0
+    conns_gauge: int = 0
+    http_count: int = 0
+    _conn_times: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=4096))
+    _req_times: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=4096))
+    _durations: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=1024))
+
+    def conn_opened(self) -> None:
+        self.conns_count += 1
+        self.conns_gauge += 1
+        self._conn_times.append(time.monotonic())
+
+    def conn_closed(self) -> None:
+        self.conns_gauge -= 1
+
+    def request_done(self, seconds: float) -> None:
+        self.http_count += 1
+        self._req_times.append(time.monotonic())
+        self._durations.append(seconds)
+
+    @staticmethod
+    def _rate(times: collections.deque[float], window: float) -> float:
+        now = time.monotonic()
+        return round(sum(1 for t in times if now - t <= window) / window, 4)
+
+    def _percentiles(self) -> dict[str, float]:
+        data = sorted(self._durations)
+        out = {}
+        for p in (50, 90, 95, 99):
+            # Nanoseconds, as ngrok (Go time.Duration) reports them.
+            out[f"p{p}"] = float(int(data[min(len(data) - 1, len(data) * p // 100)] * 1e9)) if data else 0.0
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        rates_c = {f"rate{m}": self._rate(self._conn_times, m * 60.0) for m in (1, 5, 15)}
+        rates_h = {f"rate{m}": self._rate(self._req_times, m * 60.0) for m in (1, 5, 15)}
+        pct = self._percentiles()
+        return {
+            "conns": {"count": self.conns_count, "gauge": self.conns_gauge, **rates_c, **pct},
+            "http": {"count": self.http_count, **rates_h, **pct},
+        }
+
+
+@attrs.define(eq=False)
+class AgentTunnel:
+    """One public endpoint of a configured tunnel, as the agent's API shows it."""
+
+    #: ``command_line`` or ``command_line (http)``.
+    name: str
+    config: TunnelConfig
+    type: TunnelType
+    bind: proto.Bind
+    #: Normalised upstream (``http://localhost:8080``, ``localhost:22``).
+    upstream: str
+    public_url: str = ""
+    proto: str = ""
+    tunnel_id: str = ""
+    metrics: Metrics = attrs.field(factory=Metrics)
+
+
+@attrs.frozen
+class AgentInfo:
+    """What :meth:`Agent.run` reports once every tunnel is bound."""
+
+    tunnels: list[AgentTunnel]
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A stream whose first reads return ``prefix`` (bytes that arrived with a header)."""
+
+    def __init__(self, stream: MuxStream, prefix: bytes) -> None:
+        self.stream = stream
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            n = len(self.prefix) if max_bytes is None else max_bytes
+            data, self.prefix = self.prefix[:n], self.prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    def reset(self, code: int = proto.ErrorCode.STREAM_CANCELLED) -> None:
+        self.stream.reset(code)
+
+    @property
+    def eof_received(self) -> bool:
+        return self.stream.eof_received and not self.prefix
+
+
+@attrs.define(eq=False)
+class Agent:
+    """The tunneld agent.  ``await nursery.start(agent.run)`` reports :class:`AgentInfo`."""
+
+    config: AgentConfig
+    tunnel_configs: list[TunnelConfig]
+    registry: TunnelTypeRegistry = attrs.field(factory=lambda: build_registry(get_plugin_manager()))
+    tunnels: list[AgentTunnel] = attrs.field(factory=list, init=False)
+    #: "connecting", "online" or "reconnecting" (shown by the status page and console).
+    status: str = attrs.field(default="connecting", init=False)
+    client_id: str = attrs.field(default="", init=False)
+    latency: float | None = attrs.field(default=None, init=False)
+    #: Set on every (re)connection with every tunnel bound; replaced by a new Event after.
+    online: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _cookie: str = attrs.field(default="", init=False)
+    _by_id: dict[str, AgentTunnel] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        for tc in self.tunnel_configs:
+            tunnel_type = self.registry[tc.proto]
+            upstream = tunnel_type.parse_addr(tc.addr)
+            for req in tunnel_type.agent_binds(tc):
+                self.tunnels.append(AgentTunnel(req.name, tc, tunnel_type, req.bind, upstream,
+                                                proto=req.bind.proto))
+
+    async def run(self, *, task_status: trio.TaskStatus[AgentInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, bind, serve; reconnect with backoff (0.5 s doubling to 30 s, with jitter)."""
+        first = True
+        failures = 0
+        while True:
+            started_at = time.monotonic()
+            try:
+                if first:
+                    await self._connection(task_status=task_status)
+                else:
+                    await self._connection()
+                reason = "connection closed"
+            except* (AuthFailed, TunnelRejected):
+                raise
+            except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                     RemoteProtocolError, trio.EndOfChannel) as group:
+                if first and not self.online.is_set() and not _transient(group):
+                    raise
+                reason = "; ".join(str(e) or type(e).__name__ for e in group.exceptions)
+            if self.online.is_set():
+                first = False
+                self.online = trio.Event()
+            if time.monotonic() - started_at > 60:
+                failures = 0
+            self.status = "reconnecting"
+            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** failures) * random.uniform(0.5, 1.0)
+            failures += 1
+            log.warning("session with %s ended (%s); reconnecting in %.1fs", self.config.server_addr,
+                        reason, delay)
+            await trio.sleep(delay)
+
+    async def _connection(self, *, task_status: trio.TaskStatus[AgentInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = split_host_port(self.config.server_addr, default_port=443)
+        root = self.config.root_cas
+        ctx = client_context(None if root in ("", "host", "trusted") else _path(root))
+        tls = await open_tls_client(host.strip("[]"), port, ctx)
+        mux = MuxSession(tls, client=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mux.run)
+            nursery.start_soon(self._heartbeat, mux)
+            await self._auth(mux)
+            for tunnel in self.tunnels:
+                await self._bind(mux, tunnel)
+            self.status = "online"
+            self.online.set()
+            task_status.started(AgentInfo(list(self.tunnels)))
+            while True:
+                try:
+                    stream = await mux.accept_stream()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                nursery.start_soon(self._handle_stream, stream)
+            raise trio.BrokenResourceError(mux.close_reason or "session ended")
+
+    async def _auth(self, mux: MuxSession) -> None:
+        extra = proto.AuthExtra(
+            os=platform.system().lower(), arch=platform.machine(), authtoken=self.config.authtoken,
+            version=__version__, hostname=socket.gethostname(), user_agent=f"tunneld/{__version__}",
+            cookie=self._cookie, client_type="tunneld",
+            heartbeat_interval=int(self.config.heartbeat_interval * 1e9),
+            heartbeat_tolerance=int(self.config.heartbeat_tolerance * 1e9),
+            update_unsupported_error="tunneld agents do not update themselves",
+            stop_unsupported_error="remote stop is not enabled",
+            restart_unsupported_error="remote restart is not enabled",
+            tunneld_window=WANT_WINDOW,
+        )
+        resp = await call(mux, proto.StreamType.AUTH, proto.Auth(version=["3", "2"], client_id=self.client_id,
+                                                                 extra=extra), proto.AuthResp)
+        if resp.error:
+            message, code = parse_wire_error(resp.error)
+            raise AuthFailed(message, code)
+        if resp.extra.tunneld_window:
+            mux.set_window(resp.extra.tunneld_window)
+        self.client_id = resp.client_id
+        self._cookie = resp.extra.cookie
+        log.info("client session established: id=%s", self.client_id,
+                 extra={"event": "client session established", "fields": {"obj": "csess", "id": self.client_id}})
+
+    async def _bind(self, mux: MuxSession, tunnel: AgentTunnel) -> None:
+        bind = attrs.evolve(tunnel.bind, id=tunnel.tunnel_id)
+        resp = await call(mux, proto.StreamType.BIND, bind, proto.BindResp)
+        if resp.error:
+            message, code = parse_wire_error(resp.error)
+            try:
+                ecode = Code(code) if code is not None else Code.BIND_MALFORMED
+            except ValueError:
+                ecode = Code.BIND_MALFORMED
+            raise TunnelRejected(f"tunnel {tunnel.name}: {message}", ecode)
+        if tunnel.tunnel_id and tunnel.tunnel_id != resp.id:
+            self._by_id.pop(tunnel.tunnel_id, None)
+        tunnel.tunnel_id = resp.id
+        tunnel.public_url = resp.url
+        tunnel.proto = resp.proto or tunnel.bind.proto
+        self._by_id[resp.id] = tunnel
+        log.info("started tunnel %s: %s -> %s", tunnel.name, resp.url, tunnel.upstream,
+                 extra={"event": "started tunnel",
+                        "fields": {"obj": "tunnels", "name": tunnel.name, "addr": tunnel.upstream, "url": resp.url}})
+
+    async def _heartbeat(self, mux: MuxSession) -> None:
+        """Send 4 random bytes every interval; no echo within the tolerance ends the session."""
+        stream = await mux.open_stream(proto.encode_stream_type(proto.StreamType.HEARTBEAT))
+        interval = self.config.heartbeat_interval
+        tolerance = self.config.heartbeat_tolerance
+        try:
+            while True:
+                await trio.sleep(interval)
+                nonce = struct.pack("!I", secrets.randbits(32))
+                sent = time.monotonic()
+                await stream.send_all(nonce)
+                with trio.move_on_after(interval + tolerance) as scope:
+                    echo = await stream.receive_exactly(4)
+                if scope.cancelled_caught:
+                    log.warning("no heartbeat answer from the edge in %.0fs; reconnecting", interval + tolerance)
+                    await mux.aclose()
+                    return
+                if echo != nonce:
+                    raise RemoteProtocolError("heartbeat echo does not match")
+                self.latency = time.monotonic() - sent
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    async def _handle_stream(self, stream: MuxStream) -> None:
+        try:
+            with trio.fail_after(30):
+                stype = proto.decode_stream_type(await stream.receive_exactly(4))
+                if stype == proto.StreamType.PROXY:
+                    reader = proto.ProxyHeaderReader()
+                    header = None
+                    while header is None:
+                        data = await stream.receive_some()
+                        if not data:
+                            raise RemoteProtocolError("proxy stream ended inside its header")
+                        header = reader.feed(data)
+            if stype == proto.StreamType.PROXY:
+                await self._proxy(stream, header, reader.leftover)
+            elif stype == proto.StreamType.HEARTBEAT:
+                while data := await stream.receive_some(64):
+                    await stream.send_all(data)
+            elif stype in (proto.StreamType.STOP, proto.StreamType.RESTART, proto.StreamType.UPDATE):
+                await read_message(stream, proto.CommandResp)
+                await reply(stream, proto.CommandResp(error="not supported by this agent"))
+            else:
+                stream.reset(proto.ErrorCode.PROTOCOL)
+        except (RemoteProtocolError, trio.TooSlowError) as exc:
+            log.warning("bad stream from the edge: %s", exc)
+            stream.reset(proto.ErrorCode.PROTOCOL)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            stream.reset()
+        finally:
+            await stream.aclose()
+
+    async def _proxy(self, stream: MuxStream, header: proto.ProxyHeader, leftover: bytes) -> None:
+        tunnel = self._by_id.get(header.id)
+        if tunnel is None:
+            log.warning("proxy stream for unknown tunnel %s", header.id)
+            stream.reset(proto.ErrorCode.STREAM_REFUSED)
+            return
+        tunnel.metrics.conn_opened()
+        log.debug("tunnel %s: connection from %s", tunnel.name, header.client_addr)
+        try:
+            await tunnel.type.agent_handle(tunnel, PrefixedStream(stream, leftover), header)
+        finally:
+            tunnel.metrics.conn_closed()
+
+
+def _transient(group: BaseExceptionGroup[Any]) -> bool:
+    """Connection refused and friends on the very first attempt are worth retrying."""
+    return all(isinstance(e, (OSError, trio.BrokenResourceError, trio.TooSlowError)) for e in group.exceptions)
+
+
+def _path(value: str) -> Path:
+    return Path(os.path.expanduser(value))

@@ -1,0 +1,333 @@
+"""Certificates for the edge: a private dev-mode CA, and validation of user-given pairs.
+
+In dev mode the edge makes its own CA and signs a leaf for ``*.<domain>``, ``<domain>`` and
+the listen hosts, so that agents and browsers can be told to trust one file (``ca.pem``).
+Both are reused across restarts so that a CA the user has installed stays valid.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ._errors import ConfigError
+
+CA_VALIDITY = datetime.timedelta(days=3650)
+# 825 days is the longest lifetime Apple platforms accept for a TLS server certificate.
+LEAF_VALIDITY = datetime.timedelta(days=825)
+RENEW_BEFORE = datetime.timedelta(days=30)
+# Backdate notBefore so that a peer whose clock is a little behind still accepts the cert.
+BACKDATE = datetime.timedelta(hours=1)
+
+_WILDCARD_HOSTS = {ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")}
+
+
+@attrs.frozen
+class DevCerts:
+    """Paths of the dev CA and of the edge's leaf (``cert`` holds leaf + CA)."""
+
+    ca_cert: Path
+    ca_key: Path
+    cert: Path
+    key: Path
+
+
+def ensure_dev_certs(data_dir: Path, domain: str, hosts: Sequence[str]) -> DevCerts:
+    """Create or reuse the dev CA and an edge leaf valid for ``domain`` and ``hosts``.
+
+    The CA is created once.  The leaf is regenerated when its names differ from the requested
+    ones, when it expires within 30 days, or when the CA did not sign it; otherwise reused.
+    Raises :class:`ConfigError` for a bad domain or a CA whose key is missing or mismatched
+    (we never silently replace a CA the user may have installed).
+    """
+    data_dir = Path(data_dir)
+    names = _leaf_names(domain, hosts)
+    _ensure_dir(data_dir)
+    paths = DevCerts(
+        ca_cert=data_dir / "ca.pem",
+        ca_key=data_dir / "ca-key.pem",
+        cert=data_dir / "edge-cert.pem",
+        key=data_dir / "edge-key.pem",
+    )
+    now = _now()
+    ca_cert, ca_key = _ensure_ca(paths, _normalise_domain(domain), now)
+    if not _leaf_is_current(paths, ca_cert, names, now):
+        _write_leaf(paths, ca_cert, ca_key, names, now)
+    return paths
+
+
+def load_cert_key_pair(cert: Path, key: Path) -> None:
+    """Check a user-given certificate chain and key (``--tls-cert`` / ``--tls-key``).
+
+    Raises :class:`ConfigError` naming the flag if a file is unreadable, is not PEM, or the key
+    does not belong to the first (leaf) certificate of the chain.
+    """
+    cert_data = _read(cert, "--tls-cert")
+    key_data = _read(key, "--tls-key")
+    try:
+        chain = x509.load_pem_x509_certificates(cert_data)
+    except ValueError:
+        raise ConfigError(f"--tls-cert: cannot parse {cert}: no PEM certificate found") from None
+    try:
+        private_key = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        # cryptography raises TypeError when the key is encrypted and no password was given.
+        raise ConfigError(f"--tls-key: cannot use {key}: encrypted keys are not supported") from None
+    except ValueError:
+        raise ConfigError(f"--tls-key: cannot parse {key}: no PEM private key found") from None
+    except UnsupportedAlgorithm as exc:
+        raise ConfigError(f"--tls-key: cannot use {key}: {exc}") from None
+    if _spki(private_key.public_key()) != _spki(chain[0].public_key()):
+        raise ConfigError(f"--tls-key: {key} does not match the certificate in {cert}")
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def _normalise_domain(domain: str) -> str:
+    d = domain.strip().rstrip(".").lower()
+    if not d or "*" in d or any(c.isspace() for c in d):
+        raise ConfigError(f"--domain: {domain!r} is not a DNS name")
+    try:
+        ipaddress.ip_address(d)
+    except ValueError:
+        return d
+    # "*.<ip>" would be a meaningless wildcard; an IP belongs in the hosts list.
+    raise ConfigError(f"--domain: {domain!r} is an IP address, not a DNS name")
+
+
+def _leaf_names(domain: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """The leaf's SANs in order, deduplicated."""
+    d = _normalise_domain(domain)
+    names: list[x509.GeneralName] = [x509.DNSName(f"*.{d}"), x509.DNSName(d)]
+    for host in hosts:
+        h = host.strip()
+        if h.startswith("[") and h.endswith("]"):  # "[::1]" as written in a URL
+            h = h[1:-1]
+        if not h:
+            continue
+        try:
+            ip = ipaddress.ip_address(h)
+        except ValueError:
+            names.append(x509.DNSName(h.rstrip(".").lower()))
+            continue
+        if ip in _WILDCARD_HOSTS:
+            # Listening on every interface: no cert can name them all, so cover loopback.
+            names.append(x509.DNSName("localhost"))
+            names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        else:
+            names.append(x509.IPAddress(ip))
+    return list(dict.fromkeys(names))
+
+
+# -- CA -----------------------------------------------------------------------------------------
+
+
+def _ensure_ca(
+    paths: DevCerts, domain: str, now: datetime.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    if paths.ca_cert.exists():
+        cert = _load_cert(paths.ca_cert)
+        try:
+            key = _load_ec_key(paths.ca_key)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"dev CA {paths.ca_cert} exists but its key {paths.ca_key} is unusable ({exc}); "
+                "delete both files to create a new CA"
+            ) from None
+        if _spki(key.public_key()) != _spki(cert.public_key()):
+            raise ConfigError(
+                f"dev CA key {paths.ca_key} does not match {paths.ca_cert}; "
+                "delete both files to create a new CA"
+            )
+        if cert.not_valid_after_utc - now > RENEW_BEFORE:
+            return cert, key
+        # A CA about to expire is useless for a new leaf; replace it (and hence the leaf).
+    # Without ca.pem nobody can have trusted a stray ca-key.pem, so overwriting it is safe.
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tunneld dev CA ({domain})")])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    # Key first: a crash in between leaves a key without ca.pem, which the next run replaces.
+    _atomic_write(paths.ca_key, _key_pem(key), 0o600)
+    _atomic_write(paths.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert, key
+
+
+# -- leaf ---------------------------------------------------------------------------------------
+
+
+def _leaf_is_current(
+    paths: DevCerts, ca_cert: x509.Certificate, names: list[x509.GeneralName], now: datetime.datetime
+) -> bool:
+    try:
+        leaf = x509.load_pem_x509_certificates(paths.cert.read_bytes())[0]
+        key = _load_ec_key(paths.key)
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        leaf.verify_directly_issued_by(ca_cert)
+    except (OSError, ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    return (
+        set(san) == set(names)
+        and leaf.not_valid_after_utc - now > RENEW_BEFORE
+        and _spki(key.public_key()) == _spki(leaf.public_key())
+    )
+
+
+def _write_leaf(
+    paths: DevCerts,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    names: list[x509.GeneralName],
+    now: datetime.datetime,
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    first = names[1]  # the bare domain
+    assert isinstance(first, x509.DNSName)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first.value)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        # Never outlive the CA: verifiers would reject the tail anyway.
+        .not_valid_after(min(now + LEAF_VALIDITY, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(
+        serialization.Encoding.PEM
+    )
+    _atomic_write(paths.key, _key_pem(key), 0o600)
+    _atomic_write(paths.cert, chain, 0o644)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _spki(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load {path}: {exc}") from None
+
+
+def _load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("not an EC private key")
+    return key
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _ensure_dir(path: Path) -> None:
+    if path.is_dir():
+        return  # leave the mode of an existing directory to its owner
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise ConfigError(f"data dir {path} exists and is not a directory") from None
+        return  # created concurrently
+    except OSError as exc:
+        raise ConfigError(f"cannot create data dir {path}: {exc.strerror or exc}") from None
+    os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` via a temp file and rename, so readers never see half a file.
+
+    The temp file is created with ``mode`` already set, so a private key is never readable by
+    others, not even for an instant.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # the umask may have narrowed 0644
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,468 @@
+"""The edge: agent ingress, sessions, the route table, and public services from plugins.
+
+Theory of operation
+-------------------
+The nursery tree (STYLE.md §2.6)::
+
+    Edge.serve(*, task_status)                    root nursery
+    ├── edge services from plugins                (http ingress: :80/:443 listeners)
+    │     └── per public connection: route → session.open_proxy_stream() → relay
+    └── agent ingress (serve_public)              accept loop + handler nursery
+          └── AgentSession.run()                  session nursery, one per agent
+                ├── MuxSession.run()              reader + writer
+                ├── per incoming stream: heartbeat echo / Auth / Bind / Unbind RPC
+                └── per tunnel: EdgeTunnel.run()  claims a route or a TCP port
+                      └── per public connection (tcp): forward(public, proxy stream)
+
+An agent that leaves ends its session nursery: its tunnels are cancelled, their routes and
+ports released at once.  Public connections owned by an ingress service learn it through
+their proxy stream breaking (``BrokenResourceError``) and are closed.
+
+Shutdown (SIGTERM): listeners stop accepting, every session is sent a GOAWAY, and in-flight
+connections get ``grace_period`` seconds before they are cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from functools import partial
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pluggy
+import trio
+
+from . import proto
+from ._errors import Code, ConfigError, RemoteProtocolError, TunnelRejected, wire_error
+from ._mux import MuxSession, MuxStream
+from ._plugins import build_registry, get_plugin_manager
+from ._ratelimit import FailureLimiter
+from ._rpc import read_message, reply
+from ._store import Store, is_token_format
+from ._tls import accept_tls, server_context
+from ._tunnel import EdgeTunnel, TunnelInfo, TunnelTypeRegistry
+from ._util import format_host_port, open_listeners, peer_addr, set_nodelay
+
+log = logging.getLogger("tunneld.edge")
+
+#: An agent must authenticate within this many seconds of connecting.
+AUTH_TIMEOUT = 10.0
+#: TLS handshake budget for agent connections.
+HANDSHAKE_TIMEOUT = 10.0
+#: Largest window a tunneld agent may ask for through ``Auth.Extra.TunneldWindow``.
+MAX_WINDOW = 16 * 1024 * 1024
+#: Tunnels one session may hold.
+MAX_TUNNELS_PER_SESSION = 64
+
+
+@attrs.define
+class EdgeConfig:
+    """Settings of one edge process (see ``tunneld edge --help``)."""
+
+    data_dir: Path
+    domain: str
+    tls_cert: Path
+    tls_key: Path
+    agent_addr: tuple[str, int] = ("0.0.0.0", 4443)
+    http_addr: tuple[str, int] | None = ("0.0.0.0", 80)
+    https_addr: tuple[str, int] | None = ("0.0.0.0", 443)
+    tcp_host: str = "0.0.0.0"
+    tcp_ports: tuple[int, int] = (10000, 10999)
+    grace_period: float = 10.0
+    #: Subdomain labels agents may not claim.
+    reserved_names: frozenset[str] = frozenset({"www", "api", "admin", "edge", "mail", "ftp", "ns1", "ns2"})
+
+
+@attrs.frozen
+class EdgeInfo:
+    """What :meth:`Edge.serve` reports once every listener is bound."""
+
+    #: Listener name → bound ``host:port`` (``agent``, ``http``, ``https``).
+    listeners: dict[str, str]
+    #: Bound port of each listener.
+    ports: dict[str, int]
+
+
+@attrs.define(eq=False)
+class RouteTable:
+    """Public names and ports → the edge tunnel serving them."""
+
+    hosts: dict[tuple[str, str], Any] = attrs.field(factory=dict)
+    ports: dict[int, Any] = attrs.field(factory=dict)
+
+    def claim_host(self, scheme: str, host: str, tunnel: Any) -> None:
+        key = (scheme, host)
+        current = self.hosts.get(key)
+        if current is not None and current is not tunnel:
+            raise TunnelRejected(f"{scheme}://{host} is already in use by another tunnel", Code.ADDRESS_IN_USE)
+        self.hosts[key] = tunnel
+
+    def release_host(self, scheme: str, host: str, tunnel: Any) -> None:
+        if self.hosts.get((scheme, host)) is tunnel:
+            del self.hosts[(scheme, host)]
+
+    def host_in_use(self, host: str) -> bool:
+        return any(h == host for (_, h) in self.hosts)
+
+    def lookup(self, scheme: str, host: str) -> Any | None:
+        return self.hosts.get((scheme, host))
+
+
+@attrs.define(eq=False)
+class Edge:
+    """One edge process.  Build it, then ``await nursery.start(edge.serve)``."""
+
+    config: EdgeConfig
+    store: Store
+    pm: pluggy.PluginManager = attrs.field(factory=get_plugin_manager)
+    registry: TunnelTypeRegistry = attrs.field(init=False)
+    routes: RouteTable = attrs.field(factory=RouteTable, init=False)
+    limiter: FailureLimiter = attrs.field(factory=FailureLimiter, init=False)
+    sessions: set[AgentSession] = attrs.field(factory=set, init=False)
+    ports: dict[str, int] = attrs.field(factory=dict, init=False)
+    #: Set when shutdown begins: services stop accepting.
+    stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: Set when :meth:`serve` has returned.
+    stopped: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _ssl_context: Any = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.registry = build_registry(self.pm)
+
+    # ---- public helpers for plugins ----------------------------------------------------
+
+    @property
+    def ssl_context(self) -> Any:
+        """The pyOpenSSL server context with the edge's certificate."""
+        if self._ssl_context is None:
+            self._ssl_context = server_context(self.config.tls_cert, self.config.tls_key)
+        return self._ssl_context
+
+    def public_url(self, scheme: str, host: str) -> str:
+        """URL for ``host`` on the public listener of ``scheme`` (port shown when not default)."""
+        port = self.ports.get(scheme)
+        default = {"http": 80, "https": 443}.get(scheme)
+        if port is None or port == default:
+            return f"{scheme}://{host}"
+        return f"{scheme}://{host}:{port}"
+
+    async def open_public_listeners(self, name: str, flag: str, addr: tuple[str, int]) -> list[trio.SocketListener]:
+        """Bind a public listener, turning OSError into a one-line error naming ``flag``."""
+        try:
+            listeners = await open_listeners(*addr)
+        except OSError as exc:
+            raise ConfigError(f"{flag} {format_host_port(*addr)}: cannot listen: {exc.strerror or exc}") from exc
+        self.ports[name] = int(listeners[0].socket.getsockname()[1])
+        return listeners
+
+    async def serve_public(self, handler: Callable[[trio.SocketStream], Awaitable[None]],
+                           listeners: list[trio.SocketListener], *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on ``listeners`` until shutdown, then give handlers the grace period.
+
+        Every handler runs behind a boundary that logs and swallows its errors: one bad
+        connection never takes a listener down.
+        """
+
+        async def guarded(stream: trio.SocketStream) -> None:
+            set_nodelay(stream)
+            try:
+                await handler(stream)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                pass
+            except* Exception as group:  # noqa: BLE001 - the per-connection boundary
+                log.exception("connection handler failed", exc_info=group)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as accepting:
+                await accepting.start(partial(trio.serve_listeners, handler_nursery=handlers), guarded, listeners)
+                task_status.started()
+                await self.stopping.wait()
+                accepting.cancel_scope.cancel()
+            handlers.cancel_scope.deadline = trio.current_time() + self.config.grace_period
+
+    # ---- the root ------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[EdgeInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind every listener, report :class:`EdgeInfo`, and serve until :meth:`shutdown`."""
+        try:
+            await self._serve(task_status)
+        finally:
+            self.stopped.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[EdgeInfo]) -> None:
+        self.ssl_context  # noqa: B018 - load the certificate now: errors before binding
+        agent_listeners = await self.open_public_listeners("agent", "--agent-addr", self.config.agent_addr)
+        async with trio.open_nursery() as root:
+            for service in self._services():
+                await root.start(service.run)
+            await root.start(self.serve_public, self._handle_agent, agent_listeners)
+            listeners = {name: self._listener_text(name) for name in self.ports}
+            log.info("edge ready: %s", ", ".join(f"{k}={v}" for k, v in listeners.items()))
+            task_status.started(EdgeInfo(listeners=listeners, ports=dict(self.ports)))
+            await self.stopping.wait()
+            for session in list(self.sessions):
+                root.start_soon(session.go_away)
+
+    def _listener_text(self, name: str) -> str:
+        addr = {"agent": self.config.agent_addr, "http": self.config.http_addr,
+                "https": self.config.https_addr}.get(name)
+        host = addr[0] if addr else "0.0.0.0"
+        return format_host_port(host, self.ports[name])
+
+    def _services(self) -> list[Any]:
+        services: list[Any] = []
+        for result in self.pm.hook.tunneld_edge_services(edge=self):
+            services.extend(result or ())
+        return services
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self.stopping.set()
+
+    async def _handle_agent(self, stream: trio.SocketStream) -> None:
+        addr = peer_addr(stream)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                tls = await accept_tls(stream, self.ssl_context, timeout=HANDSHAKE_TIMEOUT)
+        except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log.info("agent TLS handshake from %s failed: %s", addr, exc)
+            return
+        session = AgentSession(self, tls, addr)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        except* RemoteProtocolError as group:
+            log.warning("agent %s broke the protocol: %s", addr, "; ".join(map(str, group.exceptions)))
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            log.info("agent %s connection failed: %s", addr, "; ".join(map(str, group.exceptions)))
+        finally:
+            self.sessions.discard(session)
+            log.info("agent session %s from %s ended (%s)", session.client_id or "-", addr,
+                     session.mux.close_reason or "closed")
+
+
+@attrs.define(eq=False)
+class AgentSession:
+    """One connected agent: its mux, its control RPCs and its tunnels."""
+
+    edge: Edge
+    transport: Any
+    remote_addr: str
+    mux: MuxSession = attrs.field(init=False)
+    client_id: str = ""
+    authed: bool = False
+    auth: proto.Auth | None = None
+    token_id: str = ""
+    tunnels: dict[str, trio.CancelScope] = attrs.field(factory=dict)
+    #: HTTP binds without an explicit name share one host across http and https (agent v2).
+    http_hosts: list[tuple[str, set[str], str]] = attrs.field(factory=list)
+    _nursery: trio.Nursery | None = None
+    _authed_event: trio.Event = attrs.field(factory=trio.Event)
+    _last_heartbeat: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.mux = MuxSession(self.transport, client=False)
+
+    @property
+    def remote_host(self) -> str:
+        return self.remote_addr.rsplit(":", 1)[0].strip("[]")
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.mux.run)
+            nursery.start_soon(self._auth_deadline)
+            while True:
+                try:
+                    stream = await self.mux.accept_stream()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                nursery.start_soon(self._handle_stream, stream)
+            nursery.cancel_scope.cancel()
+
+    async def _auth_deadline(self) -> None:
+        with trio.move_on_after(AUTH_TIMEOUT):
+            await self._authed_event.wait()
+            return
+        log.info("agent %s did not authenticate within %ss", self.remote_addr, AUTH_TIMEOUT)
+        await self.mux.aclose()
+
+    async def go_away(self) -> None:
+        await self.mux.go_away(proto.ErrorCode.NONE, "edge shutting down")
+
+    # ---- stream dispatch ---------------------------------------------------------------
+
+    async def _handle_stream(self, stream: MuxStream) -> None:
+        try:
+            with trio.fail_after(AUTH_TIMEOUT):
+                stype = proto.decode_stream_type(await stream.receive_exactly(4))
+            if stype == proto.StreamType.HEARTBEAT:
+                await self._heartbeat(stream)
+            elif stype == proto.StreamType.AUTH:
+                await self._rpc_auth(stream)
+            elif not self.authed:
+                raise RemoteProtocolError(f"stream type {stype} before authentication")
+            elif stype == proto.StreamType.BIND:
+                await self._rpc_bind(stream)
+            elif stype == proto.StreamType.UNBIND:
+                await self._rpc_unbind(stream)
+            elif stype == proto.StreamType.SRV_INFO:
+                await read_message(stream, proto.SrvInfo)
+                await reply(stream, proto.SrvInfoResp(region="local"))
+            elif stype == proto.StreamType.START_TUNNEL_WITH_LABEL:
+                await read_message(stream, proto.StartTunnelWithLabel)
+                await reply(stream, proto.StartTunnelWithLabelResp(
+                    id="", error=wire_error("labeled tunnels are not served by this edge", Code.PROTO_UNSUPPORTED)))
+            else:
+                stream.reset(proto.ErrorCode.PROTOCOL)
+        except RemoteProtocolError as exc:
+            log.warning("agent %s: %s; closing its session", self.remote_addr, exc)
+            stream.reset(proto.ErrorCode.PROTOCOL)
+            await self.mux.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            stream.reset()
+        finally:
+            await stream.aclose()
+
+    async def _heartbeat(self, stream: MuxStream) -> None:
+        """Echo every 4-byte value (muxado heartbeat); watch for the agent going silent."""
+        interval = tolerance = 0.0
+        if self.auth is not None:
+            interval = self.auth.extra.heartbeat_interval / 1e9
+            tolerance = self.auth.extra.heartbeat_tolerance / 1e9
+        limit = (interval + tolerance + 5.0) if interval > 0 else 120.0
+        pending = b""
+        while True:
+            with trio.move_on_after(limit) as scope:
+                data = await stream.receive_some(64)
+            if scope.cancelled_caught:
+                log.info("agent %s stopped heartbeating; closing its session", self.remote_addr)
+                await self.mux.aclose()
+                return
+            if not data:
+                return
+            pending += data
+            whole = len(pending) - len(pending) % 4
+            if whole:
+                await stream.send_all(pending[:whole])
+                pending = pending[whole:]
+
+    # ---- RPCs ----------------------------------------------------------------------------
+
+    async def _rpc_auth(self, stream: MuxStream) -> None:
+        msg = await read_message(stream, proto.Auth)
+        if self.authed:
+            await reply(stream, proto.AuthResp(error=wire_error("already authenticated", Code.AUTH_MALFORMED)))
+            return
+        edge = self.edge
+        host = self.remote_host
+        delay = edge.limiter.delay(host, time.monotonic())
+        if delay:
+            # Slow down guessing from an address that keeps failing, successes included.
+            await trio.sleep(delay)
+        token = msg.extra.authtoken
+        record = None
+        if is_token_format(token):
+            record = await trio.to_thread.run_sync(edge.store.verify_token, token)
+        if record is None:
+            edge.limiter.record_failure(host, time.monotonic())
+            if not token:
+                error = wire_error("no authtoken was given; get one with `tunneld edge token create`",
+                                   Code.AUTHTOKEN_MALFORMED)
+            elif not is_token_format(token):
+                error = wire_error("the authtoken is malformed", Code.AUTHTOKEN_MALFORMED)
+            else:
+                error = wire_error("the authtoken is invalid or has been revoked", Code.AUTHTOKEN_INVALID)
+            log.warning("agent %s: authentication failed", self.remote_addr)
+            await reply(stream, proto.AuthResp(version=_pick_version(msg.version), error=error))
+            # Give the client a moment to read the answer, then drop the session.
+            with trio.move_on_after(1):
+                await self.mux.go_away(proto.ErrorCode.NONE, "authentication failed")
+            await self.mux.aclose()
+            return
+        edge.limiter.record_success(host, time.monotonic())
+        self.auth = msg
+        self.token_id = record.id
+        self.client_id = msg.client_id or secrets.token_hex(16)
+        extra = proto.AuthRespExtra(version="tunneld", region="local", cookie="",
+                                    agent_session_id=self.client_id)
+        if msg.extra.tunneld_window:
+            window = max(proto.DEFAULT_WINDOW, min(MAX_WINDOW, msg.extra.tunneld_window))
+            # Before the reply leaves: the agent opens streams only after reading it.
+            self.mux.set_window(window)
+            extra.tunneld_window = window
+        self.authed = True
+        self._authed_event.set()
+        log.info("agent %s authenticated with token %s (session %s, client %s)", self.remote_addr,
+                 record.id, self.client_id, msg.extra.user_agent or msg.extra.client_type or "?")
+        await reply(stream, proto.AuthResp(version=_pick_version(msg.version), client_id=self.client_id,
+                                           extra=extra))
+
+    async def _rpc_bind(self, stream: MuxStream) -> None:
+        bind = await read_message(stream, proto.Bind)
+        resp = await self.bind(bind)
+        await reply(stream, resp)
+
+    async def bind(self, bind: proto.Bind) -> proto.BindResp:
+        """Start the tunnel a Bind asks for and answer with its URL (or an error)."""
+        tunnel_type = self.edge.registry.for_bind_proto(bind.proto)
+        try:
+            if tunnel_type is None:
+                raise TunnelRejected(f"protocol {bind.proto!r} is not served by this edge", Code.PROTO_UNSUPPORTED)
+            if len(self.tunnels) >= MAX_TUNNELS_PER_SESSION:
+                raise TunnelRejected(f"a session may hold at most {MAX_TUNNELS_PER_SESSION} tunnels",
+                                     Code.OPTION_UNSUPPORTED)
+            tunnel_id = bind.id if bind.id and bind.id not in self.tunnels else "tn_" + secrets.token_hex(12)
+            tunnel = tunnel_type.edge_tunnel(self.edge, self, bind, tunnel_id)
+            assert self._nursery is not None
+            info: TunnelInfo = await self._nursery.start(self._run_tunnel, tunnel_id, tunnel)
+        except TunnelRejected as exc:
+            log.info("agent %s: bind %s refused: %s", self.remote_addr, bind.proto, exc)
+            return proto.BindResp(id=bind.id, proto=bind.proto, opts=bind.opts,
+                                  error=wire_error(exc.reason, exc.code))
+        log.info("agent %s: tunnel %s online at %s", self.remote_addr, tunnel_id, info.url)
+        return proto.BindResp(id=tunnel_id, url=info.url, proto=bind.proto, opts=bind.opts,
+                              extra=proto.BindRespExtra(token="", tunnel_id=tunnel_id))
+
+    async def _run_tunnel(self, tunnel_id: str, tunnel: EdgeTunnel, *,
+                          task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self.tunnels[tunnel_id] = scope
+            try:
+                await tunnel.run(task_status=task_status)
+            finally:
+                if self.tunnels.get(tunnel_id) is scope:
+                    del self.tunnels[tunnel_id]
+
+    async def _rpc_unbind(self, stream: MuxStream) -> None:
+        msg = await read_message(stream, proto.Unbind)
+        scope = self.tunnels.pop(msg.id, None)
+        if scope is None:
+            await reply(stream, proto.UnbindResp(error=wire_error(f"no tunnel {msg.id!r}", Code.NO_SUCH_TUNNEL)))
+            return
+        scope.cancel()
+        log.info("agent %s: tunnel %s unbound", self.remote_addr, msg.id)
+        await reply(stream, proto.UnbindResp())
+
+    # ---- for tunnel plugins ----------------------------------------------------------------
+
+    async def open_proxy_stream(self, tunnel_id: str, client_addr: str, proto_name: str) -> MuxStream:
+        """Open a proxy stream to the agent for one public connection."""
+        header = proto.ProxyHeader(id=tunnel_id, client_addr=client_addr, proto=proto_name)
+        return await self.mux.open_stream(proto.encode_proxy_stream_prefix(header))
+
+
+def _pick_version(offered: list[str]) -> str:
+    for version in ("3", "2"):
+        if version in offered:
+            return version
+    return offered[0] if offered else "2"
+

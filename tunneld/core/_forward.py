@@ -1,0 +1,41 @@
+"""``forward(a, b)``: the one byte-copy loop in tunneld."""
+
+from __future__ import annotations
+
+import trio
+
+#: 256 KiB reads: 1.8-2.5 GB/s through a Trio relay against 1.3 GB/s at 64 KiB (perf-notes Q1).
+CHUNK = 256 * 1024
+
+_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+async def forward(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+    """Copy bytes both ways between ``a`` and ``b`` until both directions have ended.
+
+    Each direction ends at EOF and is passed on as a half-close when the receiving stream
+    supports it.  When the destination cannot half-close (TLS), EOF in one direction ends the
+    whole exchange.  A broken stream on either side ends both directions at once: the caller
+    owns and closes both streams.
+    """
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump, a, b, nursery.cancel_scope)
+        nursery.start_soon(_pump, b, a, nursery.cancel_scope)
+
+
+async def _pump(src: trio.abc.ReceiveStream, dst: trio.abc.Stream, scope: trio.CancelScope) -> None:
+    receive = src.receive_some
+    send = dst.send_all
+    try:
+        while data := await receive(CHUNK):
+            await send(data)
+    except _ENDED:
+        scope.cancel()
+        return
+    if isinstance(dst, trio.abc.HalfCloseableStream):
+        try:
+            await dst.send_eof()
+        except _ENDED:
+            scope.cancel()
+    else:
+        scope.cancel()

@@ -1,0 +1,521 @@
+"""The Trio adapter for the muxado framing: :class:`MuxSession` and :class:`MuxStream`.
+
+Theory of operation
+-------------------
+One :class:`MuxSession` owns one carrier stream (TLS over TCP, or a WebSocket adapter) and two
+tasks, both started by :meth:`MuxSession.run`:
+
+* the **reader** feeds carrier bytes to the sans-IO :class:`~tunneld.core.proto.FrameDecoder`
+  and routes each event: DATA into the stream's receive buffer, WNDINC into its send credit,
+  RST and GOAWAY into errors.  It never blocks on a slow stream: per-stream credit bounds what a
+  peer may send, and a peer that overruns it is a protocol error that ends the session.
+* the **writer** is the only task that writes to the carrier.  Streams append frames to an
+  outbox and the writer flushes everything queued in one carrier write, so many small frames
+  (WNDINC, short responses) coalesce into one TLS record run and one syscall.  The outbox is
+  bounded in bytes: data writers wait when it is full; control frames never wait.
+
+Ownership: the session's owner runs :meth:`run` in its own nursery and consumes
+:meth:`accept_stream`.  When the carrier dies every stream becomes broken
+(``trio.BrokenResourceError``), which is how the news reaches forwarders owned elsewhere —
+cancellation flows down the tree, across owners it travels as a broken resource.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from typing import Any
+
+import attrs
+import trio
+
+from .proto import (
+    DEFAULT_WINDOW,
+    MAX_DATA_FRAME,
+    Data,
+    ErrorCode,
+    FrameDecoder,
+    GoAway,
+    ReceiveWindow,
+    RemoteProtocolError,
+    Reset,
+    WindowUpdate,
+    data_header,
+    encode_goaway,
+    encode_rst,
+    encode_wndinc,
+)
+
+log = logging.getLogger("tunneld.mux")
+
+#: Carrier read size: 256 KiB reads measured 1.8-2.5 GB/s against 1.3 GB/s at 64 KiB.
+READ_SIZE = 256 * 1024
+#: Bytes queued for the carrier before data writers must wait.
+OUTBOX_LIMIT = 4 * 1024 * 1024
+#: Streams the peer may open and we have not yet accepted (Go's backlog is 128).
+ACCEPT_BACKLOG = 512
+#: Concurrent streams a peer may hold open on one session.
+MAX_REMOTE_STREAMS = 8192
+
+
+class StreamReset(trio.BrokenResourceError):
+    """The peer reset the stream (RST); ``code`` is the muxado error code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"stream reset by peer ({_code_name(code)})")
+        self.code = code
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
+
+
+@attrs.define(eq=False)
+class MuxStream(trio.abc.HalfCloseableStream):
+    """One muxado stream, with trio's half-closeable stream semantics."""
+
+    session: MuxSession
+    id: int
+    _credit: int
+    _window: ReceiveWindow
+    _syn_pending: bool = False
+    _chunks: collections.deque[bytes] = attrs.field(factory=collections.deque)
+    _eof_received: bool = False
+    _fin_sent: bool = False
+    _closed: bool = False
+    _error: BaseException | None = None
+    _readable: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    _writable: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    _receiving: bool = False
+    _sending: bool = False
+
+    @property
+    def eof_received(self) -> bool:
+        """True once the peer half-closed (its FIN arrived)."""
+        return self._eof_received
+
+    # ---- receiving ----------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._chunks:
+                    data = self._take(max_bytes)
+                    inc = self._window.on_consumed(len(data))
+                    if inc and not self._eof_received:
+                        self.session._queue_control(encode_wndinc(self.id, inc))
+                    await trio.lowlevel.checkpoint()
+                    return data
+                if self._eof_received:
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                if self._error is not None:
+                    raise self._error_copy()
+                await self._readable.park()
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        chunks = self._chunks
+        first = chunks[0]
+        if max_bytes is None or max_bytes >= len(first):
+            chunks.popleft()
+            # Coalesce small pieces so a reader doing 256 KiB reads does not pay per frame.
+            if max_bytes is None:
+                max_bytes = READ_SIZE
+            if chunks and len(first) < max_bytes:
+                parts = [first]
+                total = len(first)
+                while chunks and total + len(chunks[0]) <= max_bytes:
+                    nxt = chunks.popleft()
+                    parts.append(nxt)
+                    total += len(nxt)
+                first = b"".join(parts)
+            return first
+        chunks[0] = first[max_bytes:]
+        return first[:max_bytes]
+
+    def _error_copy(self) -> BaseException:
+        err = self._error
+        assert err is not None
+        if isinstance(err, StreamReset):
+            return StreamReset(err.code)
+        new = trio.BrokenResourceError(str(err))
+        new.__cause__ = err.__cause__
+        return new
+
+    # called by the session's reader
+    def _on_data(self, data: bytes, fin: bool) -> None:
+        if data:
+            if self._eof_received:
+                raise RemoteProtocolError(f"DATA after FIN on stream {self.id}", code=ErrorCode.PROTOCOL)
+            self._window.on_data(len(data))
+            self._chunks.append(data)
+        if fin:
+            self._eof_received = True
+        self._readable.unpark_all()
+
+    def _on_credit(self, inc: int) -> None:
+        self._credit += inc
+        self._writable.unpark_all()
+
+    def _on_broken(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._readable.unpark_all()
+        self._writable.unpark_all()
+
+    # ---- sending ------------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            if self._closed or self._fin_sent:
+                raise trio.ClosedResourceError("stream is closed for sending")
+            if not isinstance(data, bytes):
+                # The outbox keeps references until the writer runs: never to a mutable buffer.
+                data = bytes(data)
+            view = memoryview(data)
+            session = self.session
+            while view:
+                while self._credit <= 0:
+                    self._check_writable()
+                    await self._writable.park()
+                self._check_writable()
+                n = min(len(view), self._credit, MAX_DATA_FRAME)
+                self._credit -= n
+                header = data_header(self.id, n, syn=self._syn_pending)
+                self._syn_pending = False
+                await session._queue_data(header, view[:n])
+                view = view[n:]
+            if not data:
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
+
+    def _check_writable(self) -> None:
+        if self._closed or self._fin_sent:
+            raise trio.ClosedResourceError("stream is closed for sending")
+        if self._error is not None:
+            raise self._error_copy()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        while self._credit <= 0 and self._error is None and not self._closed:
+            await self._writable.park()
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if not self._fin_sent:
+            self._check_writable()
+            self._send_fin()
+        await trio.lowlevel.checkpoint()
+
+    def _send_fin(self) -> None:
+        self._fin_sent = True
+        if self._error is None and not self.session._dead:
+            self.session._queue_control(data_header(self.id, 0, syn=self._syn_pending, fin=True))
+        self._syn_pending = False
+        self.session._maybe_forget(self)
+
+    def reset(self, code: int = ErrorCode.STREAM_CANCELLED) -> None:
+        """Abandon the stream: send RST and fail both directions locally."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None and not (self._fin_sent and self._eof_received) and not self.session._dead:
+            self.session._queue_control(encode_rst(self.id, code))
+        self._on_broken(trio.ClosedResourceError("stream was reset"))
+        self.session._forget(self)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            if not self._fin_sent and self._error is None:
+                self._send_fin()
+            self._closed = True
+            self._chunks.clear()
+            self.session._forget(self)
+            self._readable.unpark_all()
+            self._writable.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    async def receive_exactly(self, n: int) -> bytes:
+        """Read exactly ``n`` bytes; a short stream is a protocol error."""
+        parts = []
+        need = n
+        while need:
+            chunk = await self.receive_some(need)
+            if not chunk:
+                raise RemoteProtocolError(f"stream {self.id} ended after {n - need} of {n} bytes")
+            parts.append(chunk)
+            need -= len(chunk)
+        return b"".join(parts)
+
+
+@attrs.define(eq=False)
+class MuxSession:
+    """A muxado session over ``transport``.
+
+    Args:
+        transport: the carrier; owned by the session (closed by :meth:`run` on exit).
+        client: True on the agent side (odd stream ids), False on the edge (even ids).
+    """
+
+    transport: trio.abc.Stream
+    client: bool
+    #: Window we grant on streams created from now on; see :meth:`set_window`.
+    window: int = DEFAULT_WINDOW
+    _decoder: FrameDecoder = attrs.field(init=False)
+    _streams: dict[int, MuxStream] = attrs.field(factory=dict, init=False)
+    _next_id: int = attrs.field(init=False)
+    _accept_send: Any = attrs.field(init=False)
+    _accept_recv: Any = attrs.field(init=False)
+    _pending_accept: int = attrs.field(default=0, init=False)
+    _outbox: list[bytes | memoryview] = attrs.field(factory=list, init=False)
+    _outbox_bytes: int = attrs.field(default=0, init=False)
+    _outbox_ready: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
+    _outbox_space: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
+    _flushed: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
+    _dead: bool = attrs.field(default=False, init=False)
+    _error: BaseException | None = attrs.field(default=None, init=False)
+    _last_remote_id: int = attrs.field(default=0, init=False)
+    _goaway_sent: bool = attrs.field(default=False, init=False)
+    #: Set when the carrier is gone (EOF, error, GOAWAY, or :meth:`close`).
+    closed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: Why the session ended (None for a clean EOF).
+    close_reason: str = attrs.field(default="", init=False)
+    _send_parts: Any = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._decoder = FrameDecoder(max_data_frame=max(self.window, MAX_DATA_FRAME))
+        # Go and Rust clients number their streams 3, 5, 7, ...; servers 2, 4, 6, ...
+        self._next_id = 3 if self.client else 2
+        self._accept_send, self._accept_recv = trio.open_memory_channel[MuxStream](math.inf)
+        self._send_parts = getattr(self.transport, "send_all_parts", None)
+
+    def set_window(self, window: int) -> None:
+        """Use ``window`` for streams opened from now on (agreed through Auth.Extra)."""
+        self.window = window
+        self._decoder._max_data = max(window, MAX_DATA_FRAME)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._dead
+
+    # ---- the two tasks ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the reader and writer until the carrier ends; then break every stream.
+
+        ``started()`` is reported at once.  Returns normally on EOF or GOAWAY; raises
+        :class:`RemoteProtocolError` when the peer broke the protocol (after sending it a
+        GOAWAY), or ``trio.BrokenResourceError`` when the carrier failed.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer_task)
+                task_status.started()
+                try:
+                    await self._reader_task()
+                except RemoteProtocolError as exc:
+                    self.close_reason = f"protocol error: {exc}"
+                    self._queue_control(encode_goaway(self._last_remote_id, exc.code, str(exc).encode()))
+                    with trio.move_on_after(1):
+                        await self._wait_flushed()
+                    raise
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._die(self._error or trio.BrokenResourceError(self.close_reason or "session closed"))
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await trio.aclose_forcefully(self.transport)
+
+    async def _reader_task(self) -> None:
+        decoder = self._decoder
+        receive = self.transport.receive_some
+        while True:
+            try:
+                data = await receive(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if not self._dead:
+                    self.close_reason = self.close_reason or f"carrier failed: {exc}"
+                return
+            if not data:
+                self.close_reason = self.close_reason or "peer closed the connection"
+                return
+            for event in decoder.receive_data(data):
+                if type(event) is Data:
+                    self._on_data(event)
+                elif type(event) is WindowUpdate:
+                    stream = self._streams.get(event.stream_id)
+                    if stream is not None:
+                        stream._on_credit(event.increment)
+                elif type(event) is Reset:
+                    stream = self._streams.pop(event.stream_id, None)
+                    if stream is not None:
+                        stream._on_broken(StreamReset(event.code))
+                elif type(event) is GoAway:
+                    self.close_reason = f"peer went away ({_code_name(event.code)})"
+                    if event.debug:
+                        self.close_reason += f": {event.debug.decode('utf-8', 'replace')[:200]}"
+                    return
+
+    def _on_data(self, event: Data) -> None:
+        sid = event.stream_id
+        stream = self._streams.get(sid)
+        if event.syn:
+            if stream is not None:
+                raise RemoteProtocolError(f"SYN for open stream {sid}")
+            if (sid % 2 == 1) == self.client:
+                raise RemoteProtocolError(f"peer opened stream {sid} with our parity")
+            self._last_remote_id = max(self._last_remote_id, sid)
+            if self._goaway_sent or len(self._streams) >= MAX_REMOTE_STREAMS or self._pending_accept >= ACCEPT_BACKLOG:
+                code = ErrorCode.ACCEPT_QUEUE_FULL if self._pending_accept >= ACCEPT_BACKLOG else ErrorCode.STREAM_REFUSED
+                self._queue_control(encode_rst(sid, code))
+                return
+            stream = MuxStream(self, sid, self.window, ReceiveWindow(self.window))
+            self._streams[sid] = stream
+            self._pending_accept += 1
+            self._accept_send.send_nowait(stream)
+        elif stream is None:
+            # Go ignores a late FIN for a stream it forgot; data gets StreamClosed.
+            if event.data:
+                self._queue_control(encode_rst(sid, ErrorCode.STREAM_CLOSED))
+            return
+        stream._on_data(event.data, event.fin)
+        if event.fin:
+            self._maybe_forget(stream)
+
+    async def _writer_task(self) -> None:
+        send_parts = self._send_parts
+        send_all = self.transport.send_all
+        while True:
+            while not self._outbox:
+                self._flushed.unpark_all()
+                await self._outbox_ready.park()
+            parts = self._outbox
+            self._outbox = []
+            self._outbox_bytes = 0
+            self._outbox_space.unpark_all()
+            try:
+                if send_parts is not None:
+                    await send_parts(parts)
+                elif len(parts) == 1:
+                    await send_all(parts[0])
+                else:
+                    await send_all(b"".join(parts))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.close_reason = self.close_reason or f"carrier failed while writing: {exc}"
+                self._die(trio.BrokenResourceError(self.close_reason))
+                # Wake the reader too: nothing more can be exchanged.
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(self.transport)
+                return
+
+    async def _wait_flushed(self) -> None:
+        while self._outbox and not self._dead:
+            await self._flushed.park()
+
+    # ---- queueing -----------------------------------------------------------------------
+
+    def _queue_control(self, frame: bytes) -> None:
+        if self._dead:
+            return
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        self._outbox_ready.unpark_all()
+
+    async def _queue_data(self, header: bytes, payload: memoryview) -> None:
+        while self._outbox_bytes >= OUTBOX_LIMIT and not self._dead:
+            await self._outbox_space.park()
+        if self._dead:
+            raise trio.BrokenResourceError(self.close_reason or "session closed")
+        self._outbox.append(header)
+        self._outbox.append(payload)
+        self._outbox_bytes += len(header) + len(payload)
+        self._outbox_ready.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+    # ---- streams ------------------------------------------------------------------------
+
+    async def open_stream(self, initial: bytes = b"") -> MuxStream:
+        """Open a new stream; ``initial`` bytes travel in its SYN frame.
+
+        Typed streams must carry their 4-byte type (and, for proxy streams, the header) in
+        the SYN frame: Go clients read the type with a single Read (reference §2.3).
+        """
+        if self._dead:
+            raise trio.BrokenResourceError(self.close_reason or "session closed")
+        sid = self._next_id
+        self._next_id += 2
+        stream = MuxStream(self, sid, self.window, ReceiveWindow(self.window), syn_pending=True)
+        self._streams[sid] = stream
+        if initial:
+            await stream.send_all(initial)
+        return stream
+
+    async def accept_stream(self) -> MuxStream:
+        """The next stream the peer opened; raises ``trio.EndOfChannel`` once the session ended."""
+        stream: MuxStream = await self._accept_recv.receive()
+        self._pending_accept -= 1
+        return stream
+
+    def _maybe_forget(self, stream: MuxStream) -> None:
+        if stream._fin_sent and stream._eof_received:
+            self._streams.pop(stream.id, None)
+
+    def _forget(self, stream: MuxStream) -> None:
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    # ---- shutdown -----------------------------------------------------------------------
+
+    def _die(self, exc: BaseException) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self._error = exc
+        self._accept_send.close()
+        for stream in list(self._streams.values()):
+            stream._on_broken(exc)
+        self._streams.clear()
+        self._outbox_space.unpark_all()
+        self._outbox_ready.unpark_all()
+        self._flushed.unpark_all()
+        self.closed.set()
+
+    async def go_away(self, code: int = ErrorCode.NONE, debug: str = "") -> None:
+        """Tell the peer we are ending (GOAWAY) and refuse new streams; existing ones go on."""
+        if self._goaway_sent or self._dead:
+            return
+        self._goaway_sent = True
+        self._queue_control(encode_goaway(self._last_remote_id, code, debug.encode()))
+        with trio.move_on_after(2):
+            await self._wait_flushed()
+
+    async def aclose(self) -> None:
+        """Close the carrier now; every stream breaks."""
+        self.close_reason = self.close_reason or "closed locally"
+        self._die(trio.BrokenResourceError(self.close_reason))
+        await trio.aclose_forcefully(self.transport)
+

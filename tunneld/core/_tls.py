@@ -1,0 +1,569 @@
+"""TLS for the bulk data path: :class:`BulkTLSStream` and context helpers.
+
+Why not :class:`trio.SSLStream`?  The stdlib ``SSLObject.read()`` returns at most one 16 KiB TLS
+record per call, so every ``receive_some`` yields ≤ 16 KiB and goes through SSLStream's retry
+machinery; on loopback that costs ~75 % of the throughput (perf-notes Q2).  :class:`BulkTLSStream`
+drives a pyOpenSSL ``Connection(ctx, None)`` (memory BIOs) and
+
+* on receive, drains *every* decrypted record that is already buffered (up to ``max_bytes``) and
+  only touches the transport when nothing is buffered, refilling with 256 KiB reads;
+* on send, encrypts the whole call into the outgoing BIO and hands the ciphertext to the
+  transport with one ``send_all`` per 256 KiB of plaintext.
+
+``trio.SSLStream`` remains fine for low-volume connections (control/API).
+
+Concurrency model (same contract as every trio stream): one task may be in ``receive_some`` while
+another is in ``send_all``; two tasks in the same direction raise :class:`trio.BusyResourceError`.
+Internally all writes to the transport happen under ``_send_lock``; bytes are taken out of the
+engine's outgoing BIO only while holding it, so they reach the wire in the order OpenSSL produced
+them.  Whoever holds the lock keeps draining the BIO until it is empty before releasing it, which
+lets ``receive_some`` hand post-handshake output (e.g. a KeyUpdate reply) to a concurrently
+blocked sender instead of waiting for it - waiting there could deadlock two peers that are both
+blocked sending to each other.
+
+Not a :class:`trio.abc.HalfCloseableStream`: TLS has no half close; a per-stream FIN has to come
+from the layer above (the mux).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import operator
+import socket
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import service_identity
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+__all__ = [
+    "BulkTLSStream",
+    "accept_tls",
+    "client_context",
+    "open_tls_client",
+    "server_context",
+]
+
+#: Largest chunk handed out by one ``receive_some`` (also the default).
+MAX_RECEIVE = 256 * 1024
+#: Size of each read from the transport.
+TRANSPORT_READ = 256 * 1024
+#: Plaintext encrypted before ciphertext is pushed to the transport (bounds memory per send).
+SEND_CHUNK = 256 * 1024
+#: Largest plaintext of one TLS record (RFC 8446 §5.1); SSL_read never returns more.
+_RECORD = 16 * 1024
+#: Per-``bio_read`` size (see ``_take_outgoing``).
+_BIO_PIECE = 64 * 1024
+#: Seconds ``aclose`` spends trying to deliver close_notify.
+CLOSE_NOTIFY_TIMEOUT = 1.0
+
+# TLS 1.2 suites for the server (TLS 1.3 has its own list).  Forward secret AEAD only, AES-GCM first.
+_TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS"
+# AES-GCM first (AES-NI; 5 GB/s vs 2.9 GB/s for ChaCha20 in perf-notes Q2).
+_TLS13_SUITES = b"TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
+
+
+_local = threading.local()
+
+
+def _staging() -> memoryview:
+    """This thread's plaintext staging buffer for ``receive_some`` (filled and copied out with no
+    checkpoint in between, so one per thread is enough; saves 256 KiB per connection)."""
+    try:
+        return _local.view  # type: ignore[no-any-return]
+    except AttributeError:
+        _local.view = view = memoryview(bytearray(MAX_RECEIVE))
+        return view
+
+
+class _State(enum.Enum):
+    OK = "ok"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _hardened(ctx: SSL.Context) -> None:
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    options = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    options |= getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+    ctx.set_options(options)
+    ctx.set_cipher_list(_TLS12_CIPHERS)
+    ctx.set_tls13_ciphersuites(_TLS13_SUITES)
+
+
+# --------------------------------------------------------------------------------------------
+# Contexts
+# --------------------------------------------------------------------------------------------
+
+
+def server_context(cert_chain: Path, key: Path, *, alpn: Sequence[bytes] = ()) -> SSL.Context:
+    """A server context: TLS 1.2+ (official ngrok agents speak 1.2 or 1.3), AEAD only with
+    AES-GCM preferred, no compression, no renegotiation, session tickets on (OpenSSL default).
+
+    *cert_chain* is a PEM file holding the leaf followed by any intermediates; *key* the matching
+    PEM private key (checked).  *alpn* lists protocols in server preference order; a client that
+    offers none of them still connects, without ALPN.
+    """
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    _hardened(ctx)
+    ctx.use_certificate_chain_file(str(cert_chain))
+    ctx.use_privatekey_file(str(key))
+    ctx.check_privatekey()  # raises SSL.Error when the key does not match the leaf
+    if alpn:
+        ours = [bytes(p) for p in alpn]
+
+        def _select(_conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+            for proto in ours:
+                if proto in offered:
+                    return proto
+            return SSL.NO_OVERLAPPING_PROTOCOLS
+
+        ctx.set_alpn_select_callback(_select)
+    return ctx
+
+
+def client_context(root_cas: Path | None, *, alpn: Sequence[bytes] = ()) -> SSL.Context:
+    """A verifying client context: TLS 1.2+, ``VERIFY_PEER``.
+
+    With *root_cas* only the CA certificates in that PEM file are trusted; without it the system
+    default paths are.  The host name is checked by :class:`BulkTLSStream` after the handshake.
+    """
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    _hardened(ctx)
+    ctx.set_verify(SSL.VERIFY_PEER)
+    if root_cas is not None:
+        ctx.load_verify_locations(str(root_cas))
+    else:
+        ctx.set_default_verify_paths()
+    if alpn:
+        ctx.set_alpn_protos([bytes(p) for p in alpn])
+    return ctx
+
+
+# --------------------------------------------------------------------------------------------
+# The stream
+# --------------------------------------------------------------------------------------------
+
+
+class _Conflict:
+    """Like trio's internal ConflictDetector: a second concurrent user raises BusyResourceError."""
+
+    __slots__ = ("_held", "_msg")
+
+    def __init__(self, msg: str) -> None:
+        self._msg = msg
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._msg)
+        self._held = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._held = False
+
+
+class BulkTLSStream(trio.abc.Stream):
+    """TLS over any :class:`trio.abc.Stream`, tuned for bulk transfer.  See the module docstring.
+
+    End of stream: ``receive_some`` returns ``b""`` after the peer's close_notify **and also** when
+    the transport hits EOF without one (a truncation attack can therefore not be told apart from a
+    clean close; like most HTTP stacks we are lenient because many peers just drop the TCP
+    connection; protocols on top carry their own framing/lengths).  EOF *during* the handshake is
+    an error.
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        context: SSL.Context,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.transport_stream = transport
+        self.server_side = server_side
+        self.server_hostname = server_hostname
+        self._verify = (
+            not server_side and bool(context.get_verify_mode() & SSL.VERIFY_PEER)
+        )
+        if self._verify and not server_hostname:
+            raise ValueError("server_hostname is required for a verifying client context")
+        self._conn = SSL.Connection(context, None)
+        if server_side:
+            self._conn.set_accept_state()
+        else:
+            if server_hostname and not _is_ip_literal(server_hostname):
+                self._conn.set_tlsext_host_name(server_hostname.encode("idna"))
+            self._conn.set_connect_state()
+
+        self._obuf = bytearray()  # ciphertext staging, grows to what the sender needs
+        self._state = _State.OK
+        self._handshook = False
+        self._eof = False  # close_notify or transport EOF seen
+        self._handshake_lock = trio.Lock()
+        self._send_lock = trio.Lock()  # guards transport.send_all / wait_send_all_might_not_block
+        self._send_conflict = _Conflict("another task is using this stream for send")
+        self._recv_conflict = _Conflict("another task is using this stream for receive")
+
+    # ---- introspection ---------------------------------------------------------------------
+
+    def selected_alpn_protocol(self) -> bytes | None:
+        """The negotiated ALPN protocol, or None."""
+        proto = self._conn.get_alpn_proto_negotiated()
+        return proto or None
+
+    def peer_certificate(self) -> x509.Certificate | None:
+        return self._conn.get_peer_certificate(as_cryptography=True)
+
+    def getpeercert_der(self) -> bytes | None:
+        """DER of the peer's leaf certificate (None before the handshake / no client cert)."""
+        cert = self.peer_certificate()
+        return None if cert is None else cert.public_bytes(Encoding.DER)
+
+    def tls_version(self) -> str | None:
+        """E.g. ``"TLSv1.3"``; None before the handshake."""
+        return self._conn.get_protocol_version_name() if self._handshook else None
+
+    def cipher(self) -> str | None:
+        return self._conn.get_cipher_name()
+
+    @property
+    def handshake_done(self) -> bool:
+        return self._handshook
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _check_status(self) -> None:
+        if self._state is _State.OK:
+            return
+        if self._state is _State.BROKEN:
+            raise trio.BrokenResourceError("TLS stream is broken")
+        raise trio.ClosedResourceError("TLS stream is closed")
+
+    def _take_outgoing(self) -> memoryview | None:
+        """Move everything in the engine's outgoing BIO into ``_obuf``; a view of it or None.
+
+        Only ``_send_lock`` holders call this, so ``_obuf`` is not refilled while being sent.
+        Reads in modest pieces into a reused buffer: big short-lived allocations make glibc trim
+        and re-fault the heap on every call, which halved throughput in measurements.
+        """
+        conn = self._conn
+        obuf = self._obuf
+        pos = 0
+        while True:
+            try:
+                piece = conn.bio_read(_BIO_PIECE)
+            except SSL.WantReadError:
+                break
+            end = pos + len(piece)
+            if end > len(obuf):
+                grown = bytearray(max(end, 2 * len(obuf)))
+                grown[:pos] = obuf[:pos]
+                self._obuf = obuf = grown
+            obuf[pos:end] = piece
+            pos = end
+        return memoryview(obuf)[:pos] if pos else None
+
+    async def _send_pending_locked(self) -> None:
+        """Send the outgoing BIO until it stays empty.  Caller holds ``_send_lock``."""
+        while (data := self._take_outgoing()) is not None:
+            try:
+                with data:
+                    await self.transport_stream.send_all(data)
+            except trio.ClosedResourceError:
+                raise
+            except BaseException:
+                # Cancelled or failed mid-write: an unknown prefix of a record went out.
+                if self._state is _State.OK:
+                    self._state = _State.BROKEN
+                raise
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            await self._send_pending_locked()
+
+    async def _flush_from_receiver(self) -> None:
+        # If a sender holds the lock it drains the BIO before releasing it (see module doc), so
+        # never wait here: the peer may only read our data once we have read theirs.
+        if not self._send_lock.locked():
+            await self._flush()
+
+    def _broken(self, exc: BaseException, what: str) -> trio.BrokenResourceError:
+        if self._state is _State.OK:
+            self._state = _State.BROKEN
+        return trio.BrokenResourceError(f"TLS {what} failed: {exc!r}")
+
+    # ---- handshake -------------------------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Run the handshake (idempotent; receive/send call it implicitly).
+
+        On a client with a verifying context the peer certificate is then matched against
+        ``server_hostname``.  Failures raise :class:`trio.BrokenResourceError`.  If the
+        handshake is cancelled, the stream is broken.
+        """
+        if self._handshook:
+            self._check_status()
+            await trio.lowlevel.checkpoint()
+            return
+        self._check_status()
+        async with self._handshake_lock:
+            self._check_status()
+            if self._handshook:
+                return
+            try:
+                await self._handshake_locked()
+            except trio.ClosedResourceError:
+                raise
+            except BaseException:
+                if self._state is _State.OK:
+                    self._state = _State.BROKEN
+                raise
+
+    async def _handshake_locked(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                await self._flush()
+                data = await self.transport_stream.receive_some(TRANSPORT_READ)
+                if not data:
+                    raise trio.BrokenResourceError(
+                        "peer closed the connection during the TLS handshake"
+                    ) from None
+                conn.bio_write(data)
+            except SSL.Error as exc:
+                # Deliver our alert if there is one (best effort), then fail.
+                try:
+                    with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+                        await self._flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                raise trio.BrokenResourceError(f"TLS handshake failed: {exc!r}") from exc
+        # Client: our Finished; server: its TLS 1.3 session tickets.
+        await self._flush()
+        if self._verify:
+            host = self.server_hostname
+            assert host is not None
+            try:
+                if _is_ip_literal(host):
+                    verify_ip_address(conn, host.strip("[]"))
+                else:
+                    verify_hostname(conn, host)
+            except (service_identity.VerificationError, service_identity.CertificateError) as exc:
+                raise trio.BrokenResourceError(
+                    f"certificate for {host} does not match: {exc}"
+                ) from exc
+        self._handshook = True
+
+    # ---- receive ---------------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Up to *max_bytes* (default and cap: 256 KiB) of plaintext; ``b""`` at end of stream.
+
+        Returns every decrypted record already buffered (many per call), and reads the transport
+        only when nothing is buffered.
+        """
+        with self._recv_conflict:
+            if max_bytes is None:
+                max_bytes = MAX_RECEIVE
+            else:
+                max_bytes = operator.index(max_bytes)
+                if max_bytes < 1:
+                    raise ValueError("max_bytes must be >= 1")
+                max_bytes = min(max_bytes, MAX_RECEIVE)
+            self._check_status()
+            if not self._handshook:
+                await self.do_handshake()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            if self._eof:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return b""
+
+            conn = self._conn
+            view = _staging()
+            got = 0
+            blocked = False
+            while got < max_bytes:
+                try:
+                    n = conn.recv_into(view[got:], min(max_bytes - got, _RECORD))
+                except SSL.WantReadError:
+                    if got:
+                        break
+                    await self._flush_from_receiver()
+                    data = await self.transport_stream.receive_some(TRANSPORT_READ)
+                    blocked = True
+                    if not data:
+                        self._eof = True  # EOF without close_notify: lenient, see class doc
+                        break
+                    conn.bio_write(data)
+                    continue
+                except SSL.ZeroReturnError:
+                    self._eof = True  # close_notify
+                    break
+                except SSL.Error as exc:
+                    raise self._broken(exc, "receive") from exc
+                got += n
+            # Copy out before the checkpoint: the staging buffer is shared by all streams.
+            result = bytes(view[:got]) if got else b""
+            if not blocked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return result
+
+    # ---- send ------------------------------------------------------------------------------
+
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
+        conn = self._conn
+        view = memoryview(data)
+        try:
+            while view:
+                n = conn.send(view)
+                view = view[n:]
+        except SSL.Error as exc:
+            raise self._broken(exc, "send") from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt *data* and send it; one transport ``send_all`` per 256 KiB of plaintext."""
+        await self.send_all_parts((data,))
+
+    async def send_all_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Like ``send_all(b"".join(parts))`` without the join: e.g. a mux header + payload.
+
+        Small parts are coalesced so a 12-byte header shares a TLS record with its payload.
+        """
+        with self._send_conflict:
+            self._check_status()
+            if not self._handshook:
+                await self.do_handshake()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            small = bytearray()  # coalesces parts smaller than a record
+            pending = 0  # plaintext written to the engine since the last flush
+            for part in parts:
+                view = memoryview(part).cast("B")
+                if not view:
+                    continue
+                if len(small) + len(view) <= _RECORD:
+                    small += view
+                    continue
+                if small:
+                    # Top the buffer up to one full record from this part, then encrypt it.
+                    take = _RECORD - len(small)
+                    small += view[:take]
+                    view = view[take:]
+                    self._encrypt(small)
+                    pending += len(small)
+                    small = bytearray()
+                while view:
+                    if pending >= SEND_CHUNK:
+                        await self._flush()
+                        pending = 0
+                    piece = view[: SEND_CHUNK - pending]
+                    self._encrypt(piece)
+                    pending += len(piece)
+                    view = view[len(piece) :]
+            if small:
+                self._encrypt(small)
+                pending += len(small)
+            if pending:
+                await self._flush()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._send_conflict:
+            self._check_status()
+            async with self._send_lock:
+                await self.transport_stream.wait_send_all_might_not_block()
+                await self._send_pending_locked()
+
+    # ---- close -----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Send close_notify (best effort, ≤ ``CLOSE_NOTIFY_TIMEOUT`` s), then close the transport.
+
+        Idempotent.  Does not wait for the peer's close_notify (allowed by RFC 8446 §6.1).  If
+        another task is blocked sending, no close_notify is sent (unclean close).
+        """
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        graceful = self._state is _State.OK and self._handshook
+        self._state = _State.CLOSED
+        try:
+            if graceful and not self._send_lock.locked():
+                try:
+                    self._conn.shutdown()
+                except SSL.Error:
+                    pass
+                else:
+                    with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+                        await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await self.transport_stream.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# Dial / accept helpers
+# --------------------------------------------------------------------------------------------
+
+
+async def open_tls_client(
+    host: str,
+    port: int,
+    context: SSL.Context,
+    *,
+    server_hostname: str | None = None,
+    timeout: float = 10,
+) -> BulkTLSStream:
+    """Connect TCP to *host*:*port* and complete a TLS handshake, all within *timeout* seconds
+    (:class:`trio.TooSlowError` otherwise).  *server_hostname* (SNI and certificate check)
+    defaults to *host*.
+    """
+    with trio.fail_after(timeout):
+        tcp = await trio.open_tcp_stream(host, port)
+        try:
+            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stream = BulkTLSStream(
+                tcp, context, server_side=False, server_hostname=server_hostname or host
+            )
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+    return stream
+
+
+async def accept_tls(
+    transport: trio.abc.Stream, context: SSL.Context, *, timeout: float = 10
+) -> BulkTLSStream:
+    """Server-side handshake on an accepted transport within *timeout* seconds.  On failure the
+    transport is closed and the error (BrokenResourceError / TooSlowError) re-raised."""
+    stream = BulkTLSStream(transport, context, server_side=True)
+    try:
+        with trio.fail_after(timeout):
+            await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream

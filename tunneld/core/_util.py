@@ -1,0 +1,74 @@
+"""Small socket and stream helpers shared by the edge and the agent."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+#: A large accept backlog: 1000 simultaneous connects overflowed sshd's queue (perf notes).
+LISTEN_BACKLOG = 4096
+
+
+def set_nodelay(stream: trio.abc.Stream) -> None:
+    """TCP_NODELAY on a socket stream: Nagle against delayed ACK costs 40 ms per exchange."""
+    sock = getattr(stream, "socket", None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def peer_addr(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the remote end of a socket stream (through TLS wrappers)."""
+    inner = stream
+    for _ in range(4):
+        sock = getattr(inner, "socket", None)
+        if sock is not None:
+            try:
+                name = sock.getpeername()
+            except OSError:
+                return "0.0.0.0:0"
+            host, port = name[0], name[1]
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        inner = getattr(inner, "transport_stream", None)
+        if inner is None:
+            break
+    return "0.0.0.0:0"
+
+
+def split_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Parse ``host:port``, ``[v6]:port`` or ``:port``; raise ValueError with a reason."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unbalanced brackets in {text!r}")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_s = text.partition(":")
+    elif text.count(":") == 0 and default_port is not None:
+        host, port_s = text, ""
+    else:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"missing port in {text!r}")
+        return host, default_port
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"bad port {port_s!r} in {text!r}")
+    return host, int(port_s)
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind TCP listeners with a large backlog; raises OSError (e.g. EADDRINUSE)."""
+    return await trio.open_tcp_listeners(port, host=host or None, backlog=LISTEN_BACKLOG)
+
+
+def listener_port(listeners: list[trio.SocketListener]) -> int:
+    return int(listeners[0].socket.getsockname()[1])

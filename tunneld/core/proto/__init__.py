@@ -1,0 +1,56 @@
+"""The sans-IO agent protocol: muxado frames, typed streams, JSON control messages.
+
+Bytes in, events out; no trio, no sockets, no clock (a test enforces it).  The Trio adapter
+is :mod:`tunneld.core._mux`.
+"""
+
+from __future__ import annotations
+
+from .._errors import LocalProtocolError as LocalProtocolError
+from .._errors import ProtocolError as ProtocolError
+from .._errors import RemoteProtocolError as RemoteProtocolError
+from ._flow import DEFAULT_WINDOW as DEFAULT_WINDOW
+from ._flow import MAX_DATA_FRAME as MAX_DATA_FRAME
+from ._flow import ReceiveWindow as ReceiveWindow
+from ._frames import FLAG_FIN as FLAG_FIN
+from ._frames import FLAG_SYN as FLAG_SYN
+from ._frames import HEADER_SIZE as HEADER_SIZE
+from ._frames import Data as Data
+from ._frames import ErrorCode as ErrorCode
+from ._frames import FrameDecoder as FrameDecoder
+from ._frames import FrameType as FrameType
+from ._frames import GoAway as GoAway
+from ._frames import Reset as Reset
+from ._frames import WindowUpdate as WindowUpdate
+from ._frames import data_header as data_header
+from ._frames import encode_data as encode_data
+from ._frames import encode_goaway as encode_goaway
+from ._frames import encode_rst as encode_rst
+from ._frames import encode_wndinc as encode_wndinc
+from ._messages import *  # noqa: F403  (its __all__ is the message surface)
+from ._messages import __all__ as _messages_all
+
+__all__ = [
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "DEFAULT_WINDOW",
+    "MAX_DATA_FRAME",
+    "ReceiveWindow",
+    "FLAG_FIN",
+    "FLAG_SYN",
+    "HEADER_SIZE",
+    "Data",
+    "ErrorCode",
+    "FrameDecoder",
+    "FrameType",
+    "GoAway",
+    "Reset",
+    "WindowUpdate",
+    "data_header",
+    "encode_data",
+    "encode_goaway",
+    "encode_rst",
+    "encode_wndinc",
+    *_messages_all,
+]

@@ -1,0 +1,123 @@
+"""Agent side of HTTP tunnels: relay proxied requests to the upstream service."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from urllib.parse import urlsplit
+
+import trio
+
+from tunneld.core import ERROR_HEADER, AgentTunnel, Code, proto, set_nodelay
+
+from ._relay import Outcome, Reader, UpstreamFailed, exchange
+from ._wire import BadMessage, ResponseHead, error_response, parse_request_head, rewrite_head, wants_json
+
+log = logging.getLogger("tunneld.http")
+
+_ERROR_HEADER = ERROR_HEADER.lower().encode()
+#: How long to wait for the upstream's TCP (and TLS) handshake.
+CONNECT_TIMEOUT = 10.0
+
+
+def parse_http_addr(addr: str) -> str:
+    """Normalise an HTTP forwarding address to a URL: ``8080`` → ``http://localhost:8080``.
+
+    Port 443 implies HTTPS (as ngrok does); force plain HTTP with ``http://localhost:443``.
+    """
+    addr = addr.strip()
+    if not addr:
+        raise ValueError("empty forwarding address")
+    if "://" in addr:
+        parts = urlsplit(addr)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {parts.scheme!r} in {addr!r} (use http:// or https://)")
+        if not parts.hostname:
+            raise ValueError(f"missing host in {addr!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        return f"{parts.scheme}://{host}:{port}"
+    if addr.isdigit():
+        host, port_s = "localhost", addr
+    else:
+        host, sep, port_s = addr.rpartition(":")
+        if not sep or not port_s.isdigit():
+            host, port_s = addr, "80"
+    port = int(port_s)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {addr!r}")
+    scheme = "https" if port == 443 else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+async def connect_upstream(url: str) -> trio.abc.Stream:
+    """Open the upstream connection; HTTPS upstreams are not verified (local networks)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    with trio.fail_after(CONNECT_TIMEOUT):
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        set_nodelay(stream)
+        if parts.scheme == "https":
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            tls = trio.SSLStream(stream, ctx, server_hostname=host, https_compatible=True)
+            await tls.do_handshake()
+            stream = tls
+    return stream
+
+
+def strip_error_header(resp: ResponseHead, raw: bytes) -> bytes:
+    """Remove tunneld's error-code header from upstream responses: upstreams cannot forge it."""
+    if any(name.lower() == _ERROR_HEADER for name, _ in resp.headers):
+        return rewrite_head(raw, drop=frozenset({_ERROR_HEADER}))
+    return raw
+
+
+async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+                            header: proto.ProxyHeader) -> None:
+    """Relay the requests of one proxied public connection to the upstream."""
+    client = Reader(stream)
+    upstream: Reader | None = None
+    try:
+        while True:
+            raw = await client.read_head()
+            if raw is None:
+                return
+            started = time.monotonic()
+            try:
+                req = parse_request_head(raw)
+            except BadMessage as exc:
+                await client.send_all(error_response(exc.status, Code.BAD_REQUEST, str(exc)))
+                return
+            if upstream is None:
+                try:
+                    upstream = Reader(await connect_upstream(tunnel.upstream))
+                except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                    log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, reason)
+                    await client.send_all(error_response(
+                        502, Code.UPSTREAM_UNREACHABLE,
+                        f"tunneld agent could not reach {tunnel.upstream}: {reason}",
+                        json_body=wants_json(req.headers), head_only=req.method == b"HEAD"))
+                    tunnel.metrics.request_done(time.monotonic() - started)
+                    return
+            try:
+                outcome, _resp = await exchange(client, upstream, req, raw, strip_error_header)
+            except UpstreamFailed as exc:
+                code = Code.BAD_UPSTREAM_RESPONSE if exc.bad_response else Code.UPSTREAM_UNREACHABLE
+                await client.send_all(error_response(502, code, f"upstream {tunnel.upstream}: {exc}",
+                                                     head_only=req.method == b"HEAD"))
+                return
+            finally:
+                tunnel.metrics.request_done(time.monotonic() - started)
+            if outcome is not Outcome.KEEP:
+                return
+    except BadMessage as exc:
+        code = Code.HEADERS_TOO_LARGE if exc.status == 431 else Code.BAD_REQUEST
+        await client.send_all(error_response(exc.status, code, str(exc)))
+    finally:
+        if upstream is not None:
+            await trio.aclose_forcefully(upstream)

@@ -1,0 +1,258 @@
+"""Edge side of HTTP tunnels: the public HTTP/HTTPS listeners and Host routing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from tunneld.core import (
+    AgentSession,
+    Code,
+    Edge,
+    TunnelInfo,
+    TunnelRejected,
+    accept_tls,
+    refuse_unenforced,
+    peer_addr,
+    proto,
+)
+
+from ._relay import Outcome, Reader, UpstreamFailed, exchange
+from ._wire import BadMessage, RequestHead, error_response, parse_request_head, rewrite_head, wants_json
+
+log = logging.getLogger("tunneld.http")
+access_log = logging.getLogger("tunneld.access")
+
+#: A request head must be complete this many seconds after its first byte (slowloris).
+HEAD_TIMEOUT = 10.0
+#: Idle keep-alive connections are closed after this many seconds.
+IDLE_TIMEOUT = 300.0
+#: TLS handshake budget for public HTTPS clients.
+TLS_TIMEOUT = 10.0
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+#: Bind options whose meaning is carried out by the agent, or by the naming code below.
+HANDLED_OPTS = {"hostname", "subdomain", "domain", "url", "hostheaderrewrite", "localurlscheme"}
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+
+
+def _opt(opts: dict[str, Any], name: str) -> str:
+    for key, value in opts.items():
+        if key.lower() == name and isinstance(value, str):
+            return value.strip()
+    return ""
+
+
+def choose_host(edge: Edge, session: AgentSession, bind: proto.Bind, scheme: str) -> str:
+    """The public hostname for an HTTP bind: asked for, paired with its twin, or random."""
+    domain = edge.config.domain
+    opts = bind.opts
+    asked = _opt(opts, "subdomain")
+    for key in ("hostname", "domain", "url"):
+        value = _opt(opts, key)
+        if value:
+            if "://" in value:
+                value = value.split("://", 1)[1]
+            value = value.split("/", 1)[0].rsplit(":", 1)[0].lower().rstrip(".")
+            if value.endswith("." + domain) and "." not in value[: -len(domain) - 1]:
+                asked = value[: -len(domain) - 1]
+            else:
+                raise TunnelRejected(f"hostname {value!r} is not allowed on this edge (only names under "
+                                     f"{domain})", Code.ADDRESS_NOT_ALLOWED)
+    if asked:
+        label = asked.lower()
+        if not _LABEL.match(label):
+            raise TunnelRejected(f"subdomain {asked!r} is not a valid DNS label", Code.ADDRESS_NOT_ALLOWED)
+        if label in edge.config.reserved_names:
+            raise TunnelRejected(f"subdomain {label!r} is reserved", Code.ADDRESS_NOT_ALLOWED)
+        return f"{label}.{domain}"
+    key = json.dumps(opts, sort_keys=True, default=str)
+    # The v2 agent binds https and http separately for one tunnel: give both the same name.
+    for opts_key, schemes, host in session.http_hosts:
+        if opts_key == key and scheme not in schemes:
+            schemes.add(scheme)
+            return host
+    while True:
+        host = f"{secrets.token_hex(4)}.{domain}"
+        if not edge.routes.host_in_use(host):
+            break
+    session.http_hosts.append((key, {scheme}, host))
+    return host
+
+
+@attrs.define(eq=False)
+class HttpEdgeTunnel:
+    """A hostname route on the public HTTP or HTTPS listener."""
+
+    edge: Edge
+    session: AgentSession
+    tunnel_id: str
+    scheme: str
+    host: str
+
+    async def run(self, *, task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.scheme not in self.edge.ports:
+            raise TunnelRejected(f"this edge has no public {self.scheme} listener", Code.PROTO_UNSUPPORTED)
+        self.edge.routes.claim_host(self.scheme, self.host, self)
+        try:
+            task_status.started(TunnelInfo(self.edge.public_url(self.scheme, self.host), self.scheme))
+            await trio.sleep_forever()
+        finally:
+            self.edge.routes.release_host(self.scheme, self.host, self)
+
+    async def open_stream(self, client_addr: str) -> trio.abc.HalfCloseableStream:
+        return await self.session.open_proxy_stream(self.tunnel_id, client_addr, self.scheme)
+
+
+def forwarded_head(raw: bytes, req: RequestHead, client_ip: str, scheme: str) -> bytes:
+    """The request head with X-Forwarded-For/-Proto/-Host set by the edge."""
+    prior = [v.decode("latin-1").strip() for n, v in req.headers if n.lower() == b"x-forwarded-for"]
+    xff = ", ".join([*prior, client_ip])
+    return rewrite_head(raw, drop=_FORWARDED, add=[
+        (b"X-Forwarded-For", xff.encode("latin-1")),
+        (b"X-Forwarded-Proto", scheme.encode()),
+        (b"X-Forwarded-Host", req.host.encode("latin-1")),
+    ])
+
+
+def normalise_host(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
+
+
+@attrs.define(eq=False)
+class HttpIngress:
+    """The edge's public HTTP and HTTPS listeners."""
+
+    edge: Edge
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.edge.config
+        async with trio.open_nursery() as nursery:
+            if cfg.http_addr is not None:
+                listeners = await self.edge.open_public_listeners("http", "--http-addr", cfg.http_addr)
+                await nursery.start(self.edge.serve_public, self._serve_http, listeners)
+            if cfg.https_addr is not None:
+                listeners = await self.edge.open_public_listeners("https", "--https-addr", cfg.https_addr)
+                await nursery.start(self.edge.serve_public, self._serve_https, listeners)
+            task_status.started()
+
+    async def _serve_http(self, stream: trio.SocketStream) -> None:
+        await self.serve_connection(stream, "http", peer_addr(stream))
+
+    async def _serve_https(self, stream: trio.SocketStream) -> None:
+        addr = peer_addr(stream)
+        try:
+            tls = await accept_tls(stream, self.edge.ssl_context, timeout=TLS_TIMEOUT)
+        except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log.debug("TLS handshake with %s failed: %s", addr, exc)
+            return
+        try:
+            await self.serve_connection(tls, "https", addr)
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    async def serve_connection(self, stream: trio.abc.Stream, scheme: str, client_addr: str) -> None:
+        """Serve one public connection: each request is routed by its own Host."""
+        client = Reader(stream)
+        client_ip = client_addr.rsplit(":", 1)[0].strip("[]")
+        current: HttpEdgeTunnel | None = None
+        upstream: Reader | None = None
+        try:
+            while True:
+                if not client.buf:
+                    with trio.move_on_after(IDLE_TIMEOUT):
+                        data = await client.stream.receive_some(65536)
+                        if not data:
+                            return
+                        client.buf += data
+                    if not client.buf:
+                        return
+                started = time.monotonic()
+                try:
+                    with trio.fail_after(HEAD_TIMEOUT):
+                        raw = await client.read_head()
+                    if raw is None:
+                        return
+                    req = parse_request_head(raw)
+                except trio.TooSlowError:
+                    await _send_error(client, 408, Code.REQUEST_TIMEOUT, "the request head took too long")
+                    return
+                except BadMessage as exc:
+                    code = Code.HEADERS_TOO_LARGE if exc.status == 431 else Code.BAD_REQUEST
+                    await _send_error(client, exc.status, code, str(exc))
+                    return
+                if req.method == b"CONNECT":
+                    await _send_error(client, 405, Code.METHOD_NOT_ALLOWED,
+                                      "CONNECT is not allowed: this is not an open proxy", req=req)
+                    return
+                host = normalise_host(req.host)
+                tunnel = self.edge.routes.lookup(scheme, host)
+                if tunnel is None:
+                    await _send_error(client, 404, Code.TUNNEL_NOT_FOUND,
+                                      f"Tunnel {host or '(no Host header)'} not found", req=req)
+                    self._access(client_addr, host, req, 404, started)
+                    return
+                if upstream is None or tunnel is not current or _ended(upstream):
+                    if upstream is not None:
+                        await upstream.aclose()
+                        upstream = None
+                    try:
+                        upstream = Reader(await tunnel.open_stream(client_addr))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        await _send_error(client, 502, Code.AGENT_UNREACHABLE,
+                                          f"the agent serving {host} is not reachable", req=req)
+                        return
+                    current = tunnel
+                head = forwarded_head(raw, req, client_ip, scheme)
+                try:
+                    outcome, resp = await exchange(client, upstream, req, head)
+                except UpstreamFailed as exc:
+                    if exc.bad_response:
+                        await _send_error(client, 502, Code.BAD_UPSTREAM_RESPONSE,
+                                          f"the upstream sent a malformed response: {exc}", req=req)
+                    else:
+                        await _send_error(client, 502, Code.AGENT_UNREACHABLE,
+                                          f"the tunnel for {host} failed: {exc}", req=req)
+                    self._access(client_addr, host, req, 502, started)
+                    return
+                self._access(client_addr, host, req, resp.status if resp else 0, started)
+                if outcome is not Outcome.KEEP:
+                    return
+        finally:
+            if upstream is not None:
+                await upstream.aclose()
+
+    def _access(self, client_addr: str, host: str, req: RequestHead, status: int, started: float) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                'client=%s host=%s method=%s path="%s" status=%d duration_ms=%.1f',
+                client_addr, host, req.method.decode("latin-1"),
+                req.target.decode("latin-1").replace('"', "%22")[:512], status,
+                (time.monotonic() - started) * 1000,
+            )
+
+
+def _ended(upstream: Reader) -> bool:
+    eof = getattr(upstream.stream, "eof_received", False)
+    return bool(eof) and not upstream.buf
+
+
+async def _send_error(client: Reader, status: int, code: Code, message: str, *,
+                      req: RequestHead | None = None) -> None:
+    data = error_response(status, code, message, json_body=req is not None and wants_json(req.headers),
+                          head_only=req is not None and req.method == b"HEAD")
+    try:
+        with trio.move_on_after(5):
+            await client.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

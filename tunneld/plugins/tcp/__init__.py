@@ -1,0 +1,81 @@
+"""TCP tunnels: raw bytes on a public port of their own (built-in plugin)."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from tunneld import hookimpl
+from tunneld.core import (
+    AgentSession,
+    AgentTunnel,
+    BindRequest,
+    Edge,
+    TunnelConfig,
+    TunnelType,
+    TunnelTypeRegistry,
+    forward,
+    proto,
+    refuse_unenforced,
+    set_nodelay,
+    split_host_port,
+)
+
+from ._edge import TcpEdgeTunnel, requested_port
+
+log = logging.getLogger("tunneld.tcp")
+
+
+def parse_tcp_addr(addr: str) -> str:
+    """``22`` → ``localhost:22``; ``host:port`` kept; ``tcp://host:port`` accepted."""
+    addr = addr.strip()
+    if addr.startswith("tcp://"):
+        addr = addr[6:]
+    if addr.isdigit():
+        addr = f"localhost:{addr}"
+    host, port = split_host_port(addr)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {addr!r}")
+    return f"{host or 'localhost'}:{port}"
+
+
+class TcpTunnelType(TunnelType):
+    name = "tcp"
+    bind_protos = ("tcp",)
+
+    def edge_tunnel(self, edge: Edge, session: AgentSession, bind: proto.Bind, tunnel_id: str) -> TcpEdgeTunnel:
+        refuse_unenforced(bind.opts, {"addr", "url"})
+        return TcpEdgeTunnel(edge, session, tunnel_id, requested_port(bind.opts))
+
+    def parse_addr(self, addr: str) -> str:
+        return parse_tcp_addr(addr)
+
+    def agent_binds(self, config: TunnelConfig) -> list[BindRequest]:
+        upstream = parse_tcp_addr(config.addr)
+        opts = {"Addr": config.remote_addr}
+        return [BindRequest(config.name, proto.Bind(proto="tcp", forwards_to=upstream, opts=opts,
+                                                    extra=proto.BindExtra(name=config.name)))]
+
+    async def agent_handle(self, tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+                           header: proto.ProxyHeader) -> None:
+        host, port = split_host_port(tunnel.upstream)
+        try:
+            with trio.fail_after(10):
+                upstream = await trio.open_tcp_stream(host.strip("[]"), port)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, exc)
+            reset = getattr(stream, "reset", None)
+            if reset is not None:
+                reset()
+            return
+        set_nodelay(upstream)
+        try:
+            await forward(stream, upstream)
+        finally:
+            await trio.aclose_forcefully(upstream)
+
+
+@hookimpl
+def tunneld_register_tunnel_types(registry: TunnelTypeRegistry) -> None:
+    registry.add(TcpTunnelType())
