@@ -27,6 +27,7 @@ from pathlib import Path
 
 import trio
 import trustme
+from OpenSSL import SSL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -173,8 +174,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pki = Pki(Path(tmp))
         print(
-            f"{args.size_mib} MiB per run, send chunk {args.chunk_kib} KiB, receive_some({RECV // 1024} KiB), "
-            f"median of {args.runs}; {ssl.OPENSSL_VERSION} / pyOpenSSL engine"
+            f"{args.size_mib} MiB per run, send chunk {args.chunk_kib} KiB, "
+            f"receive_some({RECV // 1024} KiB), median of {args.runs}; "
+            f"bulk: pyOpenSSL on {SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}, "
+            f"sslstream: stdlib on {ssl.OPENSSL_VERSION}"
         )
         print(f"{'mode':6} {'impl':10} {'MB/s':>8}  {'runs MB/s':30} avg receive_some")
         for mode in args.modes.split(","):
@@ -189,7 +192,8 @@ def main() -> None:
                     rates.append(size / secs / 1e6)
                 runs = ", ".join(f"{r:.0f}" for r in rates)
                 print(
-                    f"{mode:6} {impl:10} {statistics.median(rates):8.0f}  {runs:30} {avg / 1024:.1f} KiB",
+                    f"{mode:6} {impl:10} {statistics.median(rates):8.0f}  {runs:30} "
+                    f"{avg / 1024:.1f} KiB",
                     flush=True,
                 )
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import signal
+import sys
 from functools import partial
 from pathlib import Path
 
 import trio
 
-from .core import Agent, AgentConfig, Edge, EdgeConfig, TunnelConfig
+from .core import ConfigError, Agent, AgentConfig, Edge, EdgeConfig, TunnelConfig
 from .core._certs import ensure_dev_certs
 from .core._store import Store
 from ._agent_main import print_console
@@ -64,10 +65,15 @@ def run_demo(addr: str | None, data_dir: Path, http_port: int, https_port: int, 
                     nursery.cancel_scope.cancel()
                     break
 
+    errors: list[str] = []
     try:
         trio.run(main)
-    except KeyboardInterrupt:
-        return 130
+    except* ConfigError as group:
+        errors = [str(e) for e in group.exceptions]
+    except* KeyboardInterrupt:
+        pass
     finally:
         store.close()
-    return 0
+    for error in errors:
+        print(f"tunneld: error: {error}", file=sys.stderr)
+    return 1 if errors else 0

@@ -149,6 +149,20 @@ async def test_implicit_handshake_and_no_alpn(listener: trio.SocketListener, pki
             assert server.selected_alpn_protocol() is None
 
 
+async def test_alpn_without_overlap_still_connects(listener: trio.SocketListener, pki: Pki) -> None:
+    with trio.fail_after(10):
+        ctcp, stcp = await _tcp_pair(listener)
+        cctx = pki.client_ctx(alpn=(b"h2",))
+        client = BulkTLSStream(ctcp, cctx, server_side=False, server_hostname="localhost")
+        server = BulkTLSStream(stcp, pki.server_ctx(), server_side=True)
+        async with client, server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.do_handshake)
+                nursery.start_soon(server.do_handshake)
+            assert client.selected_alpn_protocol() is None
+            assert server.selected_alpn_protocol() is None
+
+
 async def test_bulk_64mib_each_way_concurrently(listener: trio.SocketListener, pki: Pki) -> None:
     size = 64 * 1024 * 1024
     with trio.fail_after(60):
@@ -273,11 +287,15 @@ async def test_two_way_stream_conformance(listener: trio.SocketListener, pki: Pk
         ct, st = trio.testing.lockstep_stream_pair()
         client = BulkTLSStream(ct, pki.client_ctx(), server_side=False, server_hostname="localhost")
         server = BulkTLSStream(st, pki.server_ctx(), server_side=True)
+
+        async def client_side() -> None:
+            await client.do_handshake()
+            # The server's session tickets follow its handshake: read them (then get cancelled).
+            await client.receive_some()
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(client_side)
             await server.do_handshake()
-            # The server's session tickets follow its handshake; let the client read them.
-            nursery.start_soon(client.receive_some)
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
         return client, server
@@ -300,6 +318,9 @@ async def test_busy_resource_errors(listener: trio.SocketListener, pki: Pki) -> 
                     nursery.start_soon(client.send_all, b"x" * (64 * 1024 * 1024))
                     await trio.testing.wait_all_tasks_blocked()
                     nursery.start_soon(client.send_all, b"y")
+            # The first send_all was cancelled half way through a record: the stream is broken.
+            with pytest.raises(trio.BrokenResourceError):
+                await client.send_all(b"z")
 
 
 async def test_receive_while_peer_blocked_sending(listener: trio.SocketListener, pki: Pki) -> None:

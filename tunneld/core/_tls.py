@@ -277,6 +277,8 @@ class BulkTLSStream(trio.abc.Stream):
                 self._obuf = obuf = grown
             obuf[pos:end] = piece
             pos = end
+            if len(piece) < _BIO_PIECE:
+                break  # a memory BIO hands out all it has: it is empty now
         return memoryview(obuf)[:pos] if pos else None
 
     async def _send_pending_locked(self) -> None:
@@ -295,6 +297,9 @@ class BulkTLSStream(trio.abc.Stream):
 
     async def _flush(self) -> None:
         async with self._send_lock:
+            if self._state is _State.BROKEN:
+                # Whoever held the lock failed while sending our bytes along with theirs.
+                raise trio.BrokenResourceError("TLS stream is broken")
             await self._send_pending_locked()
 
     async def _flush_from_receiver(self) -> None:

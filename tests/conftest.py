@@ -1,0 +1,87 @@
+"""Shared fixtures: a real edge and agents on loopback, in-process (trio)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from tunneld.core import Agent, AgentConfig, Edge, EdgeConfig, EdgeInfo, TunnelConfig
+from tunneld.core._certs import ensure_dev_certs
+from tunneld.core._store import Store
+
+DOMAIN = "tunneld.test"
+
+
+@attrs.define
+class EdgeEnv:
+    edge: Edge
+    info: EdgeInfo
+    store: Store
+    token: str
+    ca: Path
+    data_dir: Path
+    nursery: trio.Nursery
+
+    @property
+    def agent_addr(self) -> str:
+        return f"127.0.0.1:{self.info.ports['agent']}"
+
+    @property
+    def http_port(self) -> int:
+        return self.info.ports["http"]
+
+    @property
+    def https_port(self) -> int:
+        return self.info.ports["https"]
+
+    def agent_config(self, **kw: object) -> AgentConfig:
+        values: dict[str, object] = {"authtoken": self.token, "server_addr": self.agent_addr,
+                                     "root_cas": str(self.ca), "web_addr": None}
+        values.update(kw)
+        return AgentConfig(**values)  # type: ignore[arg-type]
+
+    async def start_agent(self, *tunnels: TunnelConfig, **kw: object) -> Agent:
+        """Start an agent in the test nursery; returns once every tunnel is bound."""
+        agent = Agent(self.agent_config(**kw), list(tunnels))
+        await self.nursery.start(agent.run)
+        return agent
+
+
+def make_edge_config(tmp: Path, **kw: object) -> EdgeConfig:
+    certs = ensure_dev_certs(tmp, DOMAIN, ["127.0.0.1", "localhost"])
+    low = random.randrange(30000, 60000, 200)
+    values: dict[str, object] = dict(data_dir=tmp, domain=DOMAIN, tls_cert=certs.cert, tls_key=certs.key,
+                                     agent_addr=("127.0.0.1", 0), http_addr=("127.0.0.1", 0),
+                                     https_addr=("127.0.0.1", 0), tcp_host="127.0.0.1",
+                                     tcp_ports=(low, low + 199), grace_period=1.0)
+    values.update(kw)
+    return EdgeConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def edge_env(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[EdgeEnv]:
+    config = make_edge_config(tmp_path)
+    store = Store.open(tmp_path)
+    _rec, token = store.create_token("test")
+    edge = Edge(config, store)
+    info = await nursery.start(edge.serve)
+    yield EdgeEnv(edge, info, store, token, tmp_path / "ca.pem", tmp_path, nursery)
+    edge.shutdown()
+    store.close()
+
+
+async def start_echo_server(nursery: trio.Nursery) -> int:
+    """A TCP echo server honouring half-close; returns its port."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async for chunk in stream:
+            await stream.send_all(chunk)
+        await stream.send_eof()
+
+    listeners = await nursery.start(trio.serve_tcp, echo, 0)
+    return int(listeners[0].socket.getsockname()[1])
