@@ -334,13 +334,13 @@ class AgentSession:
 
     async def _heartbeat(self, stream: MuxStream) -> None:
         """Echo every 4-byte value (muxado heartbeat); watch for the agent going silent."""
-        interval = tolerance = 0.0
-        if self.auth is not None:
-            interval = self.auth.extra.heartbeat_interval / 1e9
-            tolerance = self.auth.extra.heartbeat_tolerance / 1e9
-        limit = (interval + tolerance + 5.0) if interval > 0 else 120.0
         pending = b""
         while True:
+            # The agent declares its heartbeat settings in Auth (which may come after this
+            # stream opens); without them allow a generous two minutes of silence.
+            interval = self.auth.extra.heartbeat_interval / 1e9 if self.auth else 0.0
+            tolerance = self.auth.extra.heartbeat_tolerance / 1e9 if self.auth else 0.0
+            limit = (interval + tolerance + 5.0) if interval > 0 else 120.0
             with trio.move_on_after(limit) as scope:
                 data = await stream.receive_some(64)
             if scope.cancelled_caught:
