@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import select
 import ssl
 import time
 from urllib.parse import urlsplit
@@ -12,7 +13,16 @@ import trio
 from tunneld.core import ERROR_HEADER, AgentTunnel, Code, proto, set_nodelay
 
 from ._relay import Outcome, Reader, UpstreamFailed, exchange
-from ._wire import BadMessage, ResponseHead, error_response, parse_request_head, rewrite_head, wants_json
+from ._wire import (
+    BadMessage,
+    BodyKind,
+    RequestHead,
+    ResponseHead,
+    error_response,
+    parse_request_head,
+    rewrite_head,
+    wants_json,
+)
 
 log = logging.getLogger("tunneld.http")
 
@@ -76,6 +86,29 @@ def strip_error_header(resp: ResponseHead, raw: bytes) -> bytes:
     return raw
 
 
+#: Requests replayed on a new connection when a reused one closes unanswered (as Go's Transport).
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+
+
+def _closed_while_idle(upstream: Reader) -> bool:
+    """True when an idle kept-alive upstream connection is readable: closed, or stray bytes."""
+    if upstream.buf:
+        return True
+    stream: object = upstream.stream
+    while not isinstance(stream, trio.SocketStream):
+        stream = getattr(stream, "transport_stream", None)
+        if stream is None:
+            return False
+    poller = select.poll()
+    poller.register(stream.socket.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _replayable(req: RequestHead, exc: UpstreamFailed) -> bool:
+    """May a request that failed on a reused connection be sent again on a new one?"""
+    return not exc.bad_response and req.body == BodyKind.NONE and req.method in _IDEMPOTENT
+
+
 async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
                             header: proto.ProxyHeader) -> None:
     """Relay the requests of one proxied public connection to the upstream."""
@@ -92,25 +125,38 @@ async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableS
             except BadMessage as exc:
                 await client.send_all(error_response(exc.status, Code.BAD_REQUEST, str(exc)))
                 return
-            if upstream is None:
-                try:
-                    upstream = Reader(await connect_upstream(tunnel.upstream))
-                except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-                    log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, reason)
-                    await client.send_all(error_response(
-                        502, Code.UPSTREAM_UNREACHABLE,
-                        f"tunneld agent could not reach {tunnel.upstream}: {reason}",
-                        json_body=wants_json(req.headers), head_only=req.method == b"HEAD"))
-                    tunnel.metrics.request_done(time.monotonic() - started)
-                    return
+            if upstream is not None and _closed_while_idle(upstream):
+                # The upstream dropped the kept-alive connection (idle timeout): use a new one.
+                await trio.aclose_forcefully(upstream)
+                upstream = None
             try:
-                outcome, _resp = await exchange(client, upstream, req, raw, strip_error_header)
-            except UpstreamFailed as exc:
-                code = Code.BAD_UPSTREAM_RESPONSE if exc.bad_response else Code.UPSTREAM_UNREACHABLE
-                await client.send_all(error_response(502, code, f"upstream {tunnel.upstream}: {exc}",
-                                                     head_only=req.method == b"HEAD"))
-                return
+                for attempt in range(2):
+                    fresh = upstream is None
+                    if upstream is None:
+                        try:
+                            upstream = Reader(await connect_upstream(tunnel.upstream))
+                        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                            log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream,
+                                        reason)
+                            await client.send_all(error_response(
+                                502, Code.UPSTREAM_UNREACHABLE,
+                                f"tunneld agent could not reach {tunnel.upstream}: {reason}",
+                                json_body=wants_json(req.headers), head_only=req.method == b"HEAD"))
+                            return
+                    try:
+                        outcome, _resp = await exchange(client, upstream, req, raw, strip_error_header)
+                        break
+                    except UpstreamFailed as exc:
+                        await trio.aclose_forcefully(upstream)
+                        upstream = None
+                        if attempt == 0 and not fresh and _replayable(req, exc):
+                            # A reused connection closed under us before answering: retry once.
+                            continue
+                        code = Code.BAD_UPSTREAM_RESPONSE if exc.bad_response else Code.UPSTREAM_UNREACHABLE
+                        await client.send_all(error_response(502, code, f"upstream {tunnel.upstream}: {exc}",
+                                                             head_only=req.method == b"HEAD"))
+                        return
             finally:
                 tunnel.metrics.request_done(time.monotonic() - started)
             if outcome is not Outcome.KEEP:

@@ -19,7 +19,6 @@ from tunneld.core import (
     TunnelInfo,
     TunnelRejected,
     accept_tls,
-    refuse_unenforced,
     peer_addr,
     proto,
 )
@@ -169,6 +168,10 @@ class HttpIngress:
         upstream: Reader | None = None
         try:
             while True:
+                # Stray CRLFs between requests are ignored (RFC 9112 §2.2): the connection is
+                # still idle, so they must not start the head timeout.
+                while client.buf[:2] == b"\r\n":
+                    del client.buf[:2]
                 if not client.buf:
                     with trio.move_on_after(IDLE_TIMEOUT):
                         data = await client.stream.receive_some(65536)
@@ -177,6 +180,8 @@ class HttpIngress:
                         client.buf += data
                     if not client.buf:
                         return
+                    if client.buf[:2] == b"\r\n":
+                        continue
                 started = time.monotonic()
                 try:
                     with trio.fail_after(HEAD_TIMEOUT):
