@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import operator
 from typing import Any
 
 import attrs
@@ -101,6 +102,12 @@ class MuxStream(trio.abc.HalfCloseableStream):
     # ---- receiving ----------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            # trio's contract: a non-integer is a TypeError, < 1 a ValueError (0 would
+            # otherwise return b"", which the caller reads as EOF).
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
@@ -211,9 +218,20 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise self._error_copy()
 
     async def wait_send_all_might_not_block(self) -> None:
-        while self._credit <= 0 and self._error is None and not self._closed:
-            await self._writable.park()
-        await trio.lowlevel.checkpoint()
+        # Same rules as send_all: one sender at a time, and a closed stream raises.
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            if self._closed or self._fin_sent:
+                raise trio.ClosedResourceError("stream is closed for sending")
+            while self._credit <= 0 and self._error is None and not self._closed:
+                await self._writable.park()
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
         if self._sending:
@@ -246,6 +264,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             if not self._fin_sent and self._error is None:
                 self._send_fin()
+            if self._chunks and not self._eof_received and self._error is None and not self.session._dead:
+                # Unread data is discarded while the peer may still be sending: like TCP, answer
+                # with RST, or a peer blocked on the credit those bytes hold would wait forever.
+                self.session._queue_control(encode_rst(self.id, ErrorCode.STREAM_CLOSED))
             self._closed = True
             self._chunks.clear()
             self.session._forget(self)
@@ -323,9 +345,9 @@ class MuxSession:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the reader and writer until the carrier ends; then break every stream.
 
-        ``started()`` is reported at once.  Returns normally on EOF or GOAWAY; raises
-        :class:`RemoteProtocolError` when the peer broke the protocol (after sending it a
-        GOAWAY), or ``trio.BrokenResourceError`` when the carrier failed.
+        ``started()`` is reported at once.  Returns normally on EOF or GOAWAY; when the peer
+        broke the protocol it sends a GOAWAY and raises :class:`RemoteProtocolError` (wrapped
+        in an ExceptionGroup, as everything leaving a nursery: catch it with ``except*``).
         """
         try:
             async with trio.open_nursery() as nursery:

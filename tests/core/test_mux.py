@@ -1,0 +1,618 @@
+"""MuxSession / MuxStream over in-memory carriers (no sockets)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from tunneld.core import proto
+from tunneld.core._mux import MuxSession, MuxStream, StreamReset
+from tunneld.core.proto import Data, ErrorCode, FrameDecoder, GoAway, RemoteProtocolError
+
+MiB = 1024 * 1024
+
+PairMaker = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
+
+
+async def session_pair(
+    nursery: trio.Nursery, make: PairMaker = trio.testing.memory_stream_pair, window: int | None = None
+) -> tuple[MuxSession, MuxSession]:
+    """A connected (client, server) pair, both running in ``nursery``."""
+    a, b = make()
+    client = MuxSession(a, client=True)
+    server = MuxSession(b, client=False)
+    if window is not None:
+        client.set_window(window)
+        server.set_window(window)
+    await nursery.start(client.run)
+    await nursery.start(server.run)
+    return client, server
+
+
+async def stream_pair(
+    client: MuxSession, server: MuxSession, initial: bytes = b"\0"
+) -> tuple[MuxStream, MuxStream]:
+    """Open a stream from ``client`` and accept it on ``server`` (``initial`` is consumed)."""
+    c = await client.open_stream(initial)
+    s = await server.accept_stream()
+    assert await s.receive_exactly(len(initial)) == initial
+    return c, s
+
+
+async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    parts = []
+    async for chunk in stream:
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def send_all_in_chunks(stream: trio.abc.SendStream, data: bytes, size: int) -> None:
+    for i in range(0, len(data), size):
+        await stream.send_all(data[i : i + size])
+
+
+def leaves(group: BaseExceptionGroup) -> list:
+    out = []
+    for exc in group.exceptions:
+        out.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def read_frames(wire: bytes) -> list:
+    return FrameDecoder().receive_data(wire)
+
+
+async def read_until_eof(raw: trio.abc.ReceiveStream) -> bytes:
+    buf = bytearray()
+    while chunk := await raw.receive_some():
+        buf += chunk
+    return bytes(buf)
+
+
+# ---- basics -------------------------------------------------------------------------------
+
+
+async def test_open_stream_initial_bytes_travel_in_the_syn_frame() -> None:
+    """The initial bytes are the payload of the SYN frame itself (Go reads the type in one Read)."""
+    with trio.fail_after(5):
+        a, raw = trio.testing.memory_stream_pair()
+        client = MuxSession(a, client=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            stream = await client.open_stream(b"\x00\x00\x00\x01type")
+            frames = read_frames(await raw.receive_some())
+            assert frames == [Data(3, b"\x00\x00\x00\x01type", True, False)]
+            second = await client.open_stream(b"x")
+            assert second.id == 5
+            assert read_frames(await raw.receive_some()) == [Data(5, b"x", True, False)]
+            # later writes carry no SYN
+            await stream.send_all(b"more")
+            assert read_frames(await raw.receive_some()) == [Data(3, b"more", False, False)]
+            nursery.cancel_scope.cancel()
+
+
+async def test_open_and_accept_with_initial_bytes(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c = await client.open_stream(b"hello")
+        s = await server.accept_stream()
+        assert s.id == c.id == 3
+        assert await s.receive_some() == b"hello"
+        # and the server opens even-numbered streams the other way
+        s2 = await server.open_stream(b"from edge")
+        c2 = await client.accept_stream()
+        assert c2.id == s2.id == 2
+        assert await c2.receive_some() == b"from edge"
+
+
+async def test_data_both_ways(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        await c.send_all(b"ping")
+        assert await s.receive_some() == b"ping"
+        await s.send_all(bytearray(b"pong"))
+        assert await c.receive_some() == b"pong"
+        await c.send_all(memoryview(b"abcdef"))
+        assert await s.receive_exactly(6) == b"abcdef"
+
+
+async def test_data_both_ways_over_lockstep_carrier(nursery: trio.Nursery) -> None:
+    """An unbuffered carrier: the writer blocks in every carrier write, nothing deadlocks."""
+    with trio.fail_after(10):
+        client, server = await session_pair(nursery, trio.testing.lockstep_stream_pair)
+        c, s = await stream_pair(client, server)
+        up = os.urandom(300_000)
+        down = os.urandom(200_000)
+
+        async def sender(stream: MuxStream, data: bytes) -> None:
+            await send_all_in_chunks(stream, data, 7000)
+            await stream.send_eof()
+
+        got: dict[str, bytes] = {}
+
+        async def receiver(stream: MuxStream, key: str) -> None:
+            got[key] = await read_all(stream)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(sender, c, up)
+            inner.start_soon(sender, s, down)
+            inner.start_soon(receiver, s, "up")
+            inner.start_soon(receiver, c, "down")
+        assert got == {"up": up, "down": down}
+
+
+# ---- flow control --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [None, 4 * MiB])
+async def test_large_transfer(nursery: trio.Nursery, window: int | None) -> None:
+    with trio.fail_after(10):
+        client, server = await session_pair(nursery, window=window)
+        c, s = await stream_pair(client, server)
+        payload = os.urandom(3 * MiB)
+        got = []
+
+        async def sender() -> None:
+            await c.send_all(payload)  # one call: the stream itself splits by credit and frame size
+            await c.send_eof()
+
+        async def receiver() -> None:
+            got.append(await read_all(s))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(sender)
+            inner.start_soon(receiver)
+        assert got[0] == payload
+
+
+@pytest.mark.parametrize("window", [None, 4 * MiB])
+async def test_sender_stops_at_the_window_and_resumes(nursery: trio.Nursery, window: int | None) -> None:
+    expected_window = window or proto.DEFAULT_WINDOW
+    with trio.fail_after(10):
+        client, server = await session_pair(nursery, window=window)
+        c, s = await stream_pair(client, server)
+        payload = os.urandom(expected_window + MiB)
+        sent = trio.Event()
+
+        async def sender() -> None:
+            await c.send_all(payload)
+            sent.set()
+
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        # The sender is blocked on credit, having sent exactly one window.
+        assert not sent.is_set()
+        assert c._credit == 0
+        assert s._window.buffered + s._window.unacked == expected_window
+        got = bytearray()
+        while len(got) < len(payload):
+            got += await s.receive_some(100_000)
+        assert got == payload
+        await sent.wait()
+
+
+async def test_wait_send_all_might_not_block_waits_for_credit(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        await c.send_all(b"x" * c._credit)  # all the credit the peer granted
+        woke = trio.Event()
+
+        async def waiter() -> None:
+            await c.wait_send_all_might_not_block()
+            woke.set()
+
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not woke.is_set()
+        await s.receive_exactly(proto.DEFAULT_WINDOW // 4)  # crosses the WNDINC threshold
+        await woke.wait()
+
+
+# ---- half-close, reset, conformance ---------------------------------------------------------
+
+
+async def test_half_close(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        await c.send_all(b"request")
+        await c.send_eof()
+        assert await s.receive_some() == b"request"
+        assert await s.receive_some() == b""
+        assert s.eof_received
+        with pytest.raises(trio.ClosedResourceError):
+            await c.send_all(b"more")
+        # the other direction still works, repeatedly
+        for i in range(3):
+            await s.send_all(b"response %d" % i)
+            assert await c.receive_some() == b"response %d" % i
+        await s.send_eof()
+        assert await c.receive_some() == b""
+        await trio.testing.wait_all_tasks_blocked()
+        # both directions finished: both sessions forgot the stream
+        assert client.stream_count == server.stream_count == 0
+
+
+async def test_bare_fin_opens_and_closes_a_stream(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c = await client.open_stream()
+        await c.send_eof()  # SYN|FIN with no payload
+        s = await server.accept_stream()
+        assert await s.receive_some() == b""
+        await s.send_all(b"still open this way")
+        assert await c.receive_some() == b"still open this way"
+
+
+async def test_check_half_closeable_stream(nursery: trio.Nursery) -> None:
+    async def make_pair() -> tuple[MuxStream, MuxStream]:
+        client, server = await session_pair(nursery)
+        return await stream_pair(client, server)
+
+    async def make_clogged_pair() -> tuple[MuxStream, MuxStream]:
+        # Fill both send windows: send_all now blocks until the peer reads (check_two_way_stream
+        # also uses the flipped pair).
+        c, s = await make_pair()
+        await c.send_all(b"\0" * c._credit)
+        await s.send_all(b"\0" * s._credit)
+        await trio.testing.wait_all_tasks_blocked()
+        assert c._credit == s._credit == 0
+        return c, s
+
+    with trio.fail_after(20):
+        await trio.testing.check_half_closeable_stream(make_pair, make_clogged_pair)
+
+
+async def test_receive_some_validates_max_bytes(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        await c.send_all(b"data")
+        await trio.testing.wait_all_tasks_blocked()
+        # With data buffered, max_bytes=0 must not return b"" (which reads as EOF).
+        with pytest.raises(ValueError):
+            await s.receive_some(0)
+        with pytest.raises(ValueError):
+            await s.receive_some(-5)
+        with pytest.raises(TypeError):
+            await s.receive_some(1.5)  # type: ignore[arg-type]
+        assert await s.receive_some(2) == b"da"
+        assert await s.receive_some() == b"ta"
+
+
+async def test_close_with_unread_data_unblocks_a_sender_waiting_for_credit(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+
+        async def closer() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            assert c._credit == 0  # the client is blocked on credit the unread bytes hold
+            await s.aclose()
+
+        nursery.start_soon(closer)
+        with pytest.raises(trio.BrokenResourceError):
+            await c.send_all(b"x" * (2 * proto.DEFAULT_WINDOW))
+        # what the server sent before closing is still delivered, then EOF
+        assert await c.receive_some() == b""
+
+
+async def test_close_after_reading_everything_is_graceful(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        await s.send_all(b"bye")
+        await s.aclose()
+        assert await c.receive_some() == b"bye"
+        assert await c.receive_some() == b""
+        await trio.testing.wait_all_tasks_blocked()
+        await c.send_eof()  # no RST came back: the client may still finish normally
+        assert client.stream_count == 0
+
+
+async def test_reset_reaches_the_peer_as_stream_reset(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        receiving = trio.Event()
+
+        async def blocked_receive() -> None:
+            receiving.set()
+            with pytest.raises(StreamReset) as info:
+                await s.receive_some()
+            assert info.value.code == ErrorCode.STREAM_CANCELLED
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(blocked_receive)
+            await receiving.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            c.reset()
+        assert isinstance(StreamReset(0), trio.BrokenResourceError)
+        with pytest.raises(StreamReset):
+            await s.send_all(b"x")
+        with pytest.raises(trio.BrokenResourceError):
+            await s.receive_some()
+        # locally, a reset stream is closed
+        with pytest.raises(trio.ClosedResourceError):
+            await c.send_all(b"x")
+        with pytest.raises(trio.ClosedResourceError):
+            await c.receive_some()
+        assert client.stream_count == server.stream_count == 0
+        # the session itself carries on
+        c2, s2 = await stream_pair(client, server, b"next")
+        await c2.send_all(b"ok")
+        assert await s2.receive_some() == b"ok"
+
+
+async def test_reset_with_code(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        s.reset(ErrorCode.STREAM_REFUSED)
+        with pytest.raises(StreamReset) as info:
+            await c.receive_some()
+        assert info.value.code == ErrorCode.STREAM_REFUSED
+
+
+async def test_data_for_a_closed_stream_is_answered_with_rst(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        await s.aclose()  # FIN to the client; the server forgets the stream
+        assert await c.receive_some() == b""
+        with pytest.raises(StreamReset) as info:
+            while True:
+                await c.send_all(b"x" * 100)
+                await trio.testing.wait_all_tasks_blocked()
+        assert info.value.code == ErrorCode.STREAM_CLOSED
+
+
+# ---- session death --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+async def test_carrier_death_breaks_every_stream(side: str) -> None:
+    with trio.fail_after(5):
+        a, b = trio.testing.memory_stream_pair()
+        client = MuxSession(a, client=True)
+        server = MuxSession(b, client=False)
+        async with trio.open_nursery() as nursery:
+            # run() returns normally on carrier EOF/close
+            await nursery.start(client.run)
+            await nursery.start(server.run)
+            pairs = [await stream_pair(client, server) for _ in range(3)]
+            # one stream has data waiting, one is half-closed
+            await pairs[1][0].send_all(b"unread")
+            await pairs[2][1].send_eof()
+            await trio.testing.wait_all_tasks_blocked()
+
+            async def blocked_receive(stream: MuxStream) -> None:
+                with pytest.raises(trio.BrokenResourceError):
+                    await stream.receive_some()
+
+            nursery.start_soon(blocked_receive, pairs[0][0])
+            nursery.start_soon(blocked_receive, pairs[0][1])
+            await trio.testing.wait_all_tasks_blocked()
+            await (a if side == "client" else b).aclose()
+            with trio.fail_after(1):
+                await client.closed.wait()
+                await server.closed.wait()
+
+        assert client.is_closed and server.is_closed
+        for stream in [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1], pairs[2][0]]:
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.send_all(b"x")
+        with pytest.raises(trio.ClosedResourceError):  # it had sent its FIN
+            await pairs[2][1].send_all(b"x")
+        # the half-closed stream had seen its EOF; the other direction is broken
+        assert await pairs[2][0].receive_some() == b""
+        with pytest.raises(trio.BrokenResourceError):
+            await pairs[2][1].receive_some()
+        for c, s in pairs[:2]:
+            with pytest.raises(trio.BrokenResourceError):
+                await c.receive_some()
+        # data that arrived before the carrier died is still delivered, then the break
+        assert await pairs[1][1].receive_some() == b"unread"
+        with pytest.raises(trio.BrokenResourceError):
+            await pairs[1][1].receive_some()
+        for session in (client, server):
+            with pytest.raises(trio.EndOfChannel):
+                await session.accept_stream()
+            with pytest.raises(trio.BrokenResourceError):
+                await session.open_stream(b"x")
+
+
+async def test_blocked_accept_ends_with_end_of_channel(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+
+        async def closer() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            await client.aclose()
+
+        nursery.start_soon(closer)
+        with pytest.raises(trio.EndOfChannel):
+            await server.accept_stream()
+
+
+async def test_sender_blocked_on_credit_breaks_when_the_session_dies(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+
+        async def closer() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            await server.aclose()
+
+        nursery.start_soon(closer)
+        with pytest.raises(trio.BrokenResourceError):
+            await c.send_all(b"x" * (proto.DEFAULT_WINDOW + 1))
+
+
+async def test_goaway_from_peer_ends_the_session(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        await server.go_away(ErrorCode.NONE, "maintenance")
+        await client.closed.wait()
+        assert "peer went away" in client.close_reason
+        assert "maintenance" in client.close_reason
+        with pytest.raises(trio.BrokenResourceError):
+            await c.receive_some()
+
+
+# ---- misbehaving peers (raw frames) -----------------------------------------------------------
+
+
+async def run_against_raw_peer(wire: bytes, *, client: bool = False) -> tuple[RemoteProtocolError, list]:
+    """Feed ``wire`` to a session; return the error ``run()`` raised and the frames it sent back."""
+    with trio.fail_after(5):
+        ours, raw = trio.testing.memory_stream_pair()
+        session = MuxSession(ours, client=client)
+        errors: list[RemoteProtocolError] = []
+
+        async def run() -> None:
+            # run()'s reader lives in a nursery, so the error arrives in an ExceptionGroup
+            # (callers use except*).
+            try:
+                await session.run()
+            except* RemoteProtocolError as group:
+                errors.extend(leaves(group))
+            else:
+                raise AssertionError("run() returned normally")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await raw.send_all(wire)
+            back = await read_until_eof(raw)
+        assert session.is_closed
+        assert len(errors) == 1
+        return errors[0], read_frames(back)
+
+
+async def test_peer_overrunning_its_credit_is_a_protocol_error() -> None:
+    window = proto.DEFAULT_WINDOW
+    wire = proto.encode_data(3, b"a" * window, syn=True) + proto.encode_data(3, b"b")
+    err, frames = await run_against_raw_peer(wire)
+    assert err.code == ErrorCode.FLOW_CONTROL
+    assert len(frames) == 1 and isinstance(frames[0], GoAway)
+    assert frames[0].code == ErrorCode.FLOW_CONTROL
+    assert frames[0].last_stream_id == 3
+
+
+async def test_peer_overrunning_credit_in_many_small_frames() -> None:
+    chunk = b"z" * 1000
+    n = proto.DEFAULT_WINDOW // len(chunk) + 1
+    wire = proto.encode_data(3, b"", syn=True) + proto.encode_data(3, chunk) * n
+    err, frames = await run_against_raw_peer(wire)
+    assert err.code == ErrorCode.FLOW_CONTROL
+    assert [type(f) for f in frames] == [GoAway]
+
+
+async def test_peer_may_use_exactly_its_credit(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        ours, raw = trio.testing.memory_stream_pair()
+        session = MuxSession(ours, client=False)
+        await nursery.start(session.run)
+        await raw.send_all(proto.encode_data(3, b"a" * proto.DEFAULT_WINDOW, syn=True))
+        stream = await session.accept_stream()
+        assert await stream.receive_exactly(proto.DEFAULT_WINDOW // 4) == b"a" * (proto.DEFAULT_WINDOW // 4)
+        # credit comes back as a WNDINC, and the peer may then send that much more
+        frames = read_frames(await raw.receive_some())
+        assert frames == [proto.WindowUpdate(3, proto.DEFAULT_WINDOW // 4)]
+        await raw.send_all(proto.encode_data(3, b"b" * (proto.DEFAULT_WINDOW // 4)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not session.is_closed
+
+
+async def test_agreed_window_admits_frames_up_to_the_window(nursery: trio.Nursery) -> None:
+    with trio.fail_after(5):
+        ours, raw = trio.testing.memory_stream_pair()
+        session = MuxSession(ours, client=False)
+        session.set_window(4 * MiB)
+        await nursery.start(session.run)
+        payload = os.urandom(MiB)  # one frame, four times the default window
+        await raw.send_all(proto.encode_data(3, payload, syn=True, fin=True))
+        stream = await session.accept_stream()
+        assert await read_all(stream) == payload
+        assert not session.is_closed
+
+
+async def test_oversized_frame_is_a_frame_size_error() -> None:
+    err, frames = await run_against_raw_peer(proto.data_header(3, proto.DEFAULT_WINDOW + 1, syn=True))
+    assert err.code == ErrorCode.FRAME_SIZE
+    assert [type(f) for f in frames] == [GoAway]
+
+
+async def test_garbage_is_a_protocol_error() -> None:
+    err, frames = await run_against_raw_peer(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
+    assert isinstance(err, RemoteProtocolError)
+    assert [type(f) for f in frames] == [GoAway]
+    assert frames[0].code == err.code
+
+
+@pytest.mark.parametrize(("client", "sid"), [(False, 2), (True, 3)])
+async def test_peer_opening_a_stream_with_our_parity_is_an_error(client: bool, sid: int) -> None:
+    err, frames = await run_against_raw_peer(proto.encode_data(sid, b"x", syn=True), client=client)
+    assert "parity" in str(err)
+    assert [type(f) for f in frames] == [GoAway]
+
+
+async def test_peer_opening_a_stream_twice_is_an_error() -> None:
+    wire = proto.encode_data(3, b"x", syn=True) + proto.encode_data(3, b"y", syn=True)
+    err, frames = await run_against_raw_peer(wire)
+    assert [type(f) for f in frames] == [GoAway]
+
+
+async def test_data_after_fin_is_an_error() -> None:
+    wire = proto.encode_data(3, b"x", syn=True, fin=True) + proto.encode_data(3, b"y")
+    # The stream is still known (we have not half-closed), so this is a protocol error.
+    err, frames = await run_against_raw_peer(wire)
+    assert [type(f) for f in frames] == [GoAway]
+
+
+# ---- many streams -----------------------------------------------------------------------------
+
+
+async def test_many_concurrent_echo_streams(nursery: trio.Nursery) -> None:
+    n_streams = 200
+    with trio.fail_after(20):
+        client, server = await session_pair(nursery)
+
+        async def echo(stream: MuxStream) -> None:
+            async for chunk in stream:
+                await stream.send_all(chunk)
+            await stream.send_eof()
+
+        async def acceptor() -> None:
+            async with trio.open_nursery() as handlers:
+                for _ in range(n_streams):
+                    handlers.start_soon(echo, await server.accept_stream())
+
+        results: dict[int, bool] = {}
+
+        async def one(i: int) -> None:
+            payload = os.urandom(1000 + 97 * i)
+            stream = await client.open_stream(payload[:10])
+
+            async def send_rest() -> None:
+                await send_all_in_chunks(stream, payload[10:], 1500)
+                await stream.send_eof()
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(send_rest)
+                results[i] = await read_all(stream) == payload
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(acceptor)
+            for i in range(n_streams):
+                inner.start_soon(one, i)
+        assert results == {i: True for i in range(n_streams)}
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.stream_count == server.stream_count == 0
