@@ -37,7 +37,7 @@ def run_agent(cfg: AgentConfig, tunnels: list[TunnelConfig], *, console: bool = 
     try:
         trio.run(_main, agent, console)
     except* (AuthFailed, TunnelRejected, OSError) as group:
-        failure = group.exceptions[0]
+        failure = _first_leaf(group)
     except* KeyboardInterrupt:
         return_code = 130
     else:
@@ -48,6 +48,13 @@ def run_agent(cfg: AgentConfig, tunnels: list[TunnelConfig], *, console: bool = 
         log.error("%s%s", prefix, failure, extra={"event": "session failed", "fields": {"err": str(failure)}})
         return 1
     return return_code
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups from Trio nurseries."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _main(agent: Agent, console: bool) -> None:

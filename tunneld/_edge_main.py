@@ -34,6 +34,13 @@ def ensure_dev_token(store: Store, data_dir: Path) -> Path:
     return path
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The real exceptions inside (nested) exception groups from Trio nurseries."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -51,7 +58,7 @@ def run_edge(config: EdgeConfig, *, dev: bool) -> int:
         edge = Edge(config, store)
         code = trio.run(_main, edge, token_path)
     except* ConfigError as group:
-        errors = [str(exc) for exc in group.exceptions]
+        errors = [str(exc) for exc in _leaves(group)]
     except* KeyboardInterrupt:
         code = 130
     finally:

@@ -48,10 +48,10 @@ def _optional_addr(flag: str, value: str | None) -> tuple[str, int] | None:
     return _addr(flag, value)
 
 
-def _tcp_ports(value: str) -> tuple[str, tuple[int, int]]:
+def _tcp_ports(value: str, default_host: str = "0.0.0.0") -> tuple[str, tuple[int, int]]:
     host, sep, span = value.rpartition(":")
     if not sep:
-        host, span = "0.0.0.0", value
+        host, span = default_host, value
     low_s, dash, high_s = span.partition("-")
     if not dash or not low_s.isdigit() or not high_s.isdigit():
         raise click.BadParameter(f"expected HOST:LOW-HIGH such as 0.0.0.0:10000-10999, got {value!r}",
@@ -59,14 +59,16 @@ def _tcp_ports(value: str) -> tuple[str, tuple[int, int]]:
     low, high = int(low_s), int(high_s)
     if not 1 <= low <= high <= 65535:
         raise click.BadParameter(f"bad port range {low}-{high}", param_hint="--tcp-ports")
-    return host.strip("[]") or "0.0.0.0", (low, high)
+    return host.strip("[]") or default_host, (low, high)
 
 
 def _logging_options(fn: Any) -> Any:
-    fn = click.option("--log-level", default="info", show_default=True,
-                      help="debug, info, warn, error or crit.")(fn)
-    fn = click.option("--log-format", default="term", show_default=True,
-                      type=click.Choice(["term", "logfmt", "json"]), help="Log line format.")(fn)
+    # No click defaults: a flag given wins over the agent config file, which wins over the default.
+    fn = click.option("--log-level", default=None,
+                      help="debug, info, warn, error or crit [default: info].")(fn)
+    fn = click.option("--log-format", default=None,
+                      type=click.Choice(["term", "logfmt", "json"]),
+                      help="Log line format [default: term].")(fn)
     fn = click.option("--log", "log_target", default=None,
                       help="Where logs go: stdout, stderr, false or a file path.")(fn)
     return fn
@@ -116,13 +118,14 @@ def cli() -> None:
 @click.pass_context
 def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | None, http_addr: str | None,
          https_addr: str | None, agent_addr: str | None, tcp_ports: str | None, tls_cert: Path | None,
-         tls_key: Path | None, grace_period: float, log_target: str | None, log_format: str, log_level: str) -> None:
+         tls_key: Path | None, grace_period: float, log_target: str | None, log_format: str | None,
+         log_level: str | None) -> None:
     """Run the edge: public listeners, agent ingress and the store."""
     ctx.ensure_object(dict)
     ctx.obj["data_dir"] = data_dir
     if ctx.invoked_subcommand is not None:
         return
-    _setup_logging(log_target or "stderr", log_format, log_level)
+    _setup_logging(log_target or "stderr", log_format or "term", log_level or "info")
     from .core import ConfigError, EdgeConfig
 
     data_dir = (data_dir or _default_data_dir()).expanduser().absolute()
@@ -133,7 +136,7 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
     agent = _addr("--agent-addr", agent_addr or f"{loop}:4443")
     http = _optional_addr("--http-addr", http_addr if http_addr is not None else f"{loop}:{8080 if dev else 80}")
     https = _optional_addr("--https-addr", https_addr if https_addr is not None else f"{loop}:{8443 if dev else 443}")
-    tcp_host, tcp_range = _tcp_ports(tcp_ports or f"{loop}:{'20000-20999' if dev else '10000-10999'}")
+    tcp_host, tcp_range = _tcp_ports(tcp_ports or ('20000-20999' if dev else '10000-10999'), loop)
     try:
         if dev:
             from .core._certs import ensure_dev_certs
@@ -254,9 +257,10 @@ def _agent_config(config_path: Path | None, authtoken: str | None, server_addr: 
     return cfg
 
 
-def _run_agent_cli(cfg: Any, tunnels: list[Any], log_target: str | None, log_format: str, log_level: str) -> None:
-    _setup_logging(log_target or cfg.log or "false", log_format if log_target else (cfg.log_format or log_format),
-                   log_level)
+def _run_agent_cli(cfg: Any, tunnels: list[Any], log_target: str | None, log_format: str | None,
+                   log_level: str | None) -> None:
+    _setup_logging(log_target or cfg.log or "false", log_format or cfg.log_format or "term",
+                   log_level or cfg.log_level or "info")
     from ._agent_main import run_agent
 
     sys.exit(run_agent(cfg, tunnels, console=(log_target or cfg.log or "false") != "stdout"))
