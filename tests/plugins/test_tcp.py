@@ -310,3 +310,33 @@ async def test_upstream_down_closes_public_connection(edge_env: EdgeEnv) -> None
         await client.aclose()
     # The edge and the agent are unharmed: the tunnel is still there.
     assert not await connect_refused(pport)
+
+
+async def test_shutdown_lets_inflight_connections_finish(edge_env: EdgeEnv, nursery: trio.Nursery) -> None:
+    """SIGTERM semantics: no new connections, in-flight ones keep working for the grace period."""
+    from ..conftest import start_echo_server
+
+    port = await start_echo_server(nursery)
+    agent = await edge_env.start_agent(TunnelConfig(name="t", proto="tcp", addr=str(port)))
+    public_port = int(agent.tunnels[0].public_url.rsplit(":", 1)[1])
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", public_port)
+        await stream.send_all(b"before")
+        assert await stream.receive_some(100) == b"before"
+        edge_env.edge.shutdown()
+        await trio.sleep(0.3)
+        # Still served during the grace period (1 s in the fixture).
+        await stream.send_all(b"during")
+        assert await stream.receive_some(100) == b"during"
+        # New agents are no longer accepted.
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", edge_env.info.ports["agent"])
+        # After the grace period the connection is closed, not left hanging.
+        with trio.fail_after(5):
+            while True:
+                try:
+                    if await stream.receive_some(100) == b"":
+                        break
+                except trio.BrokenResourceError:
+                    break
+        await edge_env.edge.stopped.wait()

@@ -208,8 +208,9 @@ class Edge:
             log.info("edge ready: %s", ", ".join(f"{k}={v}" for k, v in listeners.items()))
             task_status.started(EdgeInfo(listeners=listeners, ports=dict(self.ports)))
             await self.stopping.wait()
+            deadline = trio.current_time() + self.config.grace_period
             for session in list(self.sessions):
-                root.start_soon(session.go_away)
+                root.start_soon(session.drain, deadline)
 
     def _listener_text(self, name: str) -> str:
         addr = {"agent": self.config.agent_addr, "http": self.config.http_addr,
@@ -261,7 +262,8 @@ class AgentSession:
     authed: bool = False
     auth: proto.Auth | None = None
     token_id: str = ""
-    tunnels: dict[str, trio.CancelScope] = attrs.field(factory=dict)
+    #: Tunnel id → (cancel scope, event set once the tunnel has released its address).
+    tunnels: dict[str, tuple[trio.CancelScope, trio.Event]] = attrs.field(factory=dict)
     #: HTTP binds without an explicit name share one host across http and https (agent v2).
     http_hosts: list[tuple[str, set[str], str]] = attrs.field(factory=list)
     _nursery: trio.Nursery | None = None
@@ -295,8 +297,16 @@ class AgentSession:
         log.info("agent %s did not authenticate within %ss", self.remote_addr, AUTH_TIMEOUT)
         await self.mux.aclose()
 
-    async def go_away(self) -> None:
-        await self.mux.go_away(proto.ErrorCode.NONE, "edge shutting down")
+    async def drain(self, deadline: float) -> None:
+        """Shutdown: let this agent's proxied connections finish (until ``deadline``), then close.
+
+        No GOAWAY is sent first: muxado peers treat it as the end of the session and would
+        drop their in-flight streams at once.
+        """
+        with trio.move_on_at(deadline):
+            while self.mux.local_stream_count:
+                await trio.sleep(0.05)
+        await self.mux.aclose()
 
     # ---- stream dispatch ---------------------------------------------------------------
 
@@ -434,21 +444,28 @@ class AgentSession:
 
     async def _run_tunnel(self, tunnel_id: str, tunnel: EdgeTunnel, *,
                           task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        done = trio.Event()
         with trio.CancelScope() as scope:
-            self.tunnels[tunnel_id] = scope
+            entry = (scope, done)
+            self.tunnels[tunnel_id] = entry
             try:
                 await tunnel.run(task_status=task_status)
             finally:
-                if self.tunnels.get(tunnel_id) is scope:
+                if self.tunnels.get(tunnel_id) is entry:
                     del self.tunnels[tunnel_id]
+                done.set()
 
     async def _rpc_unbind(self, stream: MuxStream) -> None:
         msg = await read_message(stream, proto.Unbind)
-        scope = self.tunnels.pop(msg.id, None)
-        if scope is None:
+        entry = self.tunnels.pop(msg.id, None)
+        if entry is None:
             await reply(stream, proto.UnbindResp(error=wire_error(f"no tunnel {msg.id!r}", Code.NO_SUCH_TUNNEL)))
             return
+        scope, done = entry
         scope.cancel()
+        # Answer once the address is really free, so the agent may bind it again at once.
+        with trio.move_on_after(5):
+            await done.wait()
         log.info("agent %s: tunnel %s unbound", self.remote_addr, msg.id)
         await reply(stream, proto.UnbindResp())
 

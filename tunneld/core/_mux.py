@@ -510,6 +510,12 @@ class MuxSession:
     def stream_count(self) -> int:
         return len(self._streams)
 
+    @property
+    def local_stream_count(self) -> int:
+        """Open streams that we opened (on the edge: proxied public connections)."""
+        parity = 1 if self.client else 0
+        return sum(1 for sid in self._streams if sid % 2 == parity)
+
     # ---- shutdown -----------------------------------------------------------------------
 
     def _die(self, exc: BaseException) -> None:
