@@ -66,14 +66,7 @@ def _recv_exact_into(sock: socket.socket, buf: memoryview, n: int) -> int:
 
 
 def _sink(sock: socket.socket, n: int) -> int:
-    buf = memoryview(bytearray(BUF))
-    got = 0
-    while got < n:
-        k = sock.recv_into(buf, min(BUF, n - got))
-        if not k:
-            break
-        got += k
-    return got
+    return _recv_exact_into(sock, memoryview(bytearray(BUF)), n)
 
 
 def _source(sock: socket.socket, n: int) -> None:
@@ -253,17 +246,22 @@ def tcp_upload(port: int, n: int, timeout: float) -> float:
     return time.perf_counter() - t0
 
 
+def _download_rest(s: socket.socket, buf: memoryview, got: int, n: int) -> int:
+    """Receive until ``n`` bytes in all have arrived (``got`` already did); an early end fails."""
+    while got < n:
+        k = s.recv_into(buf)
+        if not k:
+            raise TransferError(f"download ended early: {got} of {n} bytes")
+        got += k
+    return got
+
+
 def tcp_download(port: int, n: int, timeout: float) -> float:
     buf = memoryview(bytearray(BUF))
     t0 = time.perf_counter()
     with _connect(port, timeout) as s:
         s.sendall(b"D" + n.to_bytes(8, "big"))
-        got = 0
-        while got < n:
-            k = s.recv_into(buf)
-            if not k:
-                raise TransferError(f"download ended early: {got} of {n} bytes")
-            got += k
+        got = _download_rest(s, buf, 0, n)
         elapsed = time.perf_counter() - t0
     if got != n:
         raise TransferError(f"download got {got} bytes, expected {n}")
@@ -340,12 +338,7 @@ def http_download(port: int, host: str, n: int, timeout: float) -> float:
             raise TransferError(f"download answered {status} {headers} {rest[:200]!r}")
         if headers.get("content-length") != str(n):
             raise TransferError(f"download response has no Content-Length {n}: {headers}")
-        got = len(rest)
-        while got < n:
-            k = s.recv_into(buf)
-            if not k:
-                raise TransferError(f"download ended early: {got} of {n} bytes")
-            got += k
+        got = _download_rest(s, buf, len(rest), n)
         elapsed = time.perf_counter() - t0
     if got != n:
         raise TransferError(f"download got {got} bytes, expected {n}")

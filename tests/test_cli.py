@@ -229,29 +229,27 @@ class _ThreadingTCP(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
+def _serve_in_thread(server: socketserver.BaseServer) -> Iterator[int]:
+    """Run a socketserver in a thread for the module; yields its port."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def http_upstream() -> Iterator[int]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield from _serve_in_thread(server)
 
 
 @pytest.fixture(scope="module")
 def echo_upstream() -> Iterator[int]:
-    server = _ThreadingTCP(("127.0.0.1", 0), _Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield from _serve_in_thread(_ThreadingTCP(("127.0.0.1", 0), _Echo))
 
 
 # ---- the module's edge -----------------------------------------------------------------------

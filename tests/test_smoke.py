@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 import trio
 
 from tunneld.core import TunnelConfig

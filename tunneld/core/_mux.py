@@ -183,13 +183,17 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     # ---- sending ------------------------------------------------------------------------
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    def _enter_send(self) -> None:
+        """One sender at a time, and never on a stream closed for sending."""
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
+        if self._closed or self._fin_sent:
+            raise trio.ClosedResourceError("stream is closed for sending")
         self._sending = True
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._enter_send()
         try:
-            if self._closed or self._fin_sent:
-                raise trio.ClosedResourceError("stream is closed for sending")
             if not isinstance(data, bytes):
                 # The outbox keeps references until the writer runs: never to a mutable buffer.
                 data = bytes(data)
@@ -218,13 +222,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise self._error_copy()
 
     async def wait_send_all_might_not_block(self) -> None:
-        # Same rules as send_all: one sender at a time, and a closed stream raises.
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
+        self._enter_send()
         try:
-            if self._closed or self._fin_sent:
-                raise trio.ClosedResourceError("stream is closed for sending")
             while self._credit <= 0 and self._error is None and not self._closed:
                 await self._writable.park()
             if self._closed:

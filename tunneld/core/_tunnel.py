@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import attrs
 import trio
 
-from ._errors import PluginError
+from ._errors import Code, PluginError, TunnelRejected
 
 if TYPE_CHECKING:
     from ._agent import AgentTunnel
@@ -145,8 +145,6 @@ def refuse_unenforced(opts: dict[str, Any], handled: set[str]) -> None:
     Clients may ask the edge to enforce basic auth, OAuth, IP restrictions, mutual TLS ...;
     an edge that cannot must say so rather than bind without them.  Empty values are fine.
     """
-    from ._errors import Code, TunnelRejected
-
     for key, value in opts.items():
         lkey = key.lower()
         if lkey in handled or _is_empty(value):

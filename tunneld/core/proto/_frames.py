@@ -205,7 +205,8 @@ class FrameDecoder:
                     break
                 self._data_left -= n
                 last = self._data_left == 0
-                chunk = bytes(view[pos : pos + n]) if n != end else data
+                # A piece that is the whole input is handed up as is (no copy) when it is bytes.
+                chunk = data if n == end and type(data) is bytes else bytes(view[pos : pos + n])
                 pos += n
                 events.append(Data(self._data_sid, chunk, self._data_syn, last and self._data_fin))
                 self._data_syn = False

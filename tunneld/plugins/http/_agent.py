@@ -109,11 +109,62 @@ def _replayable(req: RequestHead, exc: UpstreamFailed) -> bool:
     return not exc.bad_response and req.body == BodyKind.NONE and req.method in _IDEMPOTENT
 
 
+class _Upstream:
+    """The agent's kept-alive connection to the upstream, reopened when it has gone stale."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.reader: Reader | None = None
+
+    async def get(self) -> tuple[Reader, bool]:
+        """The connection to use and whether it is new (OSError & co. when unreachable)."""
+        if self.reader is not None and _closed_while_idle(self.reader):
+            # The upstream dropped the kept-alive connection (idle timeout): use a new one.
+            await self.drop()
+        if self.reader is None:
+            self.reader = Reader(await connect_upstream(self.url))
+            return self.reader, True
+        return self.reader, False
+
+    async def drop(self) -> None:
+        if self.reader is not None:
+            await trio.aclose_forcefully(self.reader)
+            self.reader = None
+
+
+async def _relay_request(tunnel: AgentTunnel, client: Reader, upstream: _Upstream, req: RequestHead,
+                         raw: bytes) -> Outcome:
+    """One request/response through the upstream; answers 502 itself when that fails."""
+    head_only = req.method == b"HEAD"
+    for attempt in (1, 2):
+        try:
+            reader, fresh = await upstream.get()
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, reason)
+            await client.send_all(error_response(
+                502, Code.UPSTREAM_UNREACHABLE, f"tunneld agent could not reach {tunnel.upstream}: {reason}",
+                json_body=wants_json(req.headers), head_only=head_only))
+            return Outcome.CLOSE
+        try:
+            outcome, _resp = await exchange(client, reader, req, raw, strip_error_header)
+            return outcome
+        except UpstreamFailed as exc:
+            await upstream.drop()
+            if attempt == 1 and not fresh and _replayable(req, exc):
+                continue  # a reused connection closed under us before answering: retry once
+            code = Code.BAD_UPSTREAM_RESPONSE if exc.bad_response else Code.UPSTREAM_UNREACHABLE
+            await client.send_all(error_response(502, code, f"upstream {tunnel.upstream}: {exc}",
+                                                 head_only=head_only))
+            return Outcome.CLOSE
+    raise AssertionError("unreachable: the second attempt always returns")
+
+
 async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
                             header: proto.ProxyHeader) -> None:
     """Relay the requests of one proxied public connection to the upstream."""
     client = Reader(stream)
-    upstream: Reader | None = None
+    upstream = _Upstream(tunnel.upstream)
     try:
         while True:
             raw = await client.read_head()
@@ -125,38 +176,8 @@ async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableS
             except BadMessage as exc:
                 await client.send_all(error_response(exc.status, Code.BAD_REQUEST, str(exc)))
                 return
-            if upstream is not None and _closed_while_idle(upstream):
-                # The upstream dropped the kept-alive connection (idle timeout): use a new one.
-                await trio.aclose_forcefully(upstream)
-                upstream = None
             try:
-                for attempt in range(2):
-                    fresh = upstream is None
-                    if upstream is None:
-                        try:
-                            upstream = Reader(await connect_upstream(tunnel.upstream))
-                        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-                            log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream,
-                                        reason)
-                            await client.send_all(error_response(
-                                502, Code.UPSTREAM_UNREACHABLE,
-                                f"tunneld agent could not reach {tunnel.upstream}: {reason}",
-                                json_body=wants_json(req.headers), head_only=req.method == b"HEAD"))
-                            return
-                    try:
-                        outcome, _resp = await exchange(client, upstream, req, raw, strip_error_header)
-                        break
-                    except UpstreamFailed as exc:
-                        await trio.aclose_forcefully(upstream)
-                        upstream = None
-                        if attempt == 0 and not fresh and _replayable(req, exc):
-                            # A reused connection closed under us before answering: retry once.
-                            continue
-                        code = Code.BAD_UPSTREAM_RESPONSE if exc.bad_response else Code.UPSTREAM_UNREACHABLE
-                        await client.send_all(error_response(502, code, f"upstream {tunnel.upstream}: {exc}",
-                                                             head_only=req.method == b"HEAD"))
-                        return
+                outcome = await _relay_request(tunnel, client, upstream, req, raw)
             finally:
                 tunnel.metrics.request_done(time.monotonic() - started)
             if outcome is not Outcome.KEEP:
@@ -165,5 +186,4 @@ async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableS
         code = Code.HEADERS_TOO_LARGE if exc.status == 431 else Code.BAD_REQUEST
         await client.send_all(error_response(exc.status, code, str(exc)))
     finally:
-        if upstream is not None:
-            await trio.aclose_forcefully(upstream)
+        await upstream.drop()

@@ -168,10 +168,9 @@ class HttpIngress:
         upstream: Reader | None = None
         try:
             while True:
-                # Stray CRLFs between requests are ignored (RFC 9112 §2.2): the connection is
-                # still idle, so they must not start the head timeout.
-                while client.buf[:2] == b"\r\n":
-                    del client.buf[:2]
+                # Stray CRLFs between requests leave the connection idle: they must not start
+                # the head timeout.
+                client.skip_blank_lines()
                 if not client.buf:
                     with trio.move_on_after(IDLE_TIMEOUT):
                         data = await client.stream.receive_some(65536)

@@ -45,9 +45,7 @@ class Reader(trio.abc.HalfCloseableStream):
         scan = 0
         buf = self.buf
         while True:
-            # Tolerate stray CRLFs between messages (RFC 9112 §2.2).
-            while buf[:2] == b"\r\n":
-                del buf[:2]
+            self.skip_blank_lines()
             end = find_head_end(buf, scan)
             if end > 0:
                 if end > limit:
@@ -64,6 +62,11 @@ class Reader(trio.abc.HalfCloseableStream):
                     raise BadMessage("connection closed inside a message head")
                 return None
             buf += data
+
+    def skip_blank_lines(self) -> None:
+        """Drop stray CRLFs buffered between messages (RFC 9112 §2.2 says to ignore them)."""
+        while self.buf[:2] == b"\r\n":
+            del self.buf[:2]
 
     @property
     def partial(self) -> bool:

@@ -19,7 +19,6 @@ from tunneld.core import (
     forward,
     open_listeners,
     peer_addr,
-    proto,
     set_nodelay,
 )
 
