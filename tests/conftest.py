@@ -26,9 +26,13 @@ class EdgeEnv:
     ca: Path
     data_dir: Path
     nursery: trio.Nursery
+    #: How agents reach the edge: "tls" (muxado over TLS) or "websocket" (wss://).
+    carrier: str = "tls"
 
     @property
     def agent_addr(self) -> str:
+        if self.carrier == "websocket":
+            return f"wss://127.0.0.1:{self.info.ports['agent']}/tunneld"
         return f"127.0.0.1:{self.info.ports['agent']}"
 
     @property
@@ -63,15 +67,24 @@ def make_edge_config(tmp: Path, **kw: object) -> EdgeConfig:
     return EdgeConfig(**values)  # type: ignore[arg-type]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``carriers`` run once per agent carrier (TLS, WebSocket)."""
+    if "edge_env" in metafunc.fixturenames and metafunc.definition.get_closest_marker("carriers"):
+        metafunc.parametrize("edge_env", ["tls", "websocket"], indirect=True)
+
+
 @pytest.fixture
-async def edge_env(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[EdgeEnv]:
+async def edge_env(request: pytest.FixtureRequest, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[EdgeEnv]:
     config = make_edge_config(tmp_path)
     store = Store.open(tmp_path)
     _rec, token = store.create_token("test")
     edge = Edge(config, store)
-    info = await nursery.start(edge.serve)
-    yield EdgeEnv(edge, info, store, token, tmp_path / "ca.pem", tmp_path, nursery)
-    edge.shutdown()
+    async with trio.open_nursery() as edge_nursery:
+        info = await edge_nursery.start(edge.serve)
+        yield EdgeEnv(edge, info, store, token, tmp_path / "ca.pem", tmp_path, nursery,
+                      getattr(request, "param", "tls"))
+        edge_nursery.cancel_scope.cancel()
+    # Only now: the edge writes name holds to the store as its tunnels end.
     store.close()
 
 

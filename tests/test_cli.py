@@ -517,6 +517,48 @@ def test_tcp_agent_remote_addr(edge: EdgeProc, echo_upstream: int, spawn: Callab
     assert "ERR_TUNNELD_338" in outside.err
 
 
+def test_tls_agent_crt_key_and_proxy_proto(edge: EdgeProc, echo_upstream: int, spawn: Callable[..., Proc],
+                                           tmp_path: Path) -> None:
+    """``tunneld tls --crt --key --proxy-proto 1``: the agent terminates TLS, and the echo upstream
+    sends back the PROXY line it got ahead of the plaintext."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert(f"*.{DOMAIN}")
+    crt, key = tmp_path / "site.crt", tmp_path / "site.key"
+    leaf.cert_chain_pems[0].write_to_path(str(crt))
+    leaf.private_key_pem.write_to_path(str(key))
+    web = free_port()
+    agent = spawn("tls", str(echo_upstream), "--subdomain", "clitls", "--crt", str(crt), "--key", str(key),
+                  "--proxy-proto", "1", *edge.agent_flags(), "--web-addr", f"127.0.0.1:{web}",
+                  "--log", "stdout", "--log-format", "logfmt")
+    url = started_urls(agent, 1)["command_line"]
+    assert url == f"tls://clitls.{DOMAIN}:{edge.https}"
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with socket.create_connection(("127.0.0.1", edge.https), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=f"clitls.{DOMAIN}") as tls:
+        me = tls.getsockname()  # wrap_socket detaches raw
+        tls.sendall(b"over tls\n")
+        want = f"PROXY TCP4 127.0.0.1 127.0.0.1 {me[1]} {edge.https}\r\nover tls\n".encode()
+        got = b""
+        while len(got) < len(want):
+            chunk = tls.recv(4096)
+            assert chunk, got
+            got += chunk
+    assert got == want
+    api = get_json(f"http://127.0.0.1:{web}/api/tunnels")
+    assert isinstance(api, dict)
+    [t] = api["tunnels"]
+    assert t["proto"] == "tls" and t["public_url"] == url
+    assert [c["client_addr"] for c in t["connections"]] == [f"127.0.0.1:{me[1]}"]
+    # ngrok's log line for it: msg="join connections" ... l=UPSTREAM r=CLIENT
+    line = agent.wait_line(lambda line: "join connections" in line, timeout=5)
+    assert logfmt(line)["r"] == f"127.0.0.1:{me[1]}" and logfmt(line)["l"] == f"localhost:{echo_upstream}"
+
+
 # ---- authtokens --------------------------------------------------------------------------------
 
 

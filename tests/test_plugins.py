@@ -137,7 +137,8 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 def test_builtin_plugins_are_registered() -> None:
     pm = get_plugin_manager(entry_points=False)
-    assert BUILTIN_PLUGINS == ("tunneld.plugins.http", "tunneld.plugins.tcp")
+    assert BUILTIN_PLUGINS == ("tunneld.plugins.http", "tunneld.plugins.tcp", "tunneld.plugins.tls",
+                               "tunneld.plugins.file")
     for name in BUILTIN_PLUGINS:
         plugin = pm.get_plugin(name)
         assert plugin is not None
@@ -153,7 +154,7 @@ def test_each_call_builds_a_fresh_manager() -> None:
 
 def test_builtin_registry() -> None:
     registry = build_registry(get_plugin_manager(entry_points=False))
-    assert registry.names() == ["http", "tcp"]
+    assert registry.names() == ["http", "tcp", "tls"]
     assert "http" in registry and "tcp" in registry and "quic" not in registry
     http = registry["http"]
     assert http.name == "http"
@@ -163,12 +164,13 @@ def test_builtin_registry() -> None:
     tcp = registry["tcp"]
     assert tcp.bind_protos == ("tcp",)
     assert registry.for_bind_proto("tcp") is tcp
-    assert registry.for_bind_proto("tls") is None
+    assert registry.for_bind_proto("tls") is registry["tls"]
+    assert registry.for_bind_proto("quic") is None
 
 
 def test_unknown_type_is_a_plugin_error_naming_the_known_ones() -> None:
     registry = build_registry(get_plugin_manager(entry_points=False))
-    with pytest.raises(PluginError, match="unknown tunnel type 'quic'.*http, tcp"):
+    with pytest.raises(PluginError, match="unknown tunnel type 'quic'.*http, tcp, tls"):
         registry["quic"]
 
 
@@ -177,7 +179,7 @@ def test_third_party_plugin_object_adds_a_type() -> None:
     quic = make_type("quic", ("quic", "quic+h3"))
     pm.register(TypesPlugin(quic), name="quic-plugin")
     registry = build_registry(pm)
-    assert registry.names() == ["http", "quic", "tcp"]
+    assert registry.names() == ["http", "quic", "tcp", "tls"]
     assert registry["quic"] is quic
     assert registry.for_bind_proto("quic+h3") is quic
 
@@ -244,24 +246,24 @@ def test_disable_env_blocks_a_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pm.get_plugin("tunneld.plugins.tcp") is None
     assert pm.get_plugin("tunneld.plugins.http") is not None
     registry = build_registry(pm)
-    assert registry.names() == ["http"]
+    assert registry.names() == ["http", "tls"]
     assert registry.for_bind_proto("tcp") is None
 
 
 def test_disable_env_takes_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(DISABLE_ENV, " tunneld.plugins.http , tunneld.plugins.tcp ,")
+    monkeypatch.setenv(DISABLE_ENV, " tunneld.plugins.http , tunneld.plugins.tcp ,tunneld.plugins.tls")
     assert build_registry(get_plugin_manager(entry_points=False)).names() == []
 
 
 def test_blocked_argument() -> None:
     pm = get_plugin_manager(entry_points=False, blocked=["tunneld.plugins.http"])
-    assert build_registry(pm).names() == ["tcp"]
+    assert build_registry(pm).names() == ["tcp", "tls"]
 
 
 def test_entry_point_plugin_is_loaded(third_party: Path) -> None:
     pm = get_plugin_manager()
     assert pm.get_plugin("quic") is not None
-    assert build_registry(pm).names() == ["http", "quic", "tcp"]
+    assert build_registry(pm).names() == ["http", "quic", "tcp", "tls"]
     # and never without entry points
     assert "quic" not in build_registry(get_plugin_manager(entry_points=False))
 
@@ -270,7 +272,7 @@ def test_disable_env_blocks_an_entry_point_plugin(third_party: Path, monkeypatch
     monkeypatch.setenv(DISABLE_ENV, "quic")
     pm = get_plugin_manager()
     assert pm.get_plugin("quic") is None
-    assert build_registry(pm).names() == ["http", "tcp"]
+    assert build_registry(pm).names() == ["http", "tcp", "tls"]
 
 
 # ---- one test per hook -------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def test_hook_tunneld_register_tunnel_types(third_party: Path) -> None:
     registry = TunnelTypeRegistry()
     results = pm.hook.tunneld_register_tunnel_types(registry=registry)
     assert results == []  # the hook returns nothing; it adds to the registry
-    assert registry.names() == ["http", "quic", "tcp"]
+    assert registry.names() == ["http", "quic", "tcp", "tls"]
     assert registry.for_bind_proto("quic").name == "quic"  # type: ignore[union-attr]
 
 
@@ -324,6 +326,80 @@ async def test_hook_tunneld_edge_services(tmp_path: Path) -> None:
     assert record == ["hook called", "service starting", "service started", "edge ready", "service stopping"]
 
 
+async def test_hook_tunneld_edge_tls_front(tmp_path: Path) -> None:
+    import ssl
+
+    seen: list[tuple[str, bytes]] = []
+
+    class Front:
+        async def route(self, stream: trio.SocketStream, client_addr: str) -> trio.abc.Stream | None:
+            first = await stream.receive_some(1)
+            seen.append((client_addr, first))
+            if first == b"T":  # "take": the front answers itself; the edge must not terminate
+                await stream.send_all(b"taken by the front\n")
+                return None
+            stream.prefix = first  # type: ignore[attr-defined]
+            return _Replay(stream)
+
+    class FrontPlugin:
+        @tunneld.hookimpl
+        def tunneld_edge_tls_front(self, edge: Edge) -> Front:
+            return Front()
+
+    # The built-in tls plugin contributes a front of its own: two fronts are a PluginError.
+    store = Store.open(tmp_path)
+    try:
+        pm = get_plugin_manager(entry_points=False)
+        pm.register(FrontPlugin())
+        with pytest.raises(PluginError, match="more than one plugin wants to front HTTPS: .*Front, SniFront"):
+            await Edge(make_edge_config(tmp_path), store, pm=pm).serve()
+
+        pm = get_plugin_manager(entry_points=False, blocked=["tunneld.plugins.tls"])
+        pm.register(FrontPlugin())
+        edge = Edge(make_edge_config(tmp_path), store, pm=pm)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                info = await nursery.start(edge.serve)
+                port = info.ports["https"]
+                taken = await trio.open_tcp_stream("127.0.0.1", port)
+                await taken.send_all(b"T")
+                assert await taken.receive_some(100) == b"taken by the front\n"
+                await taken.aclose()
+                # Handed back: the edge's own TLS handshake runs on what the front returned.
+                ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+                tls = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx,
+                                     server_hostname="x.tunneld.test")
+                await tls.do_handshake()
+                assert tls.transport_stream.socket.getsockname()[1] == int(seen[1][0].rsplit(":", 1)[1])  # type: ignore[attr-defined]
+                await tls.aclose()
+                edge.shutdown()
+    finally:
+        store.close()
+    assert [data for _addr, data in seen] == [b"T", b"\x16"]
+
+
+class _Replay(trio.abc.Stream):
+    """The socket stream with the byte the test front read put back."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.stream.prefix:
+            data, self.stream.prefix = self.stream.prefix, b""
+            return bytes(data)
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 def test_hook_tunneld_add_commands(third_party: Path) -> None:
     # In-process: the hook is handed the tunneld click group.
     group = click.Group("tunneld")
@@ -338,6 +414,49 @@ def test_hook_tunneld_add_commands(third_party: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "hello world from a plugin"
     assert "warning" not in result.stderr
+
+
+async def test_hook_tunneld_agent_upstream(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from tunneld.core import Metrics
+
+    served: list[object] = []
+
+    class Handler:
+        url = "echo://one"
+
+        async def serve(self, stream: Any, header: Any, request_done: Any = None) -> None:
+            served.append(header)
+            request_done(0.5)
+            await stream.send_all(b"answered by the plugin")
+
+    class EchoPlugin:
+        @tunneld.hookimpl
+        def tunneld_agent_upstream(self, url: str) -> Handler | None:
+            return Handler() if url.startswith("echo://") else None
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(EchoPlugin())
+    # the built-in file plugin claims file: URLs only, and refuses bad ones with ValueError
+    assert pm.hook.tunneld_agent_upstream(url="8080") is None
+    assert pm.hook.tunneld_agent_upstream(url=tmp_path.as_uri()).url == tmp_path.as_uri()
+    with pytest.raises(ValueError, match="relative"):
+        pm.hook.tunneld_agent_upstream(url="file:relative")
+    # the http tunnel type asks the hook first, and hands the claimed tunnel's streams over
+    http = build_registry(pm)["http"]
+    assert http.parse_addr("echo://anything") == "echo://one"
+    assert http.parse_addr("127.0.0.1:80") == "http://127.0.0.1:80"
+    tunnel = SimpleNamespace(upstream="echo://one", metrics=Metrics())
+    ours, theirs = trio.testing.memory_stream_pair()
+    header = object()
+    with trio.fail_after(5):
+        await http.agent_handle(tunnel, theirs, header)  # type: ignore[arg-type]
+        assert await ours.receive_some() == b"answered by the plugin"
+    assert served == [header] and tunnel.metrics.http_count == 1
+    # nobody claims echo:// without the plugin
+    with pytest.raises(ValueError, match="unsupported scheme 'echo'"):
+        build_registry(get_plugin_manager(entry_points=False))["http"].parse_addr("echo://anything")
 
 
 # ---- meta -----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 import trio
 
 from . import __version__
-from .core import Agent, AgentConfig, AuthFailed, PluginError, TunnelConfig, TunnelRejected
+from .core import Agent, AgentConfig, AuthFailed, ConfigError, PluginError, TunnelConfig, TunnelRejected
 
 log = logging.getLogger("tunneld.agent")
 
@@ -30,7 +30,7 @@ def print_console(agent: Agent, web: str | None) -> None:
 def run_agent(cfg: AgentConfig, tunnels: list[TunnelConfig], *, console: bool = True) -> int:
     try:
         agent = Agent(cfg, tunnels)
-    except (PluginError, ValueError) as exc:
+    except (PluginError, ConfigError, ValueError) as exc:  # e.g. a tls tunnel's --crt/--key pair
         print(f"tunneld: error: {exc}", file=sys.stderr)
         return 1
     failure: BaseException | None = None

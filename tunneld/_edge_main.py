@@ -78,6 +78,10 @@ async def _main(edge: Edge, token_path: Path | None) -> int:
                     _say(f"tunneld edge: {name} listener on {info.listeners[name]}")
             _say(f"tunneld edge: tcp tunnels on {cfg.tcp_host}:{cfg.tcp_ports[0]}-{cfg.tcp_ports[1]}")
             _say(f"tunneld edge: domain {cfg.domain} (point *.{cfg.domain} and {cfg.domain} at this host)")
+            if cfg.allowed_hostnames:
+                names = ", ".join(a.pattern + (f" (token {a.token_id})" if a.token_id else "")
+                                  for a in cfg.allowed_hostnames)
+                _say(f"tunneld edge: custom hostnames {names}: CNAME them to {cfg.cname}")
             if token_path is not None:
                 ca = cfg.data_dir / "ca.pem"
                 agent_host = info.listeners["agent"]

@@ -114,11 +114,23 @@ def cli() -> None:
 @click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="Private key (PEM) of --tls-cert.")
 @click.option("--grace-period", type=float, default=10.0, show_default=True,
               help="Seconds in-flight connections get after SIGTERM.")
+@click.option("--allow-hostname", "allow_hostnames", multiple=True, metavar="HOST[=TOKEN_ID]",
+              help="Let agents bind a custom hostname outside --domain (CNAMEd to the edge); "
+              "'*.example.org' allows one level; '=TOKEN_ID' reserves it for one authtoken. Repeatable.")
+@click.option("--cname-target", default=None, help="The name custom hostnames should be CNAMEd to "
+              "[default: --domain].")
+@click.option("--reserved-names", default=None, metavar="LIST",
+              help="Comma-separated subdomains agents may not claim ('' allows all) "
+              "[default: www,api,admin,edge,mail,...].")
+@click.option("--hold-period", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds a hostname or TCP port stays reserved for its owner after its agent "
+              "disconnects (also after an edge restart), so a reconnecting agent gets it back.")
 @_logging_options
 @click.pass_context
 def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | None, http_addr: str | None,
          https_addr: str | None, agent_addr: str | None, tcp_ports: str | None, tls_cert: Path | None,
-         tls_key: Path | None, grace_period: float, log_target: str | None, log_format: str | None,
+         tls_key: Path | None, grace_period: float, allow_hostnames: tuple[str, ...], cname_target: str | None,
+         reserved_names: str | None, hold_period: float, log_target: str | None, log_format: str | None,
          log_level: str | None) -> None:
     """Run the edge: public listeners, agent ingress and the store."""
     ctx.ensure_object(dict)
@@ -152,9 +164,22 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
         load_cert_key_pair(tls_cert, tls_key)
     except ConfigError as exc:
         _fail(str(exc))
+    from .core._edge import DEFAULT_RESERVED
+    from .core._hostnames import AllowedHostname
+
+    allowed = []
+    for value in allow_hostnames:
+        try:
+            allowed.append(AllowedHostname.parse(value))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--allow-hostname") from None
+    reserved = DEFAULT_RESERVED if reserved_names is None else \
+        frozenset(n.strip().lower() for n in reserved_names.split(",") if n.strip())
     config = EdgeConfig(data_dir=data_dir, domain=domain, tls_cert=tls_cert, tls_key=tls_key, agent_addr=agent,
                         http_addr=http, https_addr=https, tcp_host=tcp_host, tcp_ports=tcp_range,
-                        grace_period=grace_period)
+                        grace_period=grace_period, hold_period=hold_period, reserved_names=reserved,
+                        allowed_hostnames=tuple(allowed), cname_target=(cname_target or "").lower().rstrip("."),
+                        dev=dev)
     from ._edge_main import run_edge
 
     sys.exit(run_edge(config, dev=dev))
@@ -232,7 +257,9 @@ def _agent_options(fn: Any) -> Any:
     fn = click.option("--root-cas", default=None, help="PEM file with the CA that signed the edge's "
                       f"certificate, or 'host' for the system store [env {ENV_ROOT_CAS}].")(fn)
     fn = click.option("--server-addr", default=None,
-                      help=f"Edge agent address HOST:PORT [env {ENV_SERVER_ADDR}; default localhost:4443].")(fn)
+                      help="Edge agent address HOST:PORT, or wss://HOST[:PORT][/PATH] to carry the session "
+                      "in a WebSocket (for networks that pass only HTTPS) "
+                      f"[env {ENV_SERVER_ADDR}; default localhost:4443].")(fn)
     fn = click.option("--authtoken", default=None, help=f"Authtoken [env {ENV_AUTHTOKEN}].")(fn)
     fn = _logging_options(fn)
     return fn
@@ -249,6 +276,16 @@ def _agent_config(config_path: Path | None, authtoken: str | None, server_addr: 
         _fail(str(exc))
     cfg.authtoken = authtoken or os.environ.get(ENV_AUTHTOKEN) or cfg.authtoken
     cfg.server_addr = server_addr or os.environ.get(ENV_SERVER_ADDR) or cfg.server_addr
+    from .core._util import split_host_port
+    from .core._websocket import is_websocket_url, parse_websocket_url
+
+    try:
+        if is_websocket_url(cfg.server_addr):
+            parse_websocket_url(cfg.server_addr)
+        else:
+            split_host_port(cfg.server_addr, default_port=443)
+    except ValueError as exc:
+        _fail(f"--server-addr {cfg.server_addr}: {exc}")
     cfg.root_cas = root_cas or os.environ.get(ENV_ROOT_CAS) or cfg.root_cas
     if web_addr is not None:
         cfg.web_addr = None if web_addr.lower() in ("false", "off", "none") else web_addr
@@ -275,35 +312,74 @@ def _tunnel(proto: str, addr: str, **kw: Any) -> Any:
 @cli.command()
 @click.argument("addr")
 @click.option("--subdomain", default="", help="Ask for NAME.DOMAIN instead of a random name.")
-@click.option("--hostname", "--domain", "hostname", default="", help="Full hostname under the edge's domain.")
+@click.option("--hostname", "--domain", "--url", "hostname", default="",
+              help="Full hostname: one label under the edge's domain, or a custom hostname the edge "
+              "allows for your authtoken (--domain and --url are ngrok v3's spellings).")
 @click.option("--scheme", "--schemes", "schemes", multiple=True, type=click.Choice(["http", "https"]),
               help="Public endpoints to open (repeatable) [default: both].")
+@click.option("--basic-auth", "basic_auth", multiple=True, metavar="USER:PASSWORD",
+              help="Require HTTP Basic auth at the edge (repeatable: several users); password 8-128 "
+              "characters.  The Authorization header is still passed to the upstream.")
+@click.option("--host-header", default="", metavar="rewrite|HOST",
+              help="Host header sent upstream: 'rewrite' = the upstream's host[:port] (redirects to it "
+              "are mapped back to the public URL), or a literal value [default: the public Host].")
 @click.option("--inspect/--no-inspect", default=True, help="Record requests for the local inspector.")
 @_agent_options
-def http(addr: str, subdomain: str, hostname: str, schemes: tuple[str, ...], inspect: bool, **opts: Any) -> None:
-    """Forward public HTTP/HTTPS to ADDR (a port, HOST:PORT or URL).
+def http(addr: str, subdomain: str, hostname: str, schemes: tuple[str, ...], basic_auth: tuple[str, ...],
+         host_header: str, inspect: bool, **opts: Any) -> None:
+    """Forward public HTTP/HTTPS to ADDR: a port (8080), HOST:PORT or a URL.
 
-    Upstream HTTPS (https://... or port 443) is not certificate-verified: local networks are
-    assumed private.
+    ADDR may be on another machine (192.168.1.2:80, example.internal:8080).  https://...
+    URLs, and port 443, make the agent speak HTTPS to the upstream; its certificate is NOT
+    verified (local networks are assumed private).  file:///abs/path serves a folder (or
+    one file) from the agent itself.
     """
-    from .plugins.http._agent import parse_http_addr
+    from .core import Code
+    from .core._config import check_host_header, split_basic_auth
+    from .core._plugins import build_registry, get_plugin_manager
 
     try:
-        parse_http_addr(addr)
+        # through the registry: plugins may claim addresses (file:///srv/share)
+        build_registry(get_plugin_manager())["http"].parse_addr(addr)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="ADDR") from None
+    for credential in basic_auth:
+        try:
+            split_basic_auth(credential)
+        except ValueError as exc:
+            code = Code.BASIC_AUTH_PASSWORD if "password" in str(exc) else Code.BASIC_AUTH_USERNAME
+            raise click.BadParameter(f"{exc} ({code.label})", param_hint="--basic-auth") from None
+    try:
+        host_header = check_host_header(host_header)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--host-header") from None
     cfg = _agent_config(opts.pop("config_path"), opts.pop("authtoken"), opts.pop("server_addr"),
                         opts.pop("root_cas"), opts.pop("web_addr"))
     t = _tunnel("http", addr, subdomain=subdomain, hostname=hostname, inspect=inspect,
-                schemes=list(schemes) or ["https", "http"])
+                schemes=list(schemes) or ["https", "http"], basic_auth=list(basic_auth),
+                host_header=host_header)
     _run_agent_cli(cfg, [t], opts["log_target"], opts["log_format"], opts["log_level"])
+
+
+def _proxy_proto(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int:
+    from .core._config import parse_proxy_proto
+
+    try:
+        return parse_proxy_proto(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_PROXY_PROTO_HELP = ("Put a PROXY protocol header (version 1 or 2) before each connection's bytes, so "
+                     "the upstream sees the real client address.")
 
 
 @cli.command()
 @click.argument("addr")
 @click.option("--remote-addr", default="", help="Public HOST:PORT to ask for (within the edge's range).")
+@click.option("--proxy-proto", default="", callback=_proxy_proto, metavar="1|2", help=_PROXY_PROTO_HELP)
 @_agent_options
-def tcp(addr: str, remote_addr: str, **opts: Any) -> None:
+def tcp(addr: str, remote_addr: str, proxy_proto: int, **opts: Any) -> None:
     """Forward a public TCP port to ADDR (a port or HOST:PORT)."""
     from .plugins.tcp import parse_tcp_addr
 
@@ -313,7 +389,46 @@ def tcp(addr: str, remote_addr: str, **opts: Any) -> None:
         raise click.BadParameter(str(exc), param_hint="ADDR") from None
     cfg = _agent_config(opts.pop("config_path"), opts.pop("authtoken"), opts.pop("server_addr"),
                         opts.pop("root_cas"), opts.pop("web_addr"))
-    t = _tunnel("tcp", addr, remote_addr=remote_addr)
+    t = _tunnel("tcp", addr, remote_addr=remote_addr, proxy_proto=proxy_proto)
+    _run_agent_cli(cfg, [t], opts["log_target"], opts["log_format"], opts["log_level"])
+
+
+@cli.command()
+@click.argument("addr")
+@click.option("--subdomain", default="", help="Ask for NAME.DOMAIN instead of a random name.")
+@click.option("--hostname", "--domain", "--url", "hostname", default="",
+              help="Full hostname: one label under the edge's domain, or a custom hostname the edge "
+              "allows for your authtoken (--domain and --url are ngrok v3's spellings).")
+@click.option("--crt", default="", metavar="FILE",
+              help="Certificate chain (PEM): the agent terminates TLS and forwards plaintext to ADDR.")
+@click.option("--key", default="", metavar="FILE", help="Private key (PEM) of --crt.")
+@click.option("--proxy-proto", default="", callback=_proxy_proto, metavar="1|2", help=_PROXY_PROTO_HELP)
+@_agent_options
+def tls(addr: str, subdomain: str, hostname: str, crt: str, key: str, proxy_proto: int, **opts: Any) -> None:
+    """Forward public TLS connections for a name to ADDR (a port or HOST:PORT), routed by SNI.
+
+    The edge does not decrypt: ADDR gets the client's TLS as is, unless --crt and --key are
+    given, in which case the agent terminates TLS with them and ADDR gets plaintext.
+    """
+    from .plugins.tls._agent import parse_tls_addr, termination_context
+
+    try:
+        parse_tls_addr(addr)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="ADDR") from None
+    if bool(crt) != bool(key):
+        raise click.UsageError("--crt and --key go together")
+    if crt:
+        from .core import ConfigError
+
+        try:
+            termination_context(crt, key)  # a bad pair fails here, before connecting
+        except ConfigError as exc:
+            _fail(str(exc))
+    cfg = _agent_config(opts.pop("config_path"), opts.pop("authtoken"), opts.pop("server_addr"),
+                        opts.pop("root_cas"), opts.pop("web_addr"))
+    t = _tunnel("tls", addr, subdomain=subdomain, hostname=hostname, crt=crt, key=key,
+                proxy_proto=proxy_proto)
     _run_agent_cli(cfg, [t], opts["log_target"], opts["log_format"], opts["log_level"])
 
 

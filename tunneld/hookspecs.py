@@ -16,7 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from tunneld.core import Edge, EdgeService, TunnelTypeRegistry
+    from tunneld.core import Edge, EdgeService, TlsFront, TunnelTypeRegistry, UpstreamHandler
 
 hookspec = pluggy.HookspecMarker("tunneld")
 
@@ -37,6 +37,32 @@ def tunneld_edge_services(edge: Edge) -> Iterable[EdgeService]:
 
     Each is started with ``await nursery.start(service.run)`` before the edge reports ready;
     ``run`` must call ``task_status.started()`` once its listeners are bound.
+    """
+
+
+@hookspec
+def tunneld_edge_tls_front(edge: Edge) -> TlsFront | None:
+    """Return the object that sees each public HTTPS connection before the edge terminates TLS.
+
+    Called once, before the edge services start.  Its ``route(stream, client_addr)`` peeks at
+    the ClientHello and either takes the connection (SNI-routed TLS tunnels) or hands back a
+    stream replaying what it read, which the edge then terminates as usual.  Return None to
+    stay out; more than one plugin returning a front is a PluginError.
+    """
+
+
+# ---- agent -----------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tunneld_agent_upstream(url: str) -> UpstreamHandler | None:
+    """Claim an HTTP tunnel's forwarding address, to answer its requests in the agent itself.
+
+    Called on the agent for each HTTP tunnel's address as the user wrote it (``file:///srv``,
+    but also ``8080``: ignore what is not yours).  Return an object whose
+    ``serve(stream, header, request_done)`` answers one public connection's HTTP/1.x requests,
+    or None.  Raise ValueError, with a message for the user, for an address in your scheme
+    that cannot be served (relative path, missing directory).  The first non-None answer wins.
     """
 
 

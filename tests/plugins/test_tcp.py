@@ -17,6 +17,9 @@ from tunneld.core._tls import client_context, open_tls_client
 
 from ..conftest import DOMAIN, EdgeEnv, start_echo_server
 
+# The end-to-end tests run over both agent carriers: muxado over TLS, and over a WebSocket.
+pytestmark = pytest.mark.carriers
+
 MiB = 1024 * 1024
 BULK = 256 * MiB
 CHUNK = 256 * 1024

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from ._agent import Metrics as Metrics
     from ._config import AgentConfig as AgentConfig
     from ._config import TunnelConfig as TunnelConfig
+    from ._config import check_host_header as check_host_header
+    from ._config import split_basic_auth as split_basic_auth
     from ._edge import AgentSession as AgentSession
     from ._edge import Edge as Edge
     from ._edge import EdgeConfig as EdgeConfig
@@ -29,18 +31,25 @@ if TYPE_CHECKING:
     from ._errors import RemoteProtocolError as RemoteProtocolError
     from ._errors import TunneldError as TunneldError
     from ._errors import TunnelRejected as TunnelRejected
+    from ._access import log_connection as log_connection
     from ._forward import CHUNK as CHUNK
+    from ._forward import ByteCounts as ByteCounts
     from ._forward import forward as forward
     from ._mux import MuxSession as MuxSession
     from ._mux import MuxStream as MuxStream
     from ._tls import accept_tls as accept_tls
+    from ._hostnames import choose_host as choose_host
     from ._tunnel import BindRequest as BindRequest
     from ._tunnel import EdgeService as EdgeService
     from ._tunnel import EdgeTunnel as EdgeTunnel
+    from ._tunnel import TlsFront as TlsFront
     from ._tunnel import TunnelInfo as TunnelInfo
     from ._tunnel import TunnelType as TunnelType
     from ._tunnel import TunnelTypeRegistry as TunnelTypeRegistry
+    from ._tunnel import UpstreamHandler as UpstreamHandler
+    from ._tunnel import proxy_proto_option as proxy_proto_option
     from ._tunnel import refuse_unenforced as refuse_unenforced
+    from ._util import local_addr as local_addr
     from ._util import open_listeners as open_listeners
     from ._util import peer_addr as peer_addr
     from ._util import set_nodelay as set_nodelay
@@ -54,6 +63,8 @@ _EXPORTS: dict[str, str] = {
     "Metrics": "._agent",
     "AgentConfig": "._config",
     "TunnelConfig": "._config",
+    "check_host_header": "._config",
+    "split_basic_auth": "._config",
     "AgentSession": "._edge",
     "Edge": "._edge",
     "EdgeConfig": "._edge",
@@ -66,18 +77,25 @@ _EXPORTS: dict[str, str] = {
     "RemoteProtocolError": "._errors",
     "TunneldError": "._errors",
     "TunnelRejected": "._errors",
+    "log_connection": "._access",
     "CHUNK": "._forward",
+    "ByteCounts": "._forward",
     "forward": "._forward",
     "MuxSession": "._mux",
     "MuxStream": "._mux",
     "accept_tls": "._tls",
+    "choose_host": "._hostnames",
     "BindRequest": "._tunnel",
     "EdgeService": "._tunnel",
     "EdgeTunnel": "._tunnel",
+    "TlsFront": "._tunnel",
     "TunnelInfo": "._tunnel",
     "TunnelType": "._tunnel",
     "TunnelTypeRegistry": "._tunnel",
+    "UpstreamHandler": "._tunnel",
+    "proxy_proto_option": "._tunnel",
     "refuse_unenforced": "._tunnel",
+    "local_addr": "._util",
     "open_listeners": "._util",
     "peer_addr": "._util",
     "set_nodelay": "._util",

@@ -34,6 +34,7 @@ from typing import Any
 
 import attrs
 import trio
+from trio_websocket import ConnectionClosed, HandshakeError
 
 from .. import __version__
 from . import proto
@@ -45,6 +46,7 @@ from ._rpc import call, read_message, reply
 from ._tls import client_context, open_tls_client
 from ._tunnel import TunnelType, TunnelTypeRegistry
 from ._util import split_host_port
+from ._websocket import connect_websocket, is_websocket_url
 
 log = logging.getLogger("tunneld.agent")
 
@@ -52,6 +54,26 @@ log = logging.getLogger("tunneld.agent")
 WANT_WINDOW = 4 * 1024 * 1024
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
+#: A session online this long resets the backoff to BACKOFF_MIN.
+ONLINE_RESET = 2.0
+
+
+@attrs.define(eq=False)
+class ConnectionRecord:
+    """One proxied connection, as the agent API lists it."""
+
+    #: The public client's ``host:port`` (``ProxyHeader.ClientAddr``).
+    client_addr: str
+    opened: float = attrs.field(factory=time.time)
+    closed: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"client_addr": self.client_addr, "opened": _iso(self.opened),
+                "closed": _iso(self.closed) if self.closed is not None else None}
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 @attrs.define
@@ -61,17 +83,24 @@ class Metrics:
     conns_count: int = 0
     conns_gauge: int = 0
     http_count: int = 0
+    #: The latest connections, oldest first (open ones and recently closed ones).
+    recent: collections.deque[ConnectionRecord] = attrs.field(factory=lambda: collections.deque(maxlen=100))
     _conn_times: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=4096))
     _req_times: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=4096))
     _durations: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=1024))
 
-    def conn_opened(self) -> None:
+    def conn_opened(self, client_addr: str = "") -> ConnectionRecord:
         self.conns_count += 1
         self.conns_gauge += 1
         self._conn_times.append(time.monotonic())
+        record = ConnectionRecord(client_addr)
+        self.recent.append(record)
+        return record
 
-    def conn_closed(self) -> None:
+    def conn_closed(self, record: ConnectionRecord | None = None) -> None:
         self.conns_gauge -= 1
+        if record is not None:
+            record.closed = time.time()
 
     def request_done(self, seconds: float) -> None:
         self.http_count += 1
@@ -115,6 +144,8 @@ class AgentTunnel:
     public_url: str = ""
     proto: str = ""
     tunnel_id: str = ""
+    #: The edge's resume token for this tunnel, sent back on rebind to keep the same URL.
+    token: str = ""
     metrics: Metrics = attrs.field(factory=Metrics)
 
 
@@ -175,6 +206,7 @@ class Agent:
     #: Set on every (re)connection with every tunnel bound; replaced by a new Event after.
     online: trio.Event = attrs.field(factory=trio.Event, init=False)
     _cookie: str = attrs.field(default="", init=False)
+    _online_since: float | None = attrs.field(default=None, init=False)
     _by_id: dict[str, AgentTunnel] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -190,24 +222,34 @@ class Agent:
         first = True
         failures = 0
         while True:
-            started_at = time.monotonic()
+            self._online_since = None
             try:
                 if first:
                     await self._connection(task_status=task_status)
                 else:
                     await self._connection()
                 reason = "connection closed"
-            except* (AuthFailed, TunnelRejected):
+            except* AuthFailed:
+                # The edge says stop (revoked or unknown token): retrying cannot help.
                 raise
+            except* TunnelRejected as group:
+                # Fatal when starting: the user asked for something this edge refuses.  Later
+                # (e.g. a held name given away after a long outage) keep trying: it may free up.
+                if first:
+                    raise
+                reason = "; ".join(str(e) for e in group.exceptions)
+                log.error("%s", reason)
             except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                     RemoteProtocolError, trio.EndOfChannel) as group:
+                     RemoteProtocolError, trio.EndOfChannel, HandshakeError, ConnectionClosed) as group:
                 if first and not self.online.is_set() and not _transient(group):
                     raise
                 reason = "; ".join(str(e) or type(e).__name__ for e in group.exceptions)
             if self.online.is_set():
                 first = False
                 self.online = trio.Event()
-            if time.monotonic() - started_at > 60:
+            # A link that worked for a while starts the backoff afresh: the edge restarting or a
+            # network blip should be bridged in about a second, not after the last long delay.
+            if self._online_since is not None and time.monotonic() - self._online_since >= ONLINE_RESET:
                 failures = 0
             self.status = "reconnecting"
             delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** failures) * random.uniform(0.5, 1.0)
@@ -217,18 +259,22 @@ class Agent:
             await trio.sleep(delay)
 
     async def _connection(self, *, task_status: trio.TaskStatus[AgentInfo] = trio.TASK_STATUS_IGNORED) -> None:
-        host, port = split_host_port(self.config.server_addr, default_port=443)
         root = self.config.root_cas
         ctx = client_context(None if root in ("", "host", "trusted") else _path(root))
-        tls = await open_tls_client(host.strip("[]"), port, ctx)
-        mux = MuxSession(tls, client=True)
         async with trio.open_nursery() as nursery:
+            if is_websocket_url(self.config.server_addr):
+                carrier: trio.abc.Stream = await connect_websocket(nursery, self.config.server_addr, ctx)
+            else:
+                host, port = split_host_port(self.config.server_addr, default_port=443)
+                carrier = await open_tls_client(host.strip("[]"), port, ctx)
+            mux = MuxSession(carrier, client=True)
             await nursery.start(mux.run)
             nursery.start_soon(self._heartbeat, mux)
             await self._auth(mux)
             for tunnel in self.tunnels:
                 await self._bind(mux, tunnel)
             self.status = "online"
+            self._online_since = time.monotonic()
             self.online.set()
             task_status.started(AgentInfo(list(self.tunnels)))
             while True:
@@ -264,7 +310,8 @@ class Agent:
                  extra={"event": "client session established", "fields": {"obj": "csess", "id": self.client_id}})
 
     async def _bind(self, mux: MuxSession, tunnel: AgentTunnel) -> None:
-        bind = attrs.evolve(tunnel.bind, id=tunnel.tunnel_id)
+        bind = attrs.evolve(tunnel.bind, id=tunnel.tunnel_id,
+                            extra=attrs.evolve(tunnel.bind.extra, token=tunnel.token))
         resp = await call(mux, proto.StreamType.BIND, bind, proto.BindResp)
         if resp.error:
             message, code = parse_wire_error(resp.error)
@@ -276,6 +323,10 @@ class Agent:
         if tunnel.tunnel_id and tunnel.tunnel_id != resp.id:
             self._by_id.pop(tunnel.tunnel_id, None)
         tunnel.tunnel_id = resp.id
+        if tunnel.public_url and tunnel.public_url != resp.url:
+            log.warning("tunnel %s moved from %s to %s (its old address was no longer ours)",
+                        tunnel.name, tunnel.public_url, resp.url)
+        tunnel.token = resp.extra.token
         tunnel.public_url = resp.url
         tunnel.proto = resp.proto or tunnel.bind.proto
         self._by_id[resp.id] = tunnel
@@ -284,25 +335,31 @@ class Agent:
                         "fields": {"obj": "tunnels", "name": tunnel.name, "addr": tunnel.upstream, "url": resp.url}})
 
     async def _heartbeat(self, mux: MuxSession) -> None:
-        """Send 4 random bytes every interval; no echo within the tolerance ends the session."""
+        """Send 4 random bytes every interval; silence for interval + tolerance ends the session.
+
+        The deadline runs from the last echo, so a link that dies right after one is noticed
+        ``interval + tolerance`` (25 s by default) later, not a whole interval after that.
+        """
         stream = await mux.open_stream(proto.encode_stream_type(proto.StreamType.HEARTBEAT))
         interval = self.config.heartbeat_interval
-        tolerance = self.config.heartbeat_tolerance
+        limit = interval + self.config.heartbeat_tolerance
+        last_ok = time.monotonic()
         try:
             while True:
-                await trio.sleep(interval)
+                await trio.sleep_until(trio.current_time() + interval)
                 nonce = struct.pack("!I", secrets.randbits(32))
                 sent = time.monotonic()
-                await stream.send_all(nonce)
-                with trio.move_on_after(interval + tolerance) as scope:
+                with trio.move_on_after(max(0.0, last_ok + limit - sent)) as scope:
+                    await stream.send_all(nonce)
                     echo = await stream.receive_exactly(4)
                 if scope.cancelled_caught:
-                    log.warning("no heartbeat answer from the edge in %.0fs; reconnecting", interval + tolerance)
+                    log.warning("no heartbeat answer from the edge in %.0fs; reconnecting", limit)
                     await mux.aclose()
                     return
                 if echo != nonce:
                     raise RemoteProtocolError("heartbeat echo does not match")
-                self.latency = time.monotonic() - sent
+                last_ok = time.monotonic()
+                self.latency = last_ok - sent
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
@@ -342,17 +399,18 @@ class Agent:
             log.warning("proxy stream for unknown tunnel %s", header.id)
             stream.reset(proto.ErrorCode.STREAM_REFUSED)
             return
-        tunnel.metrics.conn_opened()
+        record = tunnel.metrics.conn_opened(header.client_addr)
         log.debug("tunnel %s: connection from %s", tunnel.name, header.client_addr)
         try:
             await tunnel.type.agent_handle(tunnel, PrefixedStream(stream, leftover), header)
         finally:
-            tunnel.metrics.conn_closed()
+            tunnel.metrics.conn_closed(record)
 
 
 def _transient(group: BaseExceptionGroup[Any]) -> bool:
     """Connection refused and friends on the very first attempt are worth retrying."""
-    return all(isinstance(e, (OSError, trio.BrokenResourceError, trio.TooSlowError)) for e in group.exceptions)
+    return all(isinstance(e, (OSError, trio.BrokenResourceError, trio.TooSlowError, HandshakeError))
+               for e in group.exceptions)
 
 
 def _path(value: str) -> Path:

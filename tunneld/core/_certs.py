@@ -67,29 +67,70 @@ def ensure_dev_certs(data_dir: Path, domain: str, hosts: Sequence[str]) -> DevCe
     return paths
 
 
-def load_cert_key_pair(cert: Path, key: Path) -> None:
+def ensure_dev_host_cert(data_dir: Path, host: str) -> tuple[Path, Path]:
+    """A leaf for one custom hostname signed by the dev CA: ``certs/HOST.pem`` and ``-key.pem``.
+
+    Made on first use and renewed like the edge's leaf; ConfigError if the dev CA is missing.
+    """
+    data_dir = Path(data_dir)
+    certs = data_dir / "certs"
+    _ensure_dir(certs)
+    paths = DevCerts(ca_cert=data_dir / "ca.pem", ca_key=data_dir / "ca-key.pem",
+                     cert=certs / f"{host}.pem", key=certs / f"{host}-key.pem")
+    ca_cert = _load_cert(paths.ca_cert)
+    try:
+        ca_key = _load_ec_key(paths.ca_key)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot load the dev CA key {paths.ca_key}: {exc}") from None
+    names: list[x509.GeneralName] = [x509.DNSName(host)]
+    now = _now()
+    if not _leaf_is_current(paths, ca_cert, names, now):
+        _write_leaf(paths, ca_cert, ca_key, names, now)
+    return paths.cert, paths.key
+
+
+def certificate_names(chain: Path) -> list[str]:
+    """DNS names (SANs) of the leaf in a PEM chain file, lower-cased; [] if unreadable."""
+    try:
+        leaf = x509.load_pem_x509_certificates(Path(chain).read_bytes())[0]
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, IndexError, x509.ExtensionNotFound):
+        return []
+    return [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+
+
+def name_matches(pattern: str, host: str) -> bool:
+    """Whether a certificate name (``*.example.com`` covers one label) covers ``host``."""
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and "." not in host[: -len(pattern) + 1]
+    return pattern == host
+
+
+def load_cert_key_pair(cert: Path, key: Path, *, cert_flag: str = "--tls-cert",
+                       key_flag: str = "--tls-key") -> None:
     """Check a user-given certificate chain and key (``--tls-cert`` / ``--tls-key``).
 
-    Raises :class:`ConfigError` naming the flag if a file is unreadable, is not PEM, or the key
-    does not belong to the first (leaf) certificate of the chain.
+    Raises :class:`ConfigError` naming the flag (``cert_flag`` / ``key_flag``: the tls tunnel's
+    ``--crt`` / ``--key`` use it too) if a file is unreadable, is not PEM, or the key does not
+    belong to the first (leaf) certificate of the chain.
     """
-    cert_data = _read(cert, "--tls-cert")
-    key_data = _read(key, "--tls-key")
+    cert_data = _read(cert, cert_flag)
+    key_data = _read(key, key_flag)
     try:
         chain = x509.load_pem_x509_certificates(cert_data)
     except ValueError:
-        raise ConfigError(f"--tls-cert: cannot parse {cert}: no PEM certificate found") from None
+        raise ConfigError(f"{cert_flag}: cannot parse {cert}: no PEM certificate found") from None
     try:
         private_key = serialization.load_pem_private_key(key_data, password=None)
     except TypeError:
         # cryptography raises TypeError when the key is encrypted and no password was given.
-        raise ConfigError(f"--tls-key: cannot use {key}: encrypted keys are not supported") from None
+        raise ConfigError(f"{key_flag}: cannot use {key}: encrypted keys are not supported") from None
     except ValueError:
-        raise ConfigError(f"--tls-key: cannot parse {key}: no PEM private key found") from None
+        raise ConfigError(f"{key_flag}: cannot parse {key}: no PEM private key found") from None
     except UnsupportedAlgorithm as exc:
-        raise ConfigError(f"--tls-key: cannot use {key}: {exc}") from None
+        raise ConfigError(f"{key_flag}: cannot use {key}: {exc}") from None
     if _spki(private_key.public_key()) != _spki(chain[0].public_key()):
-        raise ConfigError(f"--tls-key: {key} does not match the certificate in {cert}")
+        raise ConfigError(f"{key_flag}: {key} does not match the certificate in {cert}")
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -218,8 +259,8 @@ def _write_leaf(
     now: datetime.datetime,
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    first = names[1]  # the bare domain
-    assert isinstance(first, x509.DNSName)
+    # The common name: the first name that is not a wildcard (the bare domain for the edge leaf).
+    first = next(n for n in names if isinstance(n, x509.DNSName) and not n.value.startswith("*."))
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first.value)]))

@@ -39,6 +39,64 @@ class TunnelConfig:
     remote_addr: str = ""
     inspect: bool = True
     metadata: str = ""
+    #: ``user:password`` pairs the edge demands with HTTP Basic auth (never shown in reprs).
+    basic_auth: list[str] = attrs.field(factory=list, repr=False)
+    #: HTTP ``Host`` sent upstream: "" keeps the public one, ``rewrite`` = the upstream's
+    #: host[:port], anything else is sent as is.
+    host_header: str = ""
+    #: PEM certificate chain and key with which the agent terminates a TLS tunnel ("": the
+    #: upstream gets the client's TLS as is).
+    crt: str = ""
+    key: str = ""
+    #: PROXY protocol version (1 or 2) the edge puts before each TCP/TLS connection; 0: none.
+    proxy_proto: int = 0
+
+
+def parse_proxy_proto(value: object) -> int:
+    """``proxy_proto`` / ``--proxy-proto``: "", 0, 1, 2 (ints or strings) → 0, 1 or 2; ValueError else."""
+    text = "" if value is None else str(value).strip()
+    if text in ("", "0"):
+        return 0
+    if text in ("1", "2"):
+        return int(text)
+    raise ValueError(f"expected 1 or 2 (the PROXY protocol version), got {text!r}")
+
+
+#: ngrok's limits on basic-auth credentials (its errors 359/360).
+BASIC_AUTH_MIN_PASSWORD = 8
+BASIC_AUTH_MAX_LENGTH = 128
+
+
+def split_basic_auth(credential: str) -> tuple[str, str]:
+    """Split ``user:password`` and check ngrok's limits; ValueError (never quoting it) if bad.
+
+    The username ends at the first ``:`` (RFC 7617: it cannot contain one); it must be 1-128
+    characters, the password 8-128.
+    """
+    user, sep, password = credential.partition(":")
+    if not sep:
+        raise ValueError("basic auth credentials must look like USERNAME:PASSWORD")
+    if not user or len(user) > BASIC_AUTH_MAX_LENGTH:
+        raise ValueError(f"a basic auth username must be 1 to {BASIC_AUTH_MAX_LENGTH} characters")
+    if not BASIC_AUTH_MIN_PASSWORD <= len(password) <= BASIC_AUTH_MAX_LENGTH:
+        raise ValueError(f"a basic auth password must be {BASIC_AUTH_MIN_PASSWORD} to "
+                         f"{BASIC_AUTH_MAX_LENGTH} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in credential):
+        raise ValueError("basic auth credentials cannot contain control characters")
+    return user, password
+
+
+def check_host_header(value: str) -> str:
+    """Normalise a ``--host-header`` value ("" and ``preserve`` keep the Host); ValueError if bad."""
+    value = value.strip()
+    if value.lower() in ("", "preserve"):
+        return ""
+    if value.lower() == "rewrite":
+        return "rewrite"
+    if not value.isascii() or any(ord(c) < 33 or ord(c) == 127 for c in value) or "/" in value:
+        raise ValueError(f"{value!r} is not a valid Host (use rewrite, or a name such as example.com or "
+                         "example.com:8080)")
+    return value
 
 
 @attrs.define
@@ -67,10 +125,10 @@ _AGENT_KEYS = {
     "metadata", "inspect_db_size",
 }
 _TUNNEL_KEYS = {"proto", "addr", "inspect", "subdomain", "hostname", "schemes", "bind_tls", "remote_addr",
-                "metadata", "domain"}
+                "metadata", "domain", "auth", "basic_auth", "host_header", "crt", "key", "proxy_proto"}
 #: Tunnel keys ngrok defines that tunneld does not enforce yet: refused, never ignored.
-_TUNNEL_UNSUPPORTED = {"auth", "basic_auth", "host_header", "crt", "key", "client_cas", "oauth", "oidc",
-                       "ip_restriction", "circuit_breaker", "compression", "mutual_tls_cas", "proxy_proto",
+_TUNNEL_UNSUPPORTED = {"client_cas", "oauth", "oidc",
+                       "ip_restriction", "circuit_breaker", "compression", "mutual_tls_cas",
                        "request_header", "response_header", "websocket_tcp_converter", "labels",
                        "verify_webhook", "traffic_policy"}
 
@@ -161,9 +219,14 @@ def _parse_tunnels(path: Path | None, node: yaml.Node) -> dict[str, TunnelConfig
         if not isinstance(vnode, yaml.MappingNode):
             raise ConfigError(f"{_where(path, vnode)}: {prefix}: expected a mapping")
         values: dict[str, Any] = {}
+        http_only: list[tuple[str, yaml.Node]] = []
+        key_nodes: dict[str, yaml.Node] = {}
         for tk, tv in vnode.value:
             key = str(tk.value)
             full = f"{prefix}.{key}"
+            if key in ("auth", "basic_auth", "host_header"):
+                http_only.append((full, tk))
+            key_nodes[key] = tk
             if key in _TUNNEL_UNSUPPORTED:
                 raise ConfigError(f"{_where(path, tk)}: {full}: not supported by tunneld yet "
                                   "(refused rather than ignored)")
@@ -187,14 +250,59 @@ def _parse_tunnels(path: Path | None, node: yaml.Node) -> dict[str, TunnelConfig
                 values["schemes"] = mapping[value]
             elif key == "domain":
                 values["hostname"] = _str(path, full, tv)
+            elif key in ("auth", "basic_auth"):
+                # v2 wrote one "user:pass" string under auth; v3 a list under basic_auth.
+                if key == "basic_auth" and not isinstance(tv, yaml.SequenceNode):
+                    raise ConfigError(f"{_where(path, tv)}: {full}: expected a list such as "
+                                      '["user:password"]')
+                items = tv.value if isinstance(tv, yaml.SequenceNode) else [tv]
+                for item in items:
+                    credential = _str(path, full, item)
+                    try:
+                        split_basic_auth(credential)
+                    except ValueError as exc:
+                        raise ConfigError(f"{_where(path, item)}: {full}: {exc}") from None
+                    values.setdefault("basic_auth", []).append(credential)
+            elif key == "host_header":
+                try:
+                    values[key] = check_host_header(_str(path, full, tv))
+                except ValueError as exc:
+                    raise ConfigError(f"{_where(path, tv)}: {full}: {exc}") from None
+            elif key == "proxy_proto":
+                try:
+                    values[key] = parse_proxy_proto(_scalar(path, full, tv))
+                except ValueError as exc:
+                    raise ConfigError(f"{_where(path, tv)}: {full}: {exc}") from None
             else:
                 values[key] = _str(path, full, tv)
         if "proto" not in values:
             raise ConfigError(f"{_where(path, vnode)}: {prefix}: missing key 'proto'")
         if "addr" not in values:
             raise ConfigError(f"{_where(path, vnode)}: {prefix}: missing key 'addr'")
+        if http_only and values["proto"] != "http":
+            # Never accepted and then ignored: a tcp tunnel "with basic auth" would be open.
+            full, knode = http_only[0]
+            raise ConfigError(f"{_where(path, knode)}: {full}: only http tunnels have this option")
+        _check_tls_keys(path, prefix, values, key_nodes)
         tunnels[name] = TunnelConfig(name=name, **values)
     return tunnels
+
+
+def _check_tls_keys(path: Path | None, prefix: str, values: dict[str, Any],
+                    nodes: dict[str, yaml.Node]) -> None:
+    """crt/key only on tls tunnels and only together; proxy_proto only where the edge writes it."""
+    proto = values["proto"]
+    for key in ("crt", "key"):
+        if key in nodes and proto != "tls":
+            raise ConfigError(f"{_where(path, nodes[key])}: {prefix}.{key}: only tls tunnels have this "
+                              "option")
+    if bool(values.get("crt")) != bool(values.get("key")):
+        given, missing = ("crt", "key") if values.get("crt") else ("key", "crt")
+        raise ConfigError(f"{_where(path, nodes[given])}: {prefix}.{given}: needs {missing} as well")
+    if "proxy_proto" in nodes and values["proxy_proto"] and proto not in ("tcp", "tls"):
+        # Refused, not ignored: the upstream would otherwise trust no header at all.
+        raise ConfigError(f"{_where(path, nodes['proxy_proto'])}: {prefix}.proxy_proto: "
+                          "tunneld supports it on tcp and tls tunnels only")
 
 
 def load_agent_config(path: Path | None, *, required: bool = False) -> AgentConfig:

@@ -35,16 +35,21 @@ from typing import Any
 import attrs
 import pluggy
 import trio
+from trio_websocket import ConnectionClosed, HandshakeError
 
 from . import proto
-from ._errors import Code, ConfigError, RemoteProtocolError, TunnelRejected, wire_error
+from ._errors import Code, ConfigError, PluginError, RemoteProtocolError, TunnelRejected, wire_error
 from ._mux import MuxSession, MuxStream
 from ._plugins import build_registry, get_plugin_manager
 from ._ratelimit import FailureLimiter
 from ._rpc import read_message, reply
+from ._certs import certificate_names, ensure_dev_host_cert, name_matches
+from ._hostnames import AllowedHostname
+from ._names import NameClaims, Signer, load_secret
 from ._store import Store, is_token_format
 from ._tls import accept_tls, server_context
-from ._tunnel import EdgeTunnel, TunnelInfo, TunnelTypeRegistry
+from ._tunnel import EdgeTunnel, TlsFront, TunnelInfo, TunnelTypeRegistry
+from ._websocket import Replayed, accept_websocket, looks_like_websocket
 from ._util import format_host_port, open_listeners, peer_addr, set_nodelay
 
 log = logging.getLogger("tunneld.edge")
@@ -57,6 +62,10 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_WINDOW = 16 * 1024 * 1024
 #: Tunnels one session may hold.
 MAX_TUNNELS_PER_SESSION = 64
+
+
+DEFAULT_RESERVED = frozenset({"www", "api", "admin", "edge", "mail", "ftp", "ns1", "ns2", "smtp", "imap",
+                              "pop", "autodiscover", "autoconfig", "status", "dashboard"})
 
 
 @attrs.define
@@ -73,8 +82,20 @@ class EdgeConfig:
     tcp_host: str = "0.0.0.0"
     tcp_ports: tuple[int, int] = (10000, 10999)
     grace_period: float = 10.0
+    #: Seconds a name (hostname, TCP port) stays reserved for its owner after its tunnel goes.
+    hold_period: float = 60.0
     #: Subdomain labels agents may not claim.
-    reserved_names: frozenset[str] = frozenset({"www", "api", "admin", "edge", "mail", "ftp", "ns1", "ns2"})
+    reserved_names: frozenset[str] = DEFAULT_RESERVED
+    #: Custom hostnames (outside ``domain``) agents may bind, and for which accounts.
+    allowed_hostnames: tuple[AllowedHostname, ...] = ()
+    #: What custom hostnames should be CNAMEd to ("" = ``domain``).
+    cname_target: str = ""
+    #: Development mode: the dev CA in ``data_dir`` signs certificates for custom hostnames.
+    dev: bool = False
+
+    @property
+    def cname(self) -> str:
+        return self.cname_target or self.domain
 
 
 @attrs.frozen
@@ -89,27 +110,64 @@ class EdgeInfo:
 
 @attrs.define(eq=False)
 class RouteTable:
-    """Public names and ports → the edge tunnel serving them."""
+    """Public names and ports → the edge tunnel serving them.
 
+    Claims go through :class:`NameClaims` too, so a name stays with its owner (authtoken)
+    for the hold period after its tunnel goes away.  ``owner=""`` claims skip ownership
+    (tests, internal services).
+    """
+
+    names: NameClaims = attrs.field(factory=lambda: NameClaims(None))
     hosts: dict[tuple[str, str], Any] = attrs.field(factory=dict)
     ports: dict[int, Any] = attrs.field(factory=dict)
 
-    def claim_host(self, scheme: str, host: str, tunnel: Any) -> None:
+    def claim_host(self, scheme: str, host: str, tunnel: Any, owner: str = "") -> None:
+        """Route ``scheme://host`` to ``tunnel``; TunnelRejected if taken or held for another owner."""
         key = (scheme, host)
         current = self.hosts.get(key)
         if current is not None and current is not tunnel:
             raise TunnelRejected(f"{scheme}://{host} is already in use by another tunnel", Code.ADDRESS_IN_USE)
+        # TLS tunnels and HTTPS share port 443 and are told apart by SNI alone: one name
+        # cannot be both (nor an HTTP tunnel's http twin of it).
+        for rival in (("http", "https") if scheme == "tls" else ("tls",)):
+            if self.hosts.get((rival, host)) not in (None, tunnel):
+                raise TunnelRejected(f"{host} is already in use by another tunnel ({rival}://{host})",
+                                     Code.ADDRESS_IN_USE)
+        if owner:
+            self.names.acquire("host", host, owner, tunnel)
         self.hosts[key] = tunnel
 
     def release_host(self, scheme: str, host: str, tunnel: Any) -> None:
         if self.hosts.get((scheme, host)) is tunnel:
             del self.hosts[(scheme, host)]
+        self.names.release("host", host, tunnel)
 
     def host_in_use(self, host: str) -> bool:
         return any(h == host for (_, h) in self.hosts)
 
+    def host_available(self, host: str, owner: str) -> bool:
+        """Free for a new random pick: not routed, and not held for someone else."""
+        return not self.host_in_use(host) and self.names.available("host", host, owner)
+
     def lookup(self, scheme: str, host: str) -> Any | None:
         return self.hosts.get((scheme, host))
+
+    def claim_port(self, port: int, tunnel: Any, owner: str = "") -> None:
+        """Route public TCP ``port`` to ``tunnel`` (the caller has bound it)."""
+        current = self.ports.get(port)
+        if current is not None and current is not tunnel:
+            raise TunnelRejected(f"port {port} is already in use by another tunnel", Code.ADDRESS_IN_USE)
+        if owner:
+            self.names.acquire("port", str(port), owner, tunnel)
+        self.ports[port] = tunnel
+
+    def release_port(self, port: int, tunnel: Any) -> None:
+        if self.ports.get(port) is tunnel:
+            del self.ports[port]
+        self.names.release("port", str(port), tunnel)
+
+    def port_available(self, port: int, owner: str) -> bool:
+        return port not in self.ports and self.names.available("port", str(port), owner)
 
 
 @attrs.define(eq=False)
@@ -129,18 +187,63 @@ class Edge:
     #: Set when :meth:`serve` has returned.
     stopped: trio.Event = attrs.field(factory=trio.Event, init=False)
     _ssl_context: Any = attrs.field(default=None, init=False)
+    #: Custom hostname → its server context (chosen by SNI).
+    _host_contexts: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _cert_names: list[str] = attrs.field(factory=list, init=False)
+    #: Sees public HTTPS connections before TLS termination (from ``tunneld_edge_tls_front``).
+    tls_front: TlsFront | None = attrs.field(default=None, init=False)
+    #: Signs session cookies and tunnel resume tokens (key kept in the data dir).
+    signer: Signer = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.registry = build_registry(self.pm)
+        self.routes.names = NameClaims(self.store, self.config.hold_period)
+        self.signer = Signer(load_secret(self.config.data_dir))
 
     # ---- public helpers for plugins ----------------------------------------------------
 
     @property
     def ssl_context(self) -> Any:
-        """The pyOpenSSL server context with the edge's certificate."""
+        """The pyOpenSSL server context with the edge's certificate.
+
+        Clients naming a custom hostname (SNI) are switched to that name's own certificate.
+        """
         if self._ssl_context is None:
-            self._ssl_context = server_context(self.config.tls_cert, self.config.tls_key)
+            ctx = server_context(self.config.tls_cert, self.config.tls_key)
+            contexts = self._host_contexts
+
+            def pick(conn: Any) -> None:
+                name = conn.get_servername()
+                if name:
+                    other = contexts.get(name.decode("ascii", "replace").lower())
+                    if other is not None:
+                        conn.set_context(other)
+
+            ctx.set_tlsext_servername_callback(pick)
+            self._cert_names = certificate_names(self.config.tls_cert)
+            self._ssl_context = ctx
         return self._ssl_context
+
+    def ensure_certificate(self, host: str) -> None:
+        """Make sure HTTPS for ``host`` shows a certificate valid for it (blocking: file I/O).
+
+        The edge's own certificate may cover it; else ``DATA_DIR/certs/HOST.pem`` and
+        ``HOST-key.pem``; in dev mode the dev CA makes them.  TunnelRejected if none.
+        """
+        self.ssl_context  # noqa: B018 - reads the main certificate's names
+        if host in self._host_contexts or any(name_matches(n, host) for n in self._cert_names):
+            return
+        certs = self.config.data_dir / "certs"
+        cert, key = certs / f"{host}.pem", certs / f"{host}-key.pem"
+        try:
+            if self.config.dev:
+                cert, key = ensure_dev_host_cert(self.config.data_dir, host)
+            if not cert.exists() or not key.exists():
+                raise TunnelRejected(f"this edge has no certificate for {host}: its operator must put the "
+                                     f"chain in {cert} and the key in {key}", Code.ADDRESS_NOT_ALLOWED)
+            self._host_contexts[host] = server_context(cert, key)
+        except (ConfigError, OSError, ValueError) as exc:
+            raise TunnelRejected(f"the certificate for {host} cannot be used: {exc}", Code.ADDRESS_NOT_ALLOWED) from exc
 
     def public_url(self, scheme: str, host: str) -> str:
         """URL for ``host`` on the public listener of ``scheme`` (port shown when not default)."""
@@ -199,24 +302,46 @@ class Edge:
 
     async def _serve(self, task_status: trio.TaskStatus[EdgeInfo]) -> None:
         self.ssl_context  # noqa: B018 - load the certificate now: errors before binding
+        self.tls_front = self._tls_front()
         agent_listeners = await self.open_public_listeners("agent", "--agent-addr", self.config.agent_addr)
-        async with trio.open_nursery() as root:
-            for service in self._services():
-                await root.start(service.run)
-            await root.start(self.serve_public, self._handle_agent, agent_listeners)
-            listeners = {name: self._listener_text(name) for name in self.ports}
-            log.info("edge ready: %s", ", ".join(f"{k}={v}" for k, v in listeners.items()))
-            task_status.started(EdgeInfo(listeners=listeners, ports=dict(self.ports)))
-            await self.stopping.wait()
-            deadline = trio.current_time() + self.config.grace_period
-            for session in list(self.sessions):
-                root.start_soon(session.drain, deadline)
+        await trio.to_thread.run_sync(self.routes.names.load)
+        async with trio.open_nursery() as outer:
+            # The store writer outlives every tunnel: it records their last releases.
+            outer.start_soon(self.routes.names.run)
+            async with trio.open_nursery() as root:
+                for service in self._services():
+                    await root.start(service.run)
+                await root.start(self.serve_public, self._handle_agent, agent_listeners)
+                listeners = {name: self._listener_text(name) for name in self.ports}
+                log.info("edge ready: %s", ", ".join(f"{k}={v}" for k, v in listeners.items()))
+                task_status.started(EdgeInfo(listeners=listeners, ports=dict(self.ports)))
+                await self.stopping.wait()
+                deadline = trio.current_time() + self.config.grace_period
+                for session in list(self.sessions):
+                    root.start_soon(session.drain, deadline)
+            outer.cancel_scope.cancel()
 
     def _listener_text(self, name: str) -> str:
         addr = {"agent": self.config.agent_addr, "http": self.config.http_addr,
                 "https": self.config.https_addr}.get(name)
         host = addr[0] if addr else "0.0.0.0"
         return format_host_port(host, self.ports[name])
+
+    async def route_tls(self, stream: trio.SocketStream, client_addr: str) -> trio.abc.Stream | None:
+        """Offer a new public HTTPS connection to the TLS front (see :class:`TlsFront`).
+
+        Returns the stream to terminate TLS on, or None when the front took the connection.
+        """
+        if self.tls_front is None:
+            return stream
+        return await self.tls_front.route(stream, client_addr)
+
+    def _tls_front(self) -> TlsFront | None:
+        fronts = [f for f in self.pm.hook.tunneld_edge_tls_front(edge=self) if f is not None]
+        if len(fronts) > 1:
+            names = ", ".join(type(f).__qualname__ for f in fronts)
+            raise PluginError(f"more than one plugin wants to front HTTPS: {names}")
+        return fronts[0] if fronts else None
 
     def _services(self) -> list[Any]:
         services: list[Any] = []
@@ -236,18 +361,44 @@ class Edge:
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.info("agent TLS handshake from %s failed: %s", addr, exc)
             return
-        session = AgentSession(self, tls, addr)
-        self.sessions.add(session)
-        try:
-            await session.run()
-        except* RemoteProtocolError as group:
-            log.warning("agent %s broke the protocol: %s", addr, "; ".join(map(str, group.exceptions)))
-        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
-            log.info("agent %s connection failed: %s", addr, "; ".join(map(str, group.exceptions)))
-        finally:
-            self.sessions.discard(session)
-            log.info("agent session %s from %s ended (%s)", session.client_id or "-", addr,
-                     session.mux.close_reason or "closed")
+        async with trio.open_nursery() as carrier:
+            try:
+                transport = await self._carrier(tls, carrier, addr)
+            except (trio.TooSlowError, trio.BrokenResourceError, ConnectionClosed, HandshakeError) as exc:
+                log.info("agent %s: no usable carrier: %s", addr, exc or type(exc).__name__)
+                carrier.cancel_scope.cancel()
+                await trio.aclose_forcefully(tls)
+                return
+            session = AgentSession(self, transport, addr)
+            self.sessions.add(session)
+            try:
+                await session.run()
+            except* RemoteProtocolError as group:
+                log.warning("agent %s broke the protocol: %s", addr, "; ".join(map(str, group.exceptions)))
+            except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                log.info("agent %s connection failed: %s", addr, "; ".join(map(str, group.exceptions)))
+            finally:
+                self.sessions.discard(session)
+                session.ended.set()
+                log.info("agent session %s from %s ended (%s)", session.client_id or "-", addr,
+                         session.mux.close_reason or "closed")
+                # The WebSocket reader task, if any, ends with its connection.
+                carrier.cancel_scope.cancel()
+
+    async def _carrier(self, tls: trio.abc.Stream, nursery: trio.Nursery, addr: str) -> trio.abc.Stream:
+        """The mux's byte stream: the TLS stream itself, or a WebSocket inside it."""
+        head = b""
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            while len(head) < 4:
+                data = await tls.receive_some(4096)
+                if not data:
+                    raise trio.BrokenResourceError("closed before the first frame")
+                head += data
+        replayed = Replayed(tls, head)
+        if not looks_like_websocket(head):
+            return replayed
+        log.debug("agent %s uses the WebSocket carrier", addr)
+        return await accept_websocket(nursery, replayed, timeout=HANDSHAKE_TIMEOUT)
 
 
 @attrs.define(eq=False)
@@ -264,6 +415,10 @@ class AgentSession:
     token_id: str = ""
     #: Tunnel id → (cancel scope, event set once the tunnel has released its address).
     tunnels: dict[str, tuple[trio.CancelScope, trio.Event]] = attrs.field(factory=dict)
+    #: Tunnel id → the public name it claimed (for Unbind to let go of the hold).
+    tunnel_names: dict[str, tuple[str, str]] = attrs.field(factory=dict)
+    #: Set once the session is over and every tunnel has released its address.
+    ended: trio.Event = attrs.field(factory=trio.Event)
     #: HTTP binds without an explicit name share one host across http and https (agent v2).
     http_hosts: list[tuple[str, set[str], str]] = attrs.field(factory=list)
     _nursery: trio.Nursery | None = None
@@ -276,6 +431,21 @@ class AgentSession:
     @property
     def remote_host(self) -> str:
         return self.remote_addr.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def owner(self) -> str:
+        """Who this session's names belong to: its authtoken's id."""
+        return self.token_id
+
+    def resumed_name(self, bind: proto.Bind, kind: str) -> str | None:
+        """The name a rebinding tunnel had, from its resume token, if it is this owner's."""
+        fields = self.edge.signer.verify("bind", bind.extra.token) if bind.extra.token else None
+        if fields is None or len(fields) != 3:
+            return None
+        token_kind, name, owner = fields
+        if token_kind != kind or owner != self.token_id:
+            return None
+        return name
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -401,8 +571,9 @@ class AgentSession:
         edge.limiter.record_success(host, time.monotonic())
         self.auth = msg
         self.token_id = record.id
-        self.client_id = msg.client_id or secrets.token_hex(16)
-        extra = proto.AuthRespExtra(version="tunneld", region="local", cookie="",
+        self.client_id = await self._resume_or_new(msg)
+        extra = proto.AuthRespExtra(version="tunneld", region="local",
+                                    cookie=edge.signer.sign("session", self.client_id, self.token_id),
                                     agent_session_id=self.client_id)
         if msg.extra.tunneld_window:
             window = max(proto.DEFAULT_WINDOW, min(MAX_WINDOW, msg.extra.tunneld_window))
@@ -415,6 +586,26 @@ class AgentSession:
                  record.id, self.client_id, msg.extra.user_agent or msg.extra.client_type or "?")
         await reply(stream, proto.AuthResp(version=_pick_version(msg.version), client_id=self.client_id,
                                            extra=extra))
+
+    async def _resume_or_new(self, msg: proto.Auth) -> str:
+        """The session id: the previous one when the client proves it (ClientId + Cookie).
+
+        An agent that reconnects before this edge noticed its old link die (no FIN, heartbeat
+        not yet overdue) replaces that old session, which is closed here so its names are free
+        for the rebinds that follow.  A ClientId without a matching cookie gets a new id: ids
+        are not the client's to choose.
+        """
+        fields = self.edge.signer.verify("session", msg.extra.cookie) if msg.client_id else None
+        if fields != [msg.client_id, self.token_id]:
+            return secrets.token_hex(16)
+        for old in [s for s in self.edge.sessions if s is not self and s.client_id == msg.client_id]:
+            log.info("agent %s resumes session %s; closing the old link from %s", self.remote_addr,
+                     msg.client_id, old.remote_addr)
+            old.client_id = ""
+            await old.mux.aclose()
+            with trio.move_on_after(5):
+                await old.ended.wait()
+        return msg.client_id
 
     async def _rpc_bind(self, stream: MuxStream) -> None:
         bind = await read_message(stream, proto.Bind)
@@ -439,8 +630,12 @@ class AgentSession:
             return proto.BindResp(id=bind.id, proto=bind.proto, opts=bind.opts,
                                   error=wire_error(exc.reason, exc.code))
         log.info("agent %s: tunnel %s online at %s", self.remote_addr, tunnel_id, info.url)
+        token = ""
+        if info.name is not None:
+            self.tunnel_names[tunnel_id] = info.name
+            token = self.edge.signer.sign("bind", *info.name, self.token_id)
         return proto.BindResp(id=tunnel_id, url=info.url, proto=bind.proto, opts=bind.opts,
-                              extra=proto.BindRespExtra(token="", tunnel_id=tunnel_id))
+                              extra=proto.BindRespExtra(token=token, tunnel_id=tunnel_id))
 
     async def _run_tunnel(self, tunnel_id: str, tunnel: EdgeTunnel, *,
                           task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
@@ -466,14 +661,23 @@ class AgentSession:
         # Answer once the address is really free, so the agent may bind it again at once.
         with trio.move_on_after(5):
             await done.wait()
+        name = self.tunnel_names.pop(msg.id, None)
+        if name is not None:
+            # Let go on purpose: no hold.
+            self.edge.routes.names.forget(*name, self.token_id)
         log.info("agent %s: tunnel %s unbound", self.remote_addr, msg.id)
         await reply(stream, proto.UnbindResp())
 
     # ---- for tunnel plugins ----------------------------------------------------------------
 
-    async def open_proxy_stream(self, tunnel_id: str, client_addr: str, proto_name: str) -> MuxStream:
-        """Open a proxy stream to the agent for one public connection."""
-        header = proto.ProxyHeader(id=tunnel_id, client_addr=client_addr, proto=proto_name)
+    async def open_proxy_stream(self, tunnel_id: str, client_addr: str, proto_name: str, *,
+                                passthrough_tls: bool = False) -> MuxStream:
+        """Open a proxy stream to the agent for one public connection.
+
+        ``passthrough_tls``: the stream carries the client's TLS unterminated (TLS tunnels).
+        """
+        header = proto.ProxyHeader(id=tunnel_id, client_addr=client_addr, proto=proto_name,
+                                   passthrough_tls=passthrough_tls)
         return await self.mux.open_stream(proto.encode_proxy_stream_prefix(header))
 
 

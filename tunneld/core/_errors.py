@@ -30,6 +30,10 @@ class Code(enum.IntEnum):
     AUTH_RATE_LIMITED = 110
     #: Malformed Bind payload.
     BIND_MALFORMED = 301
+    #: Basic auth credential without a username (or with a ':' in it, or longer than 128).
+    BASIC_AUTH_USERNAME = 359
+    #: Basic auth password shorter than 8 or longer than 128 characters.
+    BASIC_AUTH_PASSWORD = 360
     #: Protocol not served by this edge.
     PROTO_UNSUPPORTED = 332
     #: No tunnel with that id.
@@ -50,6 +54,8 @@ class Code(enum.IntEnum):
     AGENT_UNREACHABLE = 3210
     #: Public client: malformed HTTP request.
     BAD_REQUEST = 3400
+    #: Public client: the tunnel's basic authentication was missing or wrong (401).
+    UNAUTHORIZED = 3401
     #: Public client: request head not complete in time.
     REQUEST_TIMEOUT = 3408
     #: Public client: request head too large.

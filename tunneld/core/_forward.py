@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import trio
 
 #: 256 KiB reads: 1.8-2.5 GB/s through a Trio relay against 1.3 GB/s at 64 KiB (perf-notes Q1).
@@ -10,25 +11,40 @@ CHUNK = 256 * 1024
 _ENDED = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-async def forward(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+@attrs.define
+class ByteCounts:
+    """Bytes :func:`forward` has delivered each way (kept current, so they survive a cancel)."""
+
+    a_to_b: int = 0
+    b_to_a: int = 0
+
+
+async def forward(a: trio.abc.Stream, b: trio.abc.Stream, counts: ByteCounts | None = None) -> None:
     """Copy bytes both ways between ``a`` and ``b`` until both directions have ended.
 
     Each direction ends at EOF and is passed on as a half-close when the receiving stream
     supports it.  When the destination cannot half-close (TLS), EOF in one direction ends the
     whole exchange.  A broken stream on either side ends both directions at once: the caller
-    owns and closes both streams.
+    owns and closes both streams.  ``counts``, if given, is updated as bytes are delivered
+    (for access logs).
     """
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump, a, b, nursery.cancel_scope)
-        nursery.start_soon(_pump, b, a, nursery.cancel_scope)
+        nursery.start_soon(_pump, a, b, nursery.cancel_scope, counts, True)
+        nursery.start_soon(_pump, b, a, nursery.cancel_scope, counts, False)
 
 
-async def _pump(src: trio.abc.ReceiveStream, dst: trio.abc.Stream, scope: trio.CancelScope) -> None:
+async def _pump(src: trio.abc.ReceiveStream, dst: trio.abc.Stream, scope: trio.CancelScope,
+                counts: ByteCounts | None, a_to_b: bool) -> None:
     receive = src.receive_some
     send = dst.send_all
     try:
         while data := await receive(CHUNK):
             await send(data)
+            if counts is not None:
+                if a_to_b:
+                    counts.a_to_b += len(data)
+                else:
+                    counts.b_to_a += len(data)
     except _ENDED:
         scope.cancel()
         return

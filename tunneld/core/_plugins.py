@@ -15,6 +15,8 @@ from ._tunnel import TunnelTypeRegistry
 BUILTIN_PLUGINS = (
     "tunneld.plugins.http",
     "tunneld.plugins.tcp",
+    "tunneld.plugins.tls",
+    "tunneld.plugins.file",
 )
 
 #: Comma-separated plugin names to skip (built-in module names or entry-point names).
@@ -39,6 +41,6 @@ def get_plugin_manager(*, entry_points: bool = True, blocked: Iterable[str] = ()
 
 def build_registry(pm: pluggy.PluginManager) -> TunnelTypeRegistry:
     """Ask every plugin to register its tunnel types."""
-    registry = TunnelTypeRegistry()
+    registry = TunnelTypeRegistry(upstream_hook=pm.hook.tunneld_agent_upstream)
     pm.hook.tunneld_register_tunnel_types(registry=registry)
     return registry

@@ -205,6 +205,26 @@ class Store:
         with self._lock:
             self._conn.execute("DELETE FROM names WHERE kind = ? AND name = ?", (kind, name))
 
+    def all_names(self) -> list[tuple[str, str, str, float]]:
+        """Every reservation as (kind, name, owner, until)."""
+        with self._lock:
+            return [tuple(row) for row in self._conn.execute("SELECT kind, name, owner, until FROM names")]
+
+    def save_names(self, upserts: list[tuple[str, str, str, float]], deletes: list[tuple[str, str]]) -> None:
+        """Apply a batch of reservation changes in one transaction."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO names (kind, name, owner, until) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (kind, name) DO UPDATE SET owner = excluded.owner, until = excluded.until",
+                    upserts)
+                self._conn.executemany("DELETE FROM names WHERE kind = ? AND name = ?", deletes)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("BEGIN IMMEDIATE")  # serialise with another process opening the same file

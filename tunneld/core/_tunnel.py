@@ -12,6 +12,7 @@ A :class:`TunnelType` knows both ends of one kind of tunnel:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
@@ -34,6 +35,10 @@ class TunnelInfo:
     url: str
     #: Public protocol (``http``, ``https``, ``tcp``, ...).
     proto: str
+    #: The public name claimed, as ``(kind, name)`` of :class:`~tunneld.core.RouteTable`
+    #: (``("host", "ab12.example.com")``, ``("port", "20001")``): the edge signs it into the
+    #: Bind's resume token so a reconnecting agent gets the same address back.
+    name: tuple[str, str] | None = None
 
 
 class EdgeTunnel(Protocol):
@@ -52,6 +57,41 @@ class EdgeService(Protocol):
     """A long-running edge service contributed by a plugin (public listeners, gateways)."""
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        ...
+
+
+class TlsFront(Protocol):
+    """Sees every connection on the public HTTPS port before the edge terminates TLS.
+
+    Contributed by a plugin through ``tunneld_edge_tls_front`` (the tls plugin routes by SNI).
+    """
+
+    async def route(self, stream: trio.SocketStream, client_addr: str) -> trio.abc.Stream | None:
+        """Take the connection, or hand it back for the edge to terminate.
+
+        Returns None once the front has dealt with the connection itself (forwarded it,
+        refused it); the caller then closes ``stream``.  Otherwise returns the stream to run
+        the edge's TLS handshake on: ``stream`` itself, or a wrapper replaying the bytes the
+        front already read from it.
+        """
+        ...
+
+
+class UpstreamHandler(Protocol):
+    """Answers an HTTP tunnel's requests in the agent itself (e.g. the file server).
+
+    Returned by a plugin's ``tunneld_agent_upstream`` hook for an address it claims.
+    """
+
+    #: Normalised address, shown as the tunnel's upstream (``file:///srv/share``).
+    url: str
+
+    async def serve(self, stream: trio.abc.HalfCloseableStream, header: ProxyHeader,
+                    request_done: Callable[[float], None] | None = None) -> None:
+        """Answer the HTTP/1.x requests of one public connection; the caller closes ``stream``.
+
+        ``request_done`` is called with each request's duration in seconds (tunnel metrics).
+        """
         ...
 
 
@@ -100,6 +140,15 @@ class TunnelTypeRegistry:
 
     _types: dict[str, TunnelType] = attrs.field(factory=dict)
     _by_proto: dict[str, TunnelType] = attrs.field(factory=dict)
+    #: The ``tunneld_agent_upstream`` hook, set by ``build_registry``.
+    _upstream_hook: Callable[..., UpstreamHandler | None] | None = None
+
+    def agent_upstream(self, url: str) -> UpstreamHandler | None:
+        """The handler a plugin offers to serve ``url`` itself (``file://…``), or None.
+
+        Raises ValueError when the claiming plugin finds the address unusable.
+        """
+        return None if self._upstream_hook is None else self._upstream_hook(url=url)
 
     def add(self, tunnel_type: TunnelType) -> None:
         """Register ``tunnel_type``; a name or Bind protocol already taken is a PluginError."""
@@ -143,11 +192,13 @@ def refuse_unenforced(opts: dict[str, Any], handled: set[str]) -> None:
     """Refuse every Bind option outside ``handled`` (lower-case names) that asks for something.
 
     Clients may ask the edge to enforce basic auth, OAuth, IP restrictions, mutual TLS ...;
-    an edge that cannot must say so rather than bind without them.  Empty values are fine.
+    an edge that cannot must say so rather than bind without them.  Empty values are fine,
+    except an object: the Rust SDKs switch some modules on with an empty one
+    (``"Compression": {}``, ``"WebsocketTCPConverter": {}``).
     """
     for key, value in opts.items():
         lkey = key.lower()
-        if lkey in handled or _is_empty(value):
+        if lkey in handled or (not isinstance(value, dict) and _is_empty(value)):
             continue
         names = {"auth": "basic authentication", "basicauth": "basic authentication",
                  "proxyproto": "PROXY protocol", "oauth": "OAuth", "oidc": "OIDC",
@@ -157,3 +208,25 @@ def refuse_unenforced(opts: dict[str, Any], handled: set[str]) -> None:
         what = names.get(lkey, f"the {key} option")
         raise TunnelRejected(f"{what} is not supported by this edge; refusing rather than ignoring it",
                              Code.OPTION_UNSUPPORTED)
+
+
+def proxy_proto_option(opts: dict[str, Any]) -> int:
+    """The Bind's ``ProxyProto`` option: 0 (none), 1 or 2; TunnelRejected for anything else.
+
+    Tunnel types that honour it (the edge writes the PROXY header, see
+    :func:`tunneld.core.proto.encode_proxy_header`) list ``proxyproto`` as handled in
+    :func:`refuse_unenforced`; the others keep refusing it.
+    """
+    for key, value in opts.items():
+        if key.lower() != "proxyproto" or value is None:
+            continue
+        if not isinstance(value, bool):  # True == 1 in Python, but it is no version number
+            if value in ("", 0, "0"):
+                return 0
+            if value in (1, 2, "1", "2"):
+                return int(value)
+        elif not value:
+            return 0
+        raise TunnelRejected(f"PROXY protocol version {value!r} does not exist (use 1 or 2)",
+                             Code.OPTION_UNSUPPORTED)
+    return 0

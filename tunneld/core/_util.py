@@ -22,12 +22,21 @@ def set_nodelay(stream: trio.abc.Stream) -> None:
 
 def peer_addr(stream: trio.abc.Stream) -> str:
     """``host:port`` of the remote end of a socket stream (through TLS wrappers)."""
+    return _sock_addr(stream, peer=True)
+
+
+def local_addr(stream: trio.abc.Stream) -> str:
+    """``host:port`` of our end of a socket stream: the address the client connected to."""
+    return _sock_addr(stream, peer=False)
+
+
+def _sock_addr(stream: trio.abc.Stream, *, peer: bool) -> str:
     inner = stream
     for _ in range(4):
         sock = getattr(inner, "socket", None)
         if sock is not None:
             try:
-                name = sock.getpeername()
+                name = sock.getpeername() if peer else sock.getsockname()
             except OSError:
                 return "0.0.0.0:0"
             host, port = name[0], name[1]

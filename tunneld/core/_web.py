@@ -35,6 +35,8 @@ def tunnel_json(t: AgentTunnel) -> dict[str, Any]:
         "proto": t.proto,
         "config": {"addr": addr, "inspect": t.config.inspect if t.proto in ("http", "https") else False},
         "metrics": t.metrics.as_json(),
+        # tunneld's addition: who is connected (public client addresses), newest last.
+        "connections": [c.as_json() for c in t.metrics.recent],
     }
 
 

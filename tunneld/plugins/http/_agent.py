@@ -12,15 +12,18 @@ import trio
 
 from tunneld.core import ERROR_HEADER, AgentTunnel, Code, proto, set_nodelay
 
-from ._relay import Outcome, Reader, UpstreamFailed, exchange
+from ._relay import Outcome, Reader, ResponseFilter, UpstreamFailed, exchange
 from ._wire import (
+    MAX_FORWARDED_HEAD,
     BadMessage,
     BodyKind,
     RequestHead,
     ResponseHead,
     error_response,
+    header_value,
     parse_request_head,
     rewrite_head,
+    set_header,
     wants_json,
 )
 
@@ -86,6 +89,53 @@ def strip_error_header(resp: ResponseHead, raw: bytes) -> bytes:
     return raw
 
 
+def upstream_authority(url: str) -> str:
+    """``host[:port]`` of an upstream URL, the port left out when it is the scheme's default.
+
+    This is the Host that ``--host-header=rewrite`` sends (``site.test:80`` → ``site.test``).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if parts.scheme == "https" else 80
+    return host if parts.port in (None, default) else f"{host}:{parts.port}"
+
+
+def host_header_for(tunnel: AgentTunnel) -> bytes | None:
+    """The Host to send upstream for ``tunnel``'s ``--host-header``, None to pass it unchanged."""
+    value = getattr(tunnel.config, "host_header", "")
+    if not value:
+        return None
+    return (upstream_authority(tunnel.upstream) if value == "rewrite" else value).encode("ascii")
+
+
+def location_rewriter(sent_host: bytes, req: RequestHead) -> ResponseFilter:
+    """A response filter mapping redirects to the rewritten Host back to the public one.
+
+    An application that saw ``Host: sent_host`` builds absolute redirects to it
+    (``Location: http://localhost:8080/login``) which no public client can follow; they are
+    pointed at the public scheme and host the edge reported in X-Forwarded-Proto/-Host.
+    """
+    proto = header_value(req.headers, b"x-forwarded-proto") or b"http"
+    public_host = header_value(req.headers, b"x-forwarded-host") or req.host.encode("latin-1")
+    public = proto + b"://" + public_host
+    prefixes = (b"http://" + sent_host.lower(), b"https://" + sent_host.lower())
+
+    def rewrite(resp: ResponseHead, raw: bytes) -> bytes:
+        raw = strip_error_header(resp, raw)
+        location = header_value(resp.headers, b"location")
+        if location is None:
+            return raw
+        lower = location.lower()
+        for prefix in prefixes:
+            if lower.startswith(prefix) and lower[len(prefix):len(prefix) + 1] in (b"", b"/", b"?", b"#"):
+                return set_header(raw, b"Location", public + location[len(prefix):])
+        return raw
+
+    return rewrite
+
+
 #: Requests replayed on a new connection when a reused one closes unanswered (as Go's Transport).
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 
@@ -133,7 +183,7 @@ class _Upstream:
 
 
 async def _relay_request(tunnel: AgentTunnel, client: Reader, upstream: _Upstream, req: RequestHead,
-                         raw: bytes) -> Outcome:
+                         raw: bytes, response_filter: ResponseFilter = strip_error_header) -> Outcome:
     """One request/response through the upstream; answers 502 itself when that fails."""
     head_only = req.method == b"HEAD"
     for attempt in (1, 2):
@@ -147,7 +197,7 @@ async def _relay_request(tunnel: AgentTunnel, client: Reader, upstream: _Upstrea
                 json_body=wants_json(req.headers), head_only=head_only))
             return Outcome.CLOSE
         try:
-            outcome, _resp = await exchange(client, reader, req, raw, strip_error_header)
+            outcome, _resp = await exchange(client, reader, req, raw, response_filter)
             return outcome
         except UpstreamFailed as exc:
             await upstream.drop()
@@ -165,9 +215,11 @@ async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableS
     """Relay the requests of one proxied public connection to the upstream."""
     client = Reader(stream)
     upstream = _Upstream(tunnel.upstream)
+    # --host-header is the agent's job (as in ngrok's v2 agent): it concerns the upstream only.
+    host = host_header_for(tunnel)
     try:
         while True:
-            raw = await client.read_head()
+            raw = await client.read_head(MAX_FORWARDED_HEAD)
             if raw is None:
                 return
             started = time.monotonic()
@@ -176,8 +228,12 @@ async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableS
             except BadMessage as exc:
                 await client.send_all(error_response(exc.status, Code.BAD_REQUEST, str(exc)))
                 return
+            response_filter: ResponseFilter = strip_error_header
+            if host is not None:
+                raw = set_header(raw, b"Host", host)
+                response_filter = location_rewriter(host, req)
             try:
-                outcome = await _relay_request(tunnel, client, upstream, req, raw)
+                outcome = await _relay_request(tunnel, client, upstream, req, raw, response_filter)
             finally:
                 tunnel.metrics.request_done(time.monotonic() - started)
             if outcome is not Outcome.KEEP:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import secrets
 import time
-from typing import Any
 
 import attrs
 import trio
@@ -20,9 +16,9 @@ from tunneld.core import (
     TunnelRejected,
     accept_tls,
     peer_addr,
-    proto,
 )
 
+from ._auth import BasicAuth, challenge_headers
 from ._relay import Outcome, Reader, UpstreamFailed, exchange
 from ._wire import BadMessage, RequestHead, error_response, parse_request_head, rewrite_head, wants_json
 
@@ -33,57 +29,18 @@ access_log = logging.getLogger("tunneld.access")
 HEAD_TIMEOUT = 10.0
 #: Idle keep-alive connections are closed after this many seconds.
 IDLE_TIMEOUT = 300.0
+#: An upgraded connection (WebSocket) is closed after this many seconds without a byte either
+#: way.  Long on purpose: apps keep sockets open for minutes between messages; the limit only
+#: reaps connections whose peer vanished without a FIN.
+UPGRADED_IDLE_TIMEOUT = 3600.0
 #: TLS handshake budget for public HTTPS clients.
 TLS_TIMEOUT = 10.0
 
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 #: Bind options whose meaning is carried out by the agent, or by the naming code below.
-HANDLED_OPTS = {"hostname", "subdomain", "domain", "url", "hostheaderrewrite", "localurlscheme"}
+#: ``Auth``/``BasicAuth`` are enforced by :class:`HttpIngress` (see ``_auth``).
+HANDLED_OPTS = {"hostname", "subdomain", "domain", "url", "hostheaderrewrite", "localurlscheme", "auth",
+                "basicauth"}
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
-
-
-def _opt(opts: dict[str, Any], name: str) -> str:
-    for key, value in opts.items():
-        if key.lower() == name and isinstance(value, str):
-            return value.strip()
-    return ""
-
-
-def choose_host(edge: Edge, session: AgentSession, bind: proto.Bind, scheme: str) -> str:
-    """The public hostname for an HTTP bind: asked for, paired with its twin, or random."""
-    domain = edge.config.domain
-    opts = bind.opts
-    asked = _opt(opts, "subdomain")
-    for key in ("hostname", "domain", "url"):
-        value = _opt(opts, key)
-        if value:
-            if "://" in value:
-                value = value.split("://", 1)[1]
-            value = value.split("/", 1)[0].rsplit(":", 1)[0].lower().rstrip(".")
-            if value.endswith("." + domain) and "." not in value[: -len(domain) - 1]:
-                asked = value[: -len(domain) - 1]
-            else:
-                raise TunnelRejected(f"hostname {value!r} is not allowed on this edge (only names under "
-                                     f"{domain})", Code.ADDRESS_NOT_ALLOWED)
-    if asked:
-        label = asked.lower()
-        if not _LABEL.match(label):
-            raise TunnelRejected(f"subdomain {asked!r} is not a valid DNS label", Code.ADDRESS_NOT_ALLOWED)
-        if label in edge.config.reserved_names:
-            raise TunnelRejected(f"subdomain {label!r} is reserved", Code.ADDRESS_NOT_ALLOWED)
-        return f"{label}.{domain}"
-    key = json.dumps(opts, sort_keys=True, default=str)
-    # The v2 agent binds https and http separately for one tunnel: give both the same name.
-    for opts_key, schemes, host in session.http_hosts:
-        if opts_key == key and scheme not in schemes:
-            schemes.add(scheme)
-            return host
-    while True:
-        host = f"{secrets.token_hex(4)}.{domain}"
-        if not edge.routes.host_in_use(host):
-            break
-    session.http_hosts.append((key, {scheme}, host))
-    return host
 
 
 @attrs.define(eq=False)
@@ -95,13 +52,19 @@ class HttpEdgeTunnel:
     tunnel_id: str
     scheme: str
     host: str
+    #: Credentials every request must carry (None: the tunnel is public).
+    auth: BasicAuth | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
         if self.scheme not in self.edge.ports:
             raise TunnelRejected(f"this edge has no public {self.scheme} listener", Code.PROTO_UNSUPPORTED)
-        self.edge.routes.claim_host(self.scheme, self.host, self)
+        if self.scheme == "https" and not self.host.endswith("." + self.edge.config.domain):
+            # A custom hostname needs a certificate of its own.
+            await trio.to_thread.run_sync(self.edge.ensure_certificate, self.host)
+        self.edge.routes.claim_host(self.scheme, self.host, self, self.session.owner)
         try:
-            task_status.started(TunnelInfo(self.edge.public_url(self.scheme, self.host), self.scheme))
+            task_status.started(TunnelInfo(self.edge.public_url(self.scheme, self.host), self.scheme,
+                                           ("host", self.host)))
             await trio.sleep_forever()
         finally:
             self.edge.routes.release_host(self.scheme, self.host, self)
@@ -150,8 +113,12 @@ class HttpIngress:
 
     async def _serve_https(self, stream: trio.SocketStream) -> None:
         addr = peer_addr(stream)
+        # A TLS front (the tls plugin) may take the connection first: SNI-routed passthrough.
+        transport = await self.edge.route_tls(stream, addr)
+        if transport is None:
+            return
         try:
-            tls = await accept_tls(stream, self.edge.ssl_context, timeout=TLS_TIMEOUT)
+            tls = await accept_tls(transport, self.edge.ssl_context, timeout=TLS_TIMEOUT)
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.debug("TLS handshake with %s failed: %s", addr, exc)
             return
@@ -206,6 +173,14 @@ class HttpIngress:
                                       f"Tunnel {host or '(no Host header)'} not found", req=req)
                     self._access(client_addr, host, req, 404, started)
                     return
+                # Every request is checked, not only a connection's first: keep-alive
+                # connections are routed (and may change tunnel) request by request.
+                auth: BasicAuth | None = getattr(tunnel, "auth", None)
+                if auth is not None and not auth.check(req.headers):
+                    await _send_error(client, 401, Code.UNAUTHORIZED, "this tunnel requires a user name "
+                                      "and password", req=req, extra_headers=challenge_headers())
+                    self._access(client_addr, host, req, 401, started, tunnel)
+                    return
                 if upstream is None or tunnel is not current or _ended(upstream):
                     if upstream is not None:
                         await upstream.aclose()
@@ -219,7 +194,8 @@ class HttpIngress:
                     current = tunnel
                 head = forwarded_head(raw, req, client_ip, scheme)
                 try:
-                    outcome, resp = await exchange(client, upstream, req, head)
+                    outcome, resp = await exchange(client, upstream, req, head,
+                                                   upgraded_idle_timeout=UPGRADED_IDLE_TIMEOUT)
                 except UpstreamFailed as exc:
                     if exc.bad_response:
                         await _send_error(client, 502, Code.BAD_UPSTREAM_RESPONSE,
@@ -227,20 +203,23 @@ class HttpIngress:
                     else:
                         await _send_error(client, 502, Code.AGENT_UNREACHABLE,
                                           f"the tunnel for {host} failed: {exc}", req=req)
-                    self._access(client_addr, host, req, 502, started)
+                    self._access(client_addr, host, req, 502, started, tunnel)
                     return
-                self._access(client_addr, host, req, resp.status if resp else 0, started)
+                self._access(client_addr, host, req, resp.status if resp else 0, started, tunnel)
                 if outcome is not Outcome.KEEP:
                     return
         finally:
             if upstream is not None:
                 await upstream.aclose()
 
-    def _access(self, client_addr: str, host: str, req: RequestHead, status: int, started: float) -> None:
+    def _access(self, client_addr: str, host: str, req: RequestHead, status: int, started: float,
+                tunnel: HttpEdgeTunnel | None = None) -> None:
+        # Same shape as TCP/TLS connection lines (core/_access.py): client= first, "-" for none.
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
-                'client=%s host=%s method=%s path="%s" status=%d duration_ms=%.1f',
-                client_addr, host, req.method.decode("latin-1"),
+                'client=%s host=%s tunnel=%s method=%s path="%s" status=%d duration_ms=%.1f',
+                client_addr, host or "-", tunnel.tunnel_id if tunnel is not None else "-",
+                req.method.decode("latin-1"),
                 req.target.decode("latin-1").replace('"', "%22")[:512], status,
                 (time.monotonic() - started) * 1000,
             )
@@ -252,9 +231,10 @@ def _ended(upstream: Reader) -> bool:
 
 
 async def _send_error(client: Reader, status: int, code: Code, message: str, *,
-                      req: RequestHead | None = None) -> None:
+                      req: RequestHead | None = None,
+                      extra_headers: list[tuple[str, str]] | None = None) -> None:
     data = error_response(status, code, message, json_body=req is not None and wants_json(req.headers),
-                          head_only=req is not None and req.method == b"HEAD")
+                          head_only=req is not None and req.method == b"HEAD", extra_headers=extra_headers)
     try:
         with trio.move_on_after(5):
             await client.send_all(data)

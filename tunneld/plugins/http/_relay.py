@@ -157,8 +157,12 @@ ResponseFilter = Callable[[ResponseHead, bytes], bytes]
 
 
 async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: bytes,
-                   response_filter: ResponseFilter | None = None) -> tuple[Outcome, ResponseHead | None]:
+                   response_filter: ResponseFilter | None = None, *,
+                   upgraded_idle_timeout: float | None = None) -> tuple[Outcome, ResponseHead | None]:
     """Relay one request/response exchange between ``client`` and ``upstream``.
+
+    After a ``101`` the connection becomes a two-way byte relay, ended after
+    ``upgraded_idle_timeout`` seconds without a byte either way (None: never).
 
     Raises :class:`UpstreamFailed` when no response head reached the client (so the caller may
     still answer with an error page); any later failure returns ``Outcome.CLOSE``.
@@ -225,6 +229,45 @@ async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: byt
     if body_state["failed"] and resp is None:
         raise UpstreamFailed("request body could not be delivered")
     if upgraded:
-        await forward(client, upstream)
+        await relay_upgraded(client, upstream, upgraded_idle_timeout)
         return Outcome.CLOSE, resp
     return outcome, resp
+
+
+class _Activity(trio.abc.HalfCloseableStream):
+    """Pushes ``scope``'s deadline ``idle`` seconds ahead whenever bytes arrive from ``stream``."""
+
+    def __init__(self, stream: Reader, scope: trio.CancelScope, idle: float) -> None:
+        self.stream = stream
+        self.scope = scope
+        self.idle = idle
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.stream.receive_some(max_bytes)
+        self.scope.deadline = trio.current_time() + self.idle
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def relay_upgraded(client: Reader, upstream: Reader, idle_timeout: float | None) -> None:
+    """Relay an upgraded connection both ways until both directions end or it sits idle too long.
+
+    The idle clock counts bytes in either direction: a WebSocket whose peer only listens still
+    sees the other side's frames (or pings) arrive.
+    """
+    if idle_timeout is None:
+        await forward(client, upstream)
+        return
+    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+        await forward(_Activity(client, scope, idle_timeout), _Activity(upstream, scope, idle_timeout))

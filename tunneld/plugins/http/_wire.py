@@ -30,11 +30,17 @@ __all__ = [
     "parse_request_head",
     "parse_response_head",
     "rewrite_head",
+    "set_header",
     "error_response",
 ]
 
-#: Largest request or response head accepted (431 beyond).
+#: Largest request or response head accepted from a client or an upstream (431 beyond).
 MAX_HEAD = 1024 * 1024
+#: Largest request head the agent accepts from the edge.  The edge enforces MAX_HEAD on what
+#: the client sent, then adds X-Forwarded-For/-Proto/-Host: at most a copy of the Host value
+#: plus a few dozen bytes, so twice MAX_HEAD (plus slack) always fits.  Checking MAX_HEAD again
+#: at the agent would refuse heads just under the limit that the client was promised.
+MAX_FORWARDED_HEAD = 2 * MAX_HEAD + 4096
 #: Largest chunk-size line or trailer line in a chunked body.
 MAX_CHUNK_LINE = 8192
 
@@ -92,12 +98,14 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
 
 
 class _Collector:
-    __slots__ = ("url", "headers", "complete")
+    __slots__ = ("url", "headers", "complete", "parser", "keep_alive")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
+        self.parser: httptools.HttpRequestParser | httptools.HttpResponseParser | None = None
+        self.keep_alive = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -107,6 +115,10 @@ class _Collector:
 
     def on_headers_complete(self) -> None:
         self.complete = True
+        # Asked here, not after feed_data(): a message without a body (Content-Length: 0)
+        # completes within the same call, and llhttp then answers False for responses.
+        if self.parser is not None:
+            self.keep_alive = self.parser.should_keep_alive()
 
 
 def _framing(headers: list[tuple[bytes, bytes]], *, request: bool) -> tuple[int, int]:
@@ -143,6 +155,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     """Parse a complete request head (through the blank line); BadMessage if malformed."""
     c = _Collector()
     parser = httptools.HttpRequestParser(c)
+    c.parser = parser
     upgrade = False
     try:
         parser.feed_data(head)
@@ -177,7 +190,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         version=version,
         headers=c.headers,
         host=host,
-        keep_alive=parser.should_keep_alive(),
+        keep_alive=c.keep_alive,
         upgrade=upgrade or method == b"CONNECT",
         body=body,
         length=length,
@@ -189,6 +202,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     """Parse a complete response head; the request method decides whether a body follows."""
     c = _Collector()
     parser = httptools.HttpResponseParser(c)
+    c.parser = parser
     try:
         parser.feed_data(head)
     except httptools.HttpParserUpgrade:
@@ -212,7 +226,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
         reason=reason,
         version=parser.get_http_version(),
         headers=c.headers,
-        keep_alive=parser.should_keep_alive() and body != BodyKind.UNTIL_CLOSE,
+        keep_alive=c.keep_alive and body != BodyKind.UNTIL_CLOSE,
         body=body,
         length=length,
     )
@@ -232,6 +246,37 @@ def rewrite_head(raw: bytes, *, drop: frozenset[bytes] = frozenset(),
     out.append(b"")
     out.append(b"")
     return b"\r\n".join(out)
+
+
+def set_header(raw: bytes, name: bytes, value: bytes) -> bytes:
+    """Copy ``raw`` (a whole head) with every ``name`` header replaced by one ``name: value``.
+
+    The new line takes the place of the first old one, so header order is kept.
+    """
+    lname = name.lower()
+    lines = raw[:-4].split(b"\r\n")
+    out = [lines[0]]
+    done = False
+    for line in lines[1:]:
+        if line.split(b":", 1)[0].strip().lower() == lname:
+            if not done:
+                out.append(name + b": " + value)
+                done = True
+            continue
+        out.append(line)
+    if not done:
+        out.append(name + b": " + value)
+    out.append(b"")
+    out.append(b"")
+    return b"\r\n".join(out)
+
+
+def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first ``name`` header's value (``name`` in lower case), or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.strip()
+    return None
 
 
 class ChunkedScanner:

@@ -17,6 +17,7 @@ from tunneld.core import (
     TunnelTypeRegistry,
     forward,
     proto,
+    proxy_proto_option,
     refuse_unenforced,
     set_nodelay,
     split_host_port,
@@ -45,20 +46,28 @@ class TcpTunnelType(TunnelType):
     bind_protos = ("tcp",)
 
     def edge_tunnel(self, edge: Edge, session: AgentSession, bind: proto.Bind, tunnel_id: str) -> TcpEdgeTunnel:
-        refuse_unenforced(bind.opts, {"addr", "url"})
-        return TcpEdgeTunnel(edge, session, tunnel_id, requested_port(bind.opts))
+        refuse_unenforced(bind.opts, {"addr", "url", "proxyproto"})
+        resumed = session.resumed_name(bind, "port")
+        return TcpEdgeTunnel(edge, session, tunnel_id, requested_port(bind.opts),
+                             int(resumed) if resumed and resumed.isdigit() else None,
+                             proxy_proto=proxy_proto_option(bind.opts))
 
     def parse_addr(self, addr: str) -> str:
         return parse_tcp_addr(addr)
 
     def agent_binds(self, config: TunnelConfig) -> list[BindRequest]:
         upstream = parse_tcp_addr(config.addr)
-        opts = {"Addr": config.remote_addr}
+        opts: dict[str, object] = {"Addr": config.remote_addr, "ProxyProto": config.proxy_proto}
         return [BindRequest(config.name, proto.Bind(proto="tcp", forwards_to=upstream, opts=opts,
                                                     extra=proto.BindExtra(name=config.name)))]
 
     async def agent_handle(self, tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
                            header: proto.ProxyHeader) -> None:
+        # A PROXY header, if the tunnel asked for one, is already in the stream: passed on as is.
+        log.info("tunnel %s: connection from %s", tunnel.name, header.client_addr,
+                 extra={"event": "join connections",
+                        "fields": {"obj": "join", "name": tunnel.name, "l": tunnel.upstream,
+                               "r": header.client_addr}})
         host, port = split_host_port(tunnel.upstream)
         try:
             with trio.fail_after(10):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import time
 from typing import Any
 
 import attrs
@@ -12,13 +13,17 @@ import trio
 
 from tunneld.core import (
     AgentSession,
+    ByteCounts,
     Code,
     Edge,
     TunnelInfo,
     TunnelRejected,
     forward,
+    local_addr,
+    log_connection,
     open_listeners,
     peer_addr,
+    proto,
     set_nodelay,
 )
 
@@ -46,19 +51,30 @@ class TcpEdgeTunnel:
     session: AgentSession
     tunnel_id: str
     port: int | None
+    #: The port this tunnel had before its agent reconnected (from the resume token).
+    resumed: int | None = None
+    #: PROXY protocol version the edge writes before each connection's bytes (0: none).
+    proxy_proto: int = 0
 
     async def _bind(self) -> list[trio.SocketListener]:
         cfg = self.edge.config
         low, high = cfg.tcp_ports
+        owner = self.session.owner
         if self.port is not None:
             if not low <= self.port <= high:
                 raise TunnelRejected(f"port {self.port} is outside this edge's range {low}-{high}",
                                      Code.ADDRESS_NOT_ALLOWED)
+            owner_now = self.edge.routes.names.owner_of("port", str(self.port))
+            if self.port not in self.edge.routes.ports and owner_now not in (None, owner):
+                raise TunnelRejected(f"port {self.port} is held for its previous owner", Code.ADDRESS_IN_USE)
             candidates = [self.port]
         else:
             candidates = random.sample(range(low, high + 1), min(PORT_ATTEMPTS, high - low + 1))
+            # A reconnecting agent gets its old port back when it is still free.
+            if self.resumed is not None and low <= self.resumed <= high:
+                candidates.insert(0, self.resumed)
         for port in candidates:
-            if port in self.edge.routes.ports:
+            if not self.edge.routes.port_available(port, owner):
                 continue
             try:
                 return await open_listeners(cfg.tcp_host, port)
@@ -73,27 +89,44 @@ class TcpEdgeTunnel:
         listeners = await self._bind()
         port = int(listeners[0].socket.getsockname()[1])
         routes = self.edge.routes
-        routes.ports[port] = self
+        try:
+            routes.claim_port(port, self, self.session.owner)
+        except BaseException:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, self._handle, listeners)
-                task_status.started(TunnelInfo(f"tcp://{self.edge.config.domain}:{port}", "tcp"))
+                task_status.started(TunnelInfo(f"tcp://{self.edge.config.domain}:{port}", "tcp",
+                                               ("port", str(port))))
         finally:
             # The listeners close with serve_listeners; the port is free again right now.
-            if routes.ports.get(port) is self:
-                del routes.ports[port]
+            routes.release_port(port, self)
 
     async def _handle(self, public: trio.SocketStream) -> None:
         set_nodelay(public)
+        started = time.monotonic()
         client = peer_addr(public)
+        server = local_addr(public)
+        counts = ByteCounts()
+        result = "agent_unreachable"
         try:
             try:
                 stream = await self.session.open_proxy_stream(self.tunnel_id, client, "tcp")
+                if self.proxy_proto:
+                    # The edge writes it, as official SDKs expect (ngrok-protocol.md §3.5).
+                    await stream.send_all(proto.encode_proxy_header(self.proxy_proto, client, server))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             try:
-                await forward(public, stream)
+                result = "ok"
+                await forward(public, stream, counts)
             finally:
                 await stream.aclose()
         finally:
             await trio.aclose_forcefully(public)
+            port = server.rsplit(":", 1)[-1]
+            log_connection(client=client, proto="tcp", tunnel_id=self.tunnel_id,
+                           url=f"tcp://{self.edge.config.domain}:{port}", result=result, started=started,
+                           counts=counts)

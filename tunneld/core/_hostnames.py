@@ -1,0 +1,134 @@
+"""Public hostnames for name-routed tunnels (http, https, tls): asked for, resumed or random.
+
+Three ways to get a name:
+
+* ``--subdomain NAME`` → ``NAME.DOMAIN`` (a DNS label; reserved words refused);
+* ``--hostname HOST`` (ngrok v3 spells it ``--domain`` / ``--url``) → ``HOST`` itself: either
+  one label under the edge's domain, or a *custom* hostname the operator allowed for the
+  token's account (``tunneld edge --allow-hostname HOST[=TOKEN_ID]``), pointed at the edge by a
+  CNAME to :attr:`EdgeConfig.cname_target`;
+* nothing → a random ``xxxxxxxx.DOMAIN``; a reconnecting agent gets its previous name back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._certs import name_matches
+from ._errors import Code, TunnelRejected
+
+if TYPE_CHECKING:
+    from ._edge import AgentSession, Edge
+    from .proto import Bind
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_HOSTNAME_KEYS = ("hostname", "domain", "url")
+
+
+@attrs.frozen
+class AllowedHostname:
+    """One ``--allow-hostname`` entry: a name or ``*.suffix`` pattern, for one token or any."""
+
+    pattern: str
+    #: Token id the name is reserved for; "" = any authenticated account.
+    token_id: str = ""
+
+    @classmethod
+    def parse(cls, value: str) -> AllowedHostname:
+        """``HOST`` or ``*.SUFFIX``, optionally ``=TOKEN_ID``; ValueError if malformed."""
+        pattern, _, token_id = value.strip().partition("=")
+        pattern = pattern.strip().lower().rstrip(".")
+        labels = pattern.split(".")
+        if len(labels) < 2 or any(not _LABEL.match(label) for label in labels[1:]) or \
+                not (labels[0] == "*" or _LABEL.match(labels[0])):
+            raise ValueError(f"{value!r} is not a hostname or a *.domain pattern")
+        return cls(pattern, token_id.strip())
+
+    def matches(self, host: str) -> bool:
+        # ``*.`` covers one label only, like a wildcard certificate.
+        return name_matches(self.pattern, host)
+
+
+def _opt(opts: dict[str, Any], name: str) -> str:
+    for key, value in opts.items():
+        if key.lower() == name and isinstance(value, str):
+            return value.strip()
+    return ""
+
+
+def requested_hostname(opts: dict[str, Any]) -> str:
+    """The full hostname a Bind asks for (``Hostname``/``Domain``/``URL``), normalised; "" if none."""
+    for key in _HOSTNAME_KEYS:
+        value = _opt(opts, key)
+        if value:
+            if "://" in value:
+                value = value.split("://", 1)[1]
+            return value.split("/", 1)[0].rsplit(":", 1)[0].lower().rstrip(".")
+    return ""
+
+
+def custom_hostname_allowed(edge: Edge, host: str, token_id: str) -> bool:
+    return any(a.matches(host) and a.token_id in ("", token_id) for a in edge.config.allowed_hostnames)
+
+
+def choose_host(edge: Edge, session: AgentSession, bind: Bind, pair: str) -> str:
+    """The public hostname for a name-routed Bind; TunnelRejected if it cannot be had.
+
+    ``pair`` groups binds that share one name when none is asked for: ngrok's v2 agent binds
+    ``https`` and ``http`` separately for one tunnel and both must get the same host.  Binds
+    with identical options and different ``pair`` values are twins.
+    """
+    domain = edge.config.domain
+    opts = bind.opts
+    label = _opt(opts, "subdomain").lower()
+    host = requested_hostname(opts)
+    if host:
+        if host.endswith("." + domain) and "." not in host[: -len(domain) - 1]:
+            label = host[: -len(domain) - 1]
+        elif not custom_hostname_allowed(edge, host, session.owner):
+            raise TunnelRejected(
+                f"hostname {host!r} is not reserved for your account on this edge (names under {domain} "
+                f"are free; the operator can allow others with --allow-hostname)", Code.ADDRESS_NOT_ALLOWED)
+        else:
+            return host
+    if label:
+        if not _LABEL.match(label):
+            raise TunnelRejected(f"subdomain {label!r} is not a valid DNS label (letters, digits and '-', "
+                                 "at most 63)", Code.ADDRESS_NOT_ALLOWED)
+        if label in edge.config.reserved_names:
+            raise TunnelRejected(f"subdomain {label!r} is reserved on this edge", Code.ADDRESS_NOT_ALLOWED)
+        return f"{label}.{domain}"
+    key = json.dumps(opts, sort_keys=True, default=str)
+    # A reconnecting agent gets the name it had (the resume token proves it was its own).
+    resumed = session.resumed_name(bind, "host")
+    if resumed and edge.routes.names.available("host", resumed, session.owner) \
+            and edge.routes.lookup(pair, resumed) is None:
+        _remember_pair(session, key, pair, resumed)
+        return resumed
+    # Only agents bind twins (ngrok's v2 agent and ours); an SDK's separate listeners with the
+    # same options are separate tunnels and get names of their own.
+    client_type = session.auth.extra.client_type if session.auth else ""
+    if not client_type.startswith("ngrok-"):
+        for opts_key, pairs, known in session.http_hosts:
+            if opts_key == key and pair not in pairs:
+                pairs.add(pair)
+                return known
+    while True:
+        host = f"{secrets.token_hex(4)}.{domain}"
+        if edge.routes.host_available(host, session.owner):
+            break
+    session.http_hosts.append((key, {pair}, host))
+    return host
+
+
+def _remember_pair(session: AgentSession, key: str, pair: str, host: str) -> None:
+    for opts_key, pairs, known in session.http_hosts:
+        if opts_key == key and known == host:
+            pairs.add(pair)
+            return
+    session.http_hosts.append((key, {pair}, host))

@@ -1,0 +1,77 @@
+"""TLS tunnels: SNI-routed TLS on the edge's HTTPS port, passed through unterminated (built-in plugin)."""
+
+from __future__ import annotations
+
+import trio
+from OpenSSL import SSL
+
+from tunneld import hookimpl
+from tunneld.core import (
+    AgentSession,
+    AgentTunnel,
+    BindRequest,
+    Edge,
+    TlsFront,
+    TunnelConfig,
+    TunnelType,
+    TunnelTypeRegistry,
+    choose_host,
+    proto,
+    proxy_proto_option,
+    refuse_unenforced,
+)
+
+from ._agent import parse_tls_addr, serve_tls_stream, termination_context
+from ._edge import HANDLED_OPTS, SniFront, TlsEdgeTunnel
+
+
+class TlsTunnelType(TunnelType):
+    name = "tls"
+    bind_protos = ("tls",)
+
+    def __init__(self) -> None:
+        # Agent-side termination contexts by (crt, key): built once, when the agent starts.
+        self._contexts: dict[tuple[str, str], SSL.Context] = {}
+
+    def edge_tunnel(self, edge: Edge, session: AgentSession, bind: proto.Bind,
+                    tunnel_id: str) -> TlsEdgeTunnel:
+        refuse_unenforced(bind.opts, HANDLED_OPTS)
+        version = proxy_proto_option(bind.opts)
+        # Names are shared with HTTP tunnels (one namespace on port 443); "tls" pairs with nothing.
+        return TlsEdgeTunnel(edge, session, tunnel_id, choose_host(edge, session, bind, "tls"), version)
+
+    def parse_addr(self, addr: str) -> str:
+        return parse_tls_addr(addr)
+
+    def _context(self, config: TunnelConfig) -> SSL.Context | None:
+        if not config.crt and not config.key:
+            return None
+        found = self._contexts.get((config.crt, config.key))
+        if found is None:
+            # Raises ConfigError for a bad pair; called from agent_binds, i.e. before connecting.
+            prefix = "--" if config.name == "command_line" else f"tunnels.{config.name}."
+            found = termination_context(config.crt, config.key, crt_name=f"{prefix}crt",
+                                        key_name=f"{prefix}key")
+            self._contexts[(config.crt, config.key)] = found
+        return found
+
+    def agent_binds(self, config: TunnelConfig) -> list[BindRequest]:
+        upstream = parse_tls_addr(config.addr)
+        self._context(config)
+        opts = {"Hostname": config.hostname, "Subdomain": config.subdomain, "ProxyProto": config.proxy_proto}
+        return [BindRequest(config.name, proto.Bind(proto="tls", forwards_to=upstream, opts=opts,
+                                                    extra=proto.BindExtra(name=config.name)))]
+
+    async def agent_handle(self, tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+                           header: proto.ProxyHeader) -> None:
+        await serve_tls_stream(tunnel, stream, header, self._context(tunnel.config))
+
+
+@hookimpl
+def tunneld_register_tunnel_types(registry: TunnelTypeRegistry) -> None:
+    registry.add(TlsTunnelType())
+
+
+@hookimpl
+def tunneld_edge_tls_front(edge: Edge) -> TlsFront:
+    return SniFront(edge)

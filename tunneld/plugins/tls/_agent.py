@@ -1,0 +1,137 @@
+"""Agent side of TLS tunnels: pass the client's TLS through, or terminate it with --crt/--key.
+
+Without a certificate the proxy stream is relayed to the upstream byte for byte: the upstream
+speaks TLS itself (HTTPS, IMAPS, ...) and sees the client's ClientHello, PROXY header first if
+the tunnel asked for one.  With ``--crt``/``--key`` the agent runs the TLS handshake itself
+(``BulkTLSStream``) and the upstream gets plaintext; a PROXY header is taken off the front
+before the handshake and passed on to the upstream ahead of the plaintext.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import trio
+from OpenSSL import SSL
+
+from tunneld.core import (
+    AgentTunnel,
+    ConfigError,
+    RemoteProtocolError,
+    accept_tls,
+    forward,
+    proto,
+    set_nodelay,
+    split_host_port,
+)
+from tunneld.core._certs import load_cert_key_pair
+from tunneld.core._tls import server_context
+
+from ._replay import ReplayStream
+
+log = logging.getLogger("tunneld.tls")
+
+#: Budget for the client's TLS handshake when the agent terminates.
+HANDSHAKE_TIMEOUT = 10.0
+#: Budget for reaching the upstream.
+CONNECT_TIMEOUT = 10.0
+#: Largest PROXY header the agent waits for (the edge writes at most 52 bytes).
+MAX_PROXY_HEADER = 4096
+
+
+def parse_tls_addr(addr: str) -> str:
+    """``443`` → ``localhost:443``; ``host:port`` kept; ``tls://`` / ``tcp://`` prefixes accepted."""
+    addr = addr.strip()
+    for prefix in ("tls://", "tcp://"):
+        if addr.startswith(prefix):
+            addr = addr[len(prefix):]
+    if addr.isdigit():
+        addr = f"localhost:{addr}"
+    host, port = split_host_port(addr)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {addr!r}")
+    return f"{host or 'localhost'}:{port}"
+
+
+def termination_context(crt: str, key: str, *, crt_name: str = "--crt",
+                        key_name: str = "--key") -> SSL.Context:
+    """The server context for agent-side termination; ConfigError naming the option if the pair is bad."""
+    crt_path, key_path = Path(os.path.expanduser(crt)), Path(os.path.expanduser(key))
+    load_cert_key_pair(crt_path, key_path, cert_flag=crt_name, key_flag=key_name)
+    try:
+        return server_context(crt_path, key_path)
+    except SSL.Error as exc:
+        raise ConfigError(f"{crt_name}/{key_name}: OpenSSL cannot use {crt_path} with {key_path}: "
+                          f"{exc}") from None
+
+
+async def _take_proxy_header(stream: trio.abc.HalfCloseableStream) -> tuple[bytes, bytes]:
+    """Read the PROXY header the edge put first: (header bytes, bytes that followed it)."""
+    data = b""
+    while (info := proto.parse_proxy_header(data)) is None:
+        if len(data) > MAX_PROXY_HEADER:
+            raise RemoteProtocolError("PROXY header too long")
+        chunk = await stream.receive_some(MAX_PROXY_HEADER)
+        if not chunk:
+            raise RemoteProtocolError("stream ended inside the PROXY header")
+        data += chunk
+    return data[: info.length], data[info.length:]
+
+
+async def _open_upstream(tunnel: AgentTunnel,
+                         stream: trio.abc.HalfCloseableStream) -> trio.SocketStream | None:
+    host, port = split_host_port(tunnel.upstream)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            upstream = await trio.open_tcp_stream(host.strip("[]"), port)
+    except (OSError, trio.TooSlowError) as exc:
+        log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, exc)
+        reset = getattr(stream, "reset", None)
+        if reset is not None:
+            reset()
+        return None
+    set_nodelay(upstream)
+    return upstream
+
+
+async def serve_tls_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+                           header: proto.ProxyHeader, context: SSL.Context | None) -> None:
+    """Serve one proxied TLS connection (``context``: terminate with it; None: pass through)."""
+    log.info("tunnel %s: connection from %s", tunnel.name, header.client_addr,
+             extra={"event": "join connections",
+                    "fields": {"obj": "join", "name": tunnel.name, "l": tunnel.upstream,
+                               "r": header.client_addr}})
+    if context is None:
+        upstream = await _open_upstream(tunnel, stream)
+        if upstream is None:
+            return
+        try:
+            await forward(stream, upstream)
+        finally:
+            await trio.aclose_forcefully(upstream)
+        return
+    prefix = b""
+    transport: trio.abc.HalfCloseableStream = stream
+    if tunnel.config.proxy_proto:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            prefix, rest = await _take_proxy_header(stream)
+        transport = ReplayStream(stream, rest)
+    try:
+        tls = await accept_tls(transport, context, timeout=HANDSHAKE_TIMEOUT)
+    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        log.info("tunnel %s: TLS handshake with %s failed: %s", tunnel.name, header.client_addr, exc)
+        return
+    try:
+        upstream = await _open_upstream(tunnel, stream)
+        if upstream is None:
+            return
+        try:
+            if prefix:
+                await upstream.send_all(prefix)
+            await forward(tls, upstream)
+        finally:
+            await trio.aclose_forcefully(upstream)
+    finally:
+        await trio.aclose_forcefully(tls)
