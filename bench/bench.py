@@ -984,15 +984,16 @@ class Gate:
     tree's) stayed below ``threshold`` cores over a 0.3 s window, or after ``max_wait`` seconds.
     """
 
-    def __init__(self, threshold: float, max_wait: float) -> None:
+    def __init__(self, threshold: float, max_wait: float, budget: float = 60.0) -> None:
         self.threshold = threshold
         self.max_wait = max_wait
+        self.budget = budget  # total seconds of waiting per benchmark run
         self.waited = 0.0
         self.gave_up = 0
         self.runs = 0
 
     def wait(self) -> None:
-        if self.max_wait <= 0:
+        if self.max_wait <= 0 or self.waited >= self.budget:
             return
         self.runs += 1
         t0 = time.monotonic()
@@ -1003,7 +1004,7 @@ class Gate:
             foreign = ((system_busy() - b0) - (tree_cpu(me) - o0)) / (time.monotonic() - w0)
             if foreign < self.threshold:
                 break
-            if time.monotonic() - t0 > self.max_wait:
+            if time.monotonic() - t0 > min(self.max_wait, self.budget - self.waited):
                 self.gave_up += 1
                 break
         self.waited += time.monotonic() - t0
@@ -1123,6 +1124,9 @@ def scenario_wrk(env: Env) -> None:
                 p50.values.append(out["p50_us"] / 1000)
                 p99.values.append(out["p99_us"] / 1000)
                 record_res(rps, route, ecpu, acpu, erss, arss)
+                if route.edge_pid is not None and out["requests"]:
+                    env.results.row("wrk", f"CPU us/req c={c}", route.name, "us", ".0f", show_res=False).values.append(
+                        1e6 * (ecpu + acpu) / out["requests"])
                 errs = {k[4:]: int(v) for k, v in out.items() if k.startswith("err_") and v}
                 if errs:
                     rps.notes.append(f"round {rnd + 1}: wrk errors {errs}")
@@ -1249,7 +1253,7 @@ def print_table(results: Results, scenario: str, title: str) -> None:
                 res = (f"{_fmt(_med(r.edge_cpu), '.2f'):>9}{_fmt(_med(r.agent_cpu), '.2f'):>10}"
                        f"{_fmt(_med(r.edge_rss), '.0f'):>9}{_fmt(_med(r.agent_rss), '.0f'):>10}")
             bad = f"  ({len(r.errors)} round(s) with errors)" if r.errors else ""
-            say(f"{metric:<18}{r.path:<14}{_fmt(med, '>10' + r.fmt)}{_fmt(xd, '>9.2f')}{_fmt(xs, '>8.2f')}   "
+            say(f"{metric:<18}{r.path:<14}{_fmt(med, r.fmt):>10}{_fmt(xd, '.2f'):>9}{_fmt(xs, '.2f'):>8}   "
                 f"{per:<{rw}}{res}{bad}")
 
 
@@ -1319,9 +1323,11 @@ def main() -> int:
     ap.add_argument("--conn-deadline", type=float, default=None,
                     help="c1000: seconds before unfinished connections count as failed [30; quick 15]")
     ap.add_argument("--timeout", type=float, default=60.0, help="socket inactivity timeout, seconds")
-    ap.add_argument("--gate", type=float, default=5.0,
+    ap.add_argument("--gate", type=float, default=None,
                     help="before each run wait up to this many seconds for foreign CPU load (other "
-                         "users of this machine) to drop below --gate-cores; 0 disables")
+                         "users of this machine) to drop below --gate-cores; 0 disables [3; quick 2]")
+    ap.add_argument("--gate-budget", type=float, default=None,
+                    help="total seconds the gate may wait in one benchmark run [60; quick 15]")
     ap.add_argument("--gate-cores", type=float, default=0.25, help="foreign load that counts as quiet")
     ap.add_argument("--no-ssh", action="store_true", help="skip the OpenSSH ssh -R paths")
     ap.add_argument("--tunneld", default=None,
@@ -1357,7 +1363,9 @@ def main() -> int:
     if "wrk" in scenarios and shutil.which("wrk") is None:
         ap.error("wrk not found (apt-get install -y wrk)")
 
-    GATE.threshold, GATE.max_wait = args.gate_cores, args.gate
+    GATE.threshold = args.gate_cores
+    GATE.max_wait = args.gate if args.gate is not None else (2.0 if q else 3.0)
+    GATE.budget = args.gate_budget if args.gate_budget is not None else (15.0 if q else 60.0)
     soft, hard = raise_nofile(max(65536, 4 * args.conns + 1024))
     if args.tunneld:
         tunneld = shlex.split(args.tunneld)
@@ -1502,7 +1510,8 @@ def main() -> int:
         titles = {
             "bulk": f"bulk: MB/s (10^6 B/s) of one {args.size_mib} MiB transfer on one connection",
             "wrk": f"wrk: GET {args.path} from nginx, keep-alive, {args.wrk_duration:g} s per run, "
-                   f"{'/'.join(str(min(2, c)) for c in args.wrk_conns)} threads",
+                   f"{'/'.join(str(min(2, c)) for c in args.wrk_conns)} threads; 'CPU us/req' = edge-side + "
+                   "agent-side CPU per request",
             "ttfb": f"ttfb: new TCP connection per request, connect() -> first response byte, "
                     f"{args.ttfb_requests} requests per round (GET {args.path}, Connection: close); "
                     "CPU per round",
@@ -1523,8 +1532,9 @@ def main() -> int:
         say(f"{'wall / foreign CPU':<22}" + "".join(
             f"{foreign[n][0]:>12.0f} s {foreign[n][1]:>5.2f} cpu" for n in scenarios))
         if GATE.runs:
-            say(f"quiet gate: waited {GATE.waited:.0f} s in all before {GATE.runs} runs for foreign load < "
-                f"{GATE.threshold:g} cores; {GATE.gave_up} run(s) started anyway after {GATE.max_wait:g} s")
+            say(f"quiet gate: waited {GATE.waited:.0f} s in all (budget {GATE.budget:g} s) before {GATE.runs} runs "
+                f"for foreign load < {GATE.threshold:g} cores; {GATE.gave_up} run(s) started anyway after "
+                f"{GATE.max_wait:g} s" + ("; budget used up" if GATE.waited >= GATE.budget else ""))
         print_errors(results)
         say("")
         say(ssh_note)

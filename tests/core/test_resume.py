@@ -94,7 +94,7 @@ async def test_frozen_link_reconnects_to_same_urls(edge_env: EdgeEnv, nursery: t
     web = await start_http_upstream(nursery)
     agent = await edge_env.start_agent(
         TunnelConfig("t", "tcp", str(echo)), TunnelConfig("w", "http", str(web), schemes=["http"]),
-        server_addr=f"127.0.0.1:{proxy.port}", **FAST_HEARTBEAT)
+        TunnelConfig("s", "tls", str(echo)), server_addr=f"127.0.0.1:{proxy.port}", **FAST_HEARTBEAT)
     urls = {t.name: t.public_url for t in agent.tunnels}
     client_id = agent.client_id
     tcp_port = port_of(urls["t"])

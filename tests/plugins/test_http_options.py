@@ -565,7 +565,7 @@ def ws_connect(env: EdgeEnv, host: str, scheme: str = "http") -> websockets.sync
     sock = socket.create_connection(("127.0.0.1", port))
     ctx = ssl.create_default_context(cafile=str(env.ca)) if scheme == "https" else None
     url = f"{'ws' if scheme == 'http' else 'wss'}://{host}:{port}/chat"
-    return websockets.sync.client.connect(url, sock=sock, ssl=ctx, ping_interval=None, open_timeout=5,
+    return websockets.sync.client.connect(url, sock=sock, ssl=ctx, ping_interval=None, open_timeout=15,
                                           close_timeout=2, max_size=4 * MiB)
 
 
@@ -584,15 +584,15 @@ async def test_websockets_client_through_tunnel(edge_env: EdgeEnv, nursery: trio
         sock = socket.create_connection(("127.0.0.1", port))
         ctx = ssl.create_default_context(cafile=str(edge_env.ca)) if scheme == "https" else None
         url = f"{'ws' if scheme == 'http' else 'wss'}://{ALICE.replace(' ', '%20')}@{host}:{port}/chat"
-        with websockets.sync.client.connect(url, sock=sock, ssl=ctx, ping_interval=None, open_timeout=5,
+        with websockets.sync.client.connect(url, sock=sock, ssl=ctx, ping_interval=None, open_timeout=15,
                                             max_size=4 * MiB) as ws:
             ws.send("hello")
-            assert ws.recv(timeout=5) == "hello"
+            assert ws.recv(timeout=15) == "hello"
             ws.send(big)
-            assert ws.recv(timeout=10) == big
+            assert ws.recv(timeout=15) == big
             for i in range(50):
                 ws.send(f"m{i}")
-            assert [ws.recv(timeout=5) for _ in range(50)] == [f"m{i}" for i in range(50)]
+            assert [ws.recv(timeout=15) for _ in range(50)] == [f"m{i}" for i in range(50)]
 
     with trio.fail_after(30):
         await trio.to_thread.run_sync(talk)
@@ -611,10 +611,10 @@ async def test_idle_websocket_outlives_the_http_timers(edge_env: EdgeEnv, nurser
     def survives_idle() -> None:
         with ws_connect(edge_env, host) as ws:
             ws.send("before")
-            assert ws.recv(timeout=5) == "before"
+            assert ws.recv(timeout=15) == "before"
             time.sleep(1.0)  # five times the (patched) head and keep-alive timers
             ws.send("after")
-            assert ws.recv(timeout=5) == "after"
+            assert ws.recv(timeout=15) == "after"
 
     with trio.fail_after(20):
         await trio.to_thread.run_sync(survives_idle)
@@ -625,17 +625,17 @@ async def test_idle_websocket_outlives_the_http_timers(edge_env: EdgeEnv, nurser
     def reaped_when_idle() -> float:
         with ws_connect(edge_env, host) as ws:
             ws.send("x")
-            assert ws.recv(timeout=5) == "x"
+            assert ws.recv(timeout=15) == "x"
             start = time.monotonic()
             with pytest.raises(websockets.exceptions.ConnectionClosed):
-                ws.recv(timeout=5)
+                ws.recv(timeout=15)
             return time.monotonic() - start
 
     def kept_while_busy() -> None:
         with ws_connect(edge_env, host) as ws:
             for i in range(8):  # 1.6 s in all, never 0.5 s quiet
                 ws.send(f"tick {i}")
-                assert ws.recv(timeout=5) == f"tick {i}"
+                assert ws.recv(timeout=15) == f"tick {i}"
                 time.sleep(0.2)
 
     with trio.fail_after(20):

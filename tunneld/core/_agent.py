@@ -138,7 +138,8 @@ class AgentTunnel:
     name: str
     config: TunnelConfig
     type: TunnelType
-    bind: proto.Bind
+    #: Not in the repr: its options may hold basic-auth passwords.
+    bind: proto.Bind = attrs.field(repr=False)
     #: Normalised upstream (``http://localhost:8080``, ``localhost:22``).
     upstream: str
     public_url: str = ""

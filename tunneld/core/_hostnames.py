@@ -12,6 +12,7 @@ Three ways to get a name:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -103,7 +104,8 @@ def choose_host(edge: Edge, session: AgentSession, bind: Bind, pair: str) -> str
         if label in edge.config.reserved_names:
             raise TunnelRejected(f"subdomain {label!r} is reserved on this edge", Code.ADDRESS_NOT_ALLOWED)
         return f"{label}.{domain}"
-    key = json.dumps(opts, sort_keys=True, default=str)
+    # A digest, not the options themselves: they may hold basic-auth passwords.
+    key = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()
     # A reconnecting agent gets the name it had (the resume token proves it was its own).
     resumed = session.resumed_name(bind, "host")
     if resumed and edge.routes.names.available("host", resumed, session.owner) \

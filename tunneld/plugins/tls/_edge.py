@@ -80,7 +80,8 @@ class TlsEdgeTunnel:
         finally:
             self.edge.routes.release_host("tls", self.host, self)
 
-    async def serve(self, public: trio.SocketStream, client_addr: str, peeked: bytes, started: float) -> None:
+    async def serve(self, public: trio.SocketStream, client_addr: str, peeked: bytes,
+                    started: float) -> None:
         """Relay one public connection (its first bytes already read: ``peeked``) to the agent."""
         counts = ByteCounts()
         result = "agent_unreachable"
@@ -88,8 +89,10 @@ class TlsEdgeTunnel:
             stream = await self.session.open_proxy_stream(self.tunnel_id, client_addr, "tls",
                                                           passthrough_tls=True)
             try:
-                head = proto.encode_proxy_header(self.proxy_proto, client_addr, local_addr(public)) \
-                    if self.proxy_proto else b""
+                head = b""
+                if self.proxy_proto:
+                    # Written by the edge, as ngrok's SDKs expect (ngrok-protocol.md §3.5).
+                    head = proto.encode_proxy_header(self.proxy_proto, client_addr, local_addr(public))
                 await stream.send_all(head + peeked)
                 counts.a_to_b = len(peeked)
                 result = "ok"
