@@ -18,6 +18,7 @@ import signal
 import socket
 import socketserver
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -504,6 +505,47 @@ def test_tcp_agent(edge: EdgeProc, echo_upstream: int, spawn: Callable[..., Proc
     [t] = api["tunnels"]
     assert t["proto"] == "tcp" and t["public_url"] == url
     assert t["config"] == {"addr": f"localhost:{echo_upstream}", "inspect": False}
+
+
+class _Firehose(socketserver.BaseRequestHandler):
+    """Sends 64 MiB as fast as the client takes it."""
+
+    def handle(self) -> None:
+        chunk = b"x" * 65536
+        try:
+            for _ in range(1024):
+                self.request.sendall(chunk)
+        except OSError:
+            pass
+
+
+def test_clients_resetting_mid_response_do_not_kill_the_edge(edge: EdgeProc, spawn: Callable[..., Proc],
+                                                              http_upstream: int) -> None:
+    """Public clients that reset while the edge writes to them (EPIPE): the edge carries on.
+
+    The CLI once restored SIGPIPE's default action, and the first such client killed the edge.
+    """
+    server = _ThreadingTCP(("127.0.0.1", 0), _Firehose)
+    for port in _serve_in_thread(server):
+        tcp = spawn("tcp", str(port), *edge.agent_flags(), "--log", "stdout", "--log-format", "logfmt")
+        web = spawn("http", str(http_upstream), "--scheme", "http", *edge.agent_flags(), "--log", "stdout",
+                    "--log-format", "logfmt", "--web-addr", "false")
+        public = int(started_urls(tcp, 1)["command_line"].rsplit(":", 1)[1])
+        web_url = started_urls(web, 1)["command_line"]
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", public), timeout=5) as s:
+                assert s.recv(65536)
+                # RST instead of FIN, with the edge mid-write.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.5)
+        assert edge.proc.popen.poll() is None, edge.proc.describe()
+        assert "hello from upstream" in curl(web_url + "/still-here")
+        # Whether a reset client makes a write fail with EPIPE is a race; that the signal is
+        # ignored in every long-running process is not.
+        for proc in (edge.proc, tcp, web):
+            status = Path(f"/proc/{proc.popen.pid}/status").read_text()
+            ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+            assert ignored & (1 << (signal.SIGPIPE - 1)), f"SIGPIPE not ignored by {proc.args}"
 
 
 def test_tcp_agent_remote_addr(edge: EdgeProc, echo_upstream: int, spawn: Callable[..., Proc]) -> None:

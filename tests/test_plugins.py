@@ -23,7 +23,7 @@ import trio.testing
 
 import tunneld
 from tunneld import hookspecs
-from tunneld.core import Edge, PluginError, TunnelType, TunnelTypeRegistry
+from tunneld.core import Edge, PluginError, PrefixedStream, TunnelType, TunnelTypeRegistry
 from tunneld.core._plugins import BUILTIN_PLUGINS, DISABLE_ENV, build_registry, get_plugin_manager
 from tunneld.core._store import Store
 
@@ -338,8 +338,7 @@ async def test_hook_tunneld_edge_tls_front(tmp_path: Path) -> None:
             if first == b"T":  # "take": the front answers itself; the edge must not terminate
                 await stream.send_all(b"taken by the front\n")
                 return None
-            stream.prefix = first  # type: ignore[attr-defined]
-            return _Replay(stream)
+            return PrefixedStream(stream, first)
 
     class FrontPlugin:
         @tunneld.hookimpl
@@ -376,28 +375,6 @@ async def test_hook_tunneld_edge_tls_front(tmp_path: Path) -> None:
     finally:
         store.close()
     assert [data for _addr, data in seen] == [b"T", b"\x16"]
-
-
-class _Replay(trio.abc.Stream):
-    """The socket stream with the byte the test front read put back."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.stream.prefix:
-            data, self.stream.prefix = self.stream.prefix, b""
-            return bytes(data)
-        return bytes(await self.stream.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 def test_hook_tunneld_add_commands(third_party: Path) -> None:

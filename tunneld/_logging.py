@@ -77,6 +77,9 @@ def setup_logging(target: str, fmt: str, level: str) -> None:
     if target in ("", "false", "none"):
         stream = None
         handler: logging.Handler = logging.NullHandler()
+        # Nothing is written: don't build a record per request only to drop it (6 % of the
+        # edge's CPU per request under load).
+        root.setLevel(logging.CRITICAL + 1)
     elif target == "stdout":
         stream = sys.stdout
         handler = logging.StreamHandler(stream)

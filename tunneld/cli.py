@@ -7,7 +7,6 @@ so its users and their scripts feel at home.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -513,8 +512,8 @@ def main() -> None:
         get_plugin_manager().hook.tunneld_add_commands(cli=cli)
     except Exception as exc:  # noqa: BLE001 - report and carry on without the plugin
         click.echo(f"tunneld: warning: plugin failed to load: {exc}", err=True)
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default): the edge and the agent write to sockets that
+    # clients may reset at any moment, and must get EPIPE as an error, not die of the signal.
     cli(prog_name="tunneld")
 
 

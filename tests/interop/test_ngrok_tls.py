@@ -16,7 +16,7 @@ import pytest
 import trio
 import trustme
 
-from tunneld.core import proto
+from tunneld.core import PrefixedStream, proto
 
 from ..conftest import DOMAIN, EdgeEnv
 from .test_ngrok_clients import agent_bin, free_port, py_sdk, run_client, run_sdk  # noqa: F401 - fixtures
@@ -44,7 +44,7 @@ class TlsEcho:
                         return
                     data += chunk
                 self.headers.append(info)
-                transport = _Prefixed(tcp, data[info.length:])
+                transport = PrefixedStream(tcp, data[info.length:])
             stream = trio.SSLStream(transport, self.ctx, server_side=True)
             try:
                 async for chunk in stream:
@@ -69,26 +69,6 @@ class TlsEcho:
             got += await stream.receive_some(65536)
         await stream.aclose()
         return got, (me[0], me[1])
-
-
-class _Prefixed(trio.abc.Stream):
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self.stream, self.prefix = stream, prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.prefix:
-            data, self.prefix = self.prefix, b""
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 @pytest.mark.parametrize("proxy_proto", ["", "1", "2"])

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from tunneld._logging import JsonFormatter, LogfmtFormatter, TermFormatter
 from tunneld.cli import cli
-from tunneld.core import Agent, ConfigError, TunnelConfig, TunnelRejected, proto
+from tunneld.core import Agent, ConfigError, PrefixedStream, TunnelConfig, TunnelRejected, proto
 from tunneld.core._web import tunnel_json
 from tunneld.plugins.tls import _edge as tls_edge
 
@@ -88,34 +88,12 @@ class TlsUpstream:
             if proxy:
                 info, rest = await read_proxy_header(tcp)
                 self.proxy_headers.append(info)
-                transport = Replay(tcp, rest)
+                transport = PrefixedStream(tcp, rest)
             stream = trio.SSLStream(transport, ctx, server_side=True)
             await line_service(stream)
 
         self.port = await serve(nursery, handle)
         return self
-
-
-class Replay(trio.abc.Stream):
-    """Test-side twin of the plugin's ReplayStream (kept independent on purpose)."""
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self.stream, self.prefix = stream, prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.prefix:
-            data, self.prefix = self.prefix, b""
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 async def read_proxy_header(stream: trio.abc.ReceiveStream) -> tuple[proto.ProxyProtocolInfo, bytes]:
@@ -521,7 +499,7 @@ async def test_proxy_protocol(edge_env: EdgeEnv, nursery: trio.Nursery, pki: Pki
         async def plain(tcp: trio.SocketStream) -> None:
             info, rest = await read_proxy_header(tcp)
             headers.append(info)
-            await line_service(Replay(tcp, rest))
+            await line_service(PrefixedStream(tcp, rest))
 
         port = await serve(nursery, plain)
     if kind == "tcp":

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ._mux import MuxStream as MuxStream
     from ._tls import accept_tls as accept_tls
     from ._hostnames import choose_host as choose_host
+    from ._streams import PrefixedStream as PrefixedStream
     from ._tunnel import BindRequest as BindRequest
     from ._tunnel import EdgeService as EdgeService
     from ._tunnel import EdgeTunnel as EdgeTunnel
@@ -85,6 +86,7 @@ _EXPORTS: dict[str, str] = {
     "MuxStream": "._mux",
     "accept_tls": "._tls",
     "choose_host": "._hostnames",
+    "PrefixedStream": "._streams",
     "BindRequest": "._tunnel",
     "EdgeService": "._tunnel",
     "EdgeTunnel": "._tunnel",

@@ -44,6 +44,7 @@ from ._mux import MuxSession, MuxStream
 from ._plugins import build_registry, get_plugin_manager
 from ._rpc import call, read_message, reply
 from ._tls import client_context, open_tls_client
+from ._streams import PrefixedStream
 from ._tunnel import TunnelType, TunnelTypeRegistry
 from ._util import split_host_port
 from ._websocket import connect_websocket, is_websocket_url
@@ -155,41 +156,6 @@ class AgentInfo:
     """What :meth:`Agent.run` reports once every tunnel is bound."""
 
     tunnels: list[AgentTunnel]
-
-
-class PrefixedStream(trio.abc.HalfCloseableStream):
-    """A stream whose first reads return ``prefix`` (bytes that arrived with a header)."""
-
-    def __init__(self, stream: MuxStream, prefix: bytes) -> None:
-        self.stream = stream
-        self.prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.prefix:
-            n = len(self.prefix) if max_bytes is None else max_bytes
-            data, self.prefix = self.prefix[:n], self.prefix[n:]
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-    def reset(self, code: int = proto.ErrorCode.STREAM_CANCELLED) -> None:
-        self.stream.reset(code)
-
-    @property
-    def eof_received(self) -> bool:
-        return self.stream.eof_received and not self.prefix
 
 
 @attrs.define(eq=False)

@@ -54,10 +54,12 @@ log = logging.getLogger("tunneld.mux")
 READ_SIZE = 256 * 1024
 #: Bytes queued for the carrier before data writers must wait.
 OUTBOX_LIMIT = 4 * 1024 * 1024
-#: Streams the peer may open and we have not yet accepted (Go's backlog is 128).
-ACCEPT_BACKLOG = 512
 #: Concurrent streams a peer may hold open on one session.
 MAX_REMOTE_STREAMS = 8192
+#: Streams the peer may open and we have not yet accepted (Go's backlog is 128).  As many as
+#: it may hold: one read of the carrier can bring hundreds of SYNs (a burst of public
+#: connections) before the accept loop runs, and refusing them would fail those connections.
+ACCEPT_BACKLOG = MAX_REMOTE_STREAMS
 
 
 class StreamReset(trio.BrokenResourceError):

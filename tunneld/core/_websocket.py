@@ -114,34 +114,6 @@ async def accept_websocket(nursery: trio.Nursery, stream: trio.abc.Stream, *,
     return WebSocketStream(ws)
 
 
-class Replayed(trio.abc.Stream):
-    """``stream`` with ``head`` (bytes already read to sniff the carrier) read again first."""
-
-    def __init__(self, stream: trio.abc.Stream, head: bytes) -> None:
-        self.stream = stream
-        self.head = head
-        send_parts = getattr(stream, "send_all_parts", None)
-        if send_parts is not None:
-            self.send_all_parts = send_parts
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.head:
-            n = len(self.head) if max_bytes is None else max_bytes
-            data, self.head = self.head[:n], self.head[n:]
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 def looks_like_websocket(head: bytes) -> bool:
     """Whether the first bytes from an agent are an HTTP request (a WebSocket upgrade)."""
     return head[:4] == b"GET "

@@ -159,16 +159,25 @@ def _replayable(req: RequestHead, exc: UpstreamFailed) -> bool:
     return not exc.bad_response and req.body == BodyKind.NONE and req.method in _IDEMPOTENT
 
 
+#: A kept-alive upstream connection idle for longer than this is probed before reuse.  Within
+#: it, a close is rare and caught anyway (idempotent requests are replayed once).
+PROBE_AFTER_IDLE = 1.0
+
+
 class _Upstream:
     """The agent's kept-alive connection to the upstream, reopened when it has gone stale."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.reader: Reader | None = None
+        self.last_used = 0.0
 
     async def get(self) -> tuple[Reader, bool]:
         """The connection to use and whether it is new (OSError & co. when unreachable)."""
-        if self.reader is not None and _closed_while_idle(self.reader):
+        now = trio.current_time()
+        idle, self.last_used = now - self.last_used, now
+        if self.reader is not None and (self.reader.buf or idle > PROBE_AFTER_IDLE) \
+                and _closed_while_idle(self.reader):
             # The upstream dropped the kept-alive connection (idle timeout): use a new one.
             await self.drop()
         if self.reader is None:

@@ -69,8 +69,8 @@ class HttpEdgeTunnel:
         finally:
             self.edge.routes.release_host(self.scheme, self.host, self)
 
-    async def open_stream(self, client_addr: str) -> trio.abc.HalfCloseableStream:
-        return await self.session.open_proxy_stream(self.tunnel_id, client_addr, self.scheme)
+    async def open_stream(self, client_addr: str, first: bytes = b"") -> trio.abc.HalfCloseableStream:
+        return await self.session.open_proxy_stream(self.tunnel_id, client_addr, self.scheme, first=first)
 
 
 def forwarded_head(raw: bytes, req: RequestHead, client_ip: str, scheme: str) -> bytes:
@@ -150,8 +150,12 @@ class HttpIngress:
                         continue
                 started = time.monotonic()
                 try:
-                    with trio.fail_after(HEAD_TIMEOUT):
+                    if client.head_buffered():
+                        # Already complete (pipelined, or arrived with the idle wait's read).
                         raw = await client.read_head()
+                    else:
+                        with trio.fail_after(HEAD_TIMEOUT):
+                            raw = await client.read_head()
                     if raw is None:
                         return
                     req = parse_request_head(raw)
@@ -181,18 +185,20 @@ class HttpIngress:
                                       "and password", req=req, extra_headers=challenge_headers())
                     self._access(client_addr, host, req, 401, started, tunnel)
                     return
+                head = forwarded_head(raw, req, client_ip, scheme)
                 if upstream is None or tunnel is not current or _ended(upstream):
                     if upstream is not None:
                         await upstream.aclose()
                         upstream = None
                     try:
-                        upstream = Reader(await tunnel.open_stream(client_addr))
+                        # The request head rides in the stream's SYN frame.
+                        upstream = Reader(await tunnel.open_stream(client_addr, head))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         await _send_error(client, 502, Code.AGENT_UNREACHABLE,
                                           f"the agent serving {host} is not reachable", req=req)
                         return
                     current = tunnel
-                head = forwarded_head(raw, req, client_ip, scheme)
+                    head = b""
                 try:
                     outcome, resp = await exchange(client, upstream, req, head,
                                                    upgraded_idle_timeout=UPGRADED_IDLE_TIMEOUT)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
+import attrs
 import trio
 
 from tunneld.core import CHUNK, forward
@@ -62,6 +63,10 @@ class Reader(trio.abc.HalfCloseableStream):
                     raise BadMessage("connection closed inside a message head")
                 return None
             buf += data
+
+    def head_buffered(self, limit: int = MAX_HEAD) -> bool:
+        """Whether a complete head (within ``limit``) is already buffered."""
+        return 0 < find_head_end(self.buf) <= limit
 
     def skip_blank_lines(self) -> None:
         """Drop stray CRLFs buffered between messages (RFC 9112 §2.2 says to ignore them)."""
@@ -156,29 +161,67 @@ class UpstreamFailed(Exception):
 ResponseFilter = Callable[[ResponseHead, bytes], bytes]
 
 
+#: A response body already buffered up to this size goes out in one write with its head.
+COALESCE_BODY = 64 * 1024
+
+
+@attrs.define
+class _Progress:
+    """How far the response has got (for the caller's error handling)."""
+
+    resp: ResponseHead | None = None
+    sent_any: bool = False
+
+
 async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: bytes,
                    response_filter: ResponseFilter | None = None, *,
                    upgraded_idle_timeout: float | None = None) -> tuple[Outcome, ResponseHead | None]:
     """Relay one request/response exchange between ``client`` and ``upstream``.
 
-    After a ``101`` the connection becomes a two-way byte relay, ended after
+    ``head`` is sent first ("" when the caller sent it already, e.g. in the stream's SYN
+    frame).  After a ``101`` the connection becomes a two-way byte relay, ended after
     ``upgraded_idle_timeout`` seconds without a byte either way (None: never).
 
     Raises :class:`UpstreamFailed` when no response head reached the client (so the caller may
     still answer with an error page); any later failure returns ``Outcome.CLOSE``.
     """
-    try:
-        await upstream.send_all(head)
-    except _ENDED as exc:
-        raise UpstreamFailed(f"upstream closed: {exc}") from None
-    body_state = {"done": req.body == BodyKind.NONE, "failed": False}
-    resp: ResponseHead | None = None
-    upgraded = False
-    outcome = Outcome.CLOSE
+    if head:
+        try:
+            await upstream.send_all(head)
+        except _ENDED as exc:
+            raise UpstreamFailed(f"upstream closed: {exc}") from None
+    progress = _Progress()
+    if req.body == BodyKind.NONE:
+        # The common case: nothing to send while the response comes, so no second task.
+        body_done = True
+        try:
+            await _relay_response(client, upstream, req, response_filter, progress)
+        except UpstreamFailed:
+            if not progress.sent_any:
+                raise
+            return Outcome.CLOSE, progress.resp
+        except (Truncated, BadMessage, *_ENDED):
+            return Outcome.CLOSE, progress.resp
+    else:
+        body_done = await _exchange_with_body(client, upstream, req, response_filter, progress)
+    resp = progress.resp
+    if resp is None:
+        return Outcome.CLOSE, None
+    if resp.status == 101:
+        await relay_upgraded(client, upstream, upgraded_idle_timeout)
+        return Outcome.CLOSE, resp
+    keep = body_done and progress.sent_any and req.keep_alive and resp.keep_alive
+    return (Outcome.KEEP if keep else Outcome.CLOSE), resp
+
+
+async def _exchange_with_body(client: Reader, upstream: Reader, req: RequestHead,
+                              response_filter: ResponseFilter | None, progress: _Progress) -> bool:
+    """Stream the request body while the response is relayed; True if the body went through."""
+    body_state = {"done": False, "failed": False}
     # Exceptions are kept out of the nursery body: with strict exception groups anything
     # raised there would come out wrapped.
     failure: UpstreamFailed | None = None
-    sent_any = False
+    complete = False
     async with trio.open_nursery() as nursery:
 
         async def send_body() -> None:
@@ -189,49 +232,57 @@ async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: byt
                 body_state["failed"] = True
                 nursery.cancel_scope.cancel()
 
-        if not body_state["done"]:
-            nursery.start_soon(send_body)
+        nursery.start_soon(send_body)
         try:
-            while True:
-                try:
-                    raw = await upstream.read_head()
-                except BadMessage as exc:
-                    raise UpstreamFailed(str(exc), bad_response=True) from None
-                except _ENDED as exc:
-                    raise UpstreamFailed(f"upstream failed: {exc}") from None
-                if raw is None:
-                    raise UpstreamFailed("upstream closed before responding")
-                try:
-                    resp = parse_response_head(raw, req.method)
-                except BadMessage as exc:
-                    raise UpstreamFailed(str(exc), bad_response=True) from None
-                out = response_filter(resp, raw) if response_filter is not None else raw
-                await client.send_all(out)
-                sent_any = True
-                if not resp.interim:
-                    break
-            if resp.status == 101:
-                upgraded = True
-                nursery.cancel_scope.cancel()
-            else:
-                await copy_body(upstream, client, resp.body, resp.length)
-                if body_state["done"] and req.keep_alive and resp.keep_alive:
-                    outcome = Outcome.KEEP
-                else:
-                    nursery.cancel_scope.cancel()
+            await _relay_response(client, upstream, req, response_filter, progress)
+            complete = True
         except UpstreamFailed as exc:
-            nursery.cancel_scope.cancel()
             failure = exc
         except (Truncated, BadMessage, *_ENDED):
+            pass
+        resp = progress.resp
+        if not complete or resp is None or resp.status == 101 or not body_state["done"] \
+                or not (req.keep_alive and resp.keep_alive):
             nursery.cancel_scope.cancel()
-    if failure is not None and not sent_any:
+    if failure is not None and not progress.sent_any:
         raise failure
-    if body_state["failed"] and resp is None:
+    if body_state["failed"] and progress.resp is None:
         raise UpstreamFailed("request body could not be delivered")
-    if upgraded:
-        await relay_upgraded(client, upstream, upgraded_idle_timeout)
-        return Outcome.CLOSE, resp
-    return outcome, resp
+    return body_state["done"] and complete
+
+
+async def _relay_response(client: Reader, upstream: Reader, req: RequestHead,
+                          response_filter: ResponseFilter | None, progress: _Progress) -> None:
+    """Relay interim and final response heads, then the final response's body (not after 101)."""
+    while True:
+        try:
+            raw = await upstream.read_head()
+        except BadMessage as exc:
+            raise UpstreamFailed(str(exc), bad_response=True) from None
+        except _ENDED as exc:
+            raise UpstreamFailed(f"upstream failed: {exc}") from None
+        if raw is None:
+            raise UpstreamFailed("upstream closed before responding")
+        try:
+            resp = parse_response_head(raw, req.method)
+        except BadMessage as exc:
+            raise UpstreamFailed(str(exc), bad_response=True) from None
+        progress.resp = resp
+        out = response_filter(resp, raw) if response_filter is not None else raw
+        if not resp.interim and resp.body == BodyKind.LENGTH and resp.status != 101 \
+                and 0 < resp.length <= min(len(upstream.buf), COALESCE_BODY):
+            # The whole small body is already here: one write (and one TLS record) for both.
+            body = bytes(upstream.buf[:resp.length])
+            del upstream.buf[:resp.length]
+            await client.send_all(out + body)
+            progress.sent_any = True
+            return
+        await client.send_all(out)
+        progress.sent_any = True
+        if not resp.interim:
+            break
+    if resp.status != 101:
+        await copy_body(upstream, client, resp.body, resp.length)
 
 
 class _Activity(trio.abc.HalfCloseableStream):

@@ -19,6 +19,7 @@ from OpenSSL import SSL
 from tunneld.core import (
     AgentTunnel,
     ConfigError,
+    PrefixedStream,
     RemoteProtocolError,
     accept_tls,
     forward,
@@ -29,7 +30,6 @@ from tunneld.core import (
 from tunneld.core._certs import load_cert_key_pair
 from tunneld.core._tls import server_context
 
-from ._replay import ReplayStream
 
 log = logging.getLogger("tunneld.tls")
 
@@ -117,7 +117,7 @@ async def serve_tls_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableSt
     if tunnel.config.proxy_proto:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             prefix, rest = await _take_proxy_header(stream)
-        transport = ReplayStream(stream, rest)
+        transport = PrefixedStream(stream, rest)
     try:
         tls = await accept_tls(transport, context, timeout=HANDSHAKE_TIMEOUT)
     except (trio.BrokenResourceError, trio.TooSlowError) as exc:

@@ -9,7 +9,7 @@ HTTPS and TLS tunnels share one port.  Every connection on it first meets :class
 * SNI names a TLS tunnel (route ``("tls", name)``): :meth:`TlsEdgeTunnel.serve` opens a proxy
   stream to its agent and writes the PROXY header (when the Bind asked for one), the bytes read
   so far, and from then on relays raw bytes both ways.  The edge never sees the plaintext.
-* SNI names anything else: the bytes are handed back in a :class:`ReplayStream` and the edge
+* SNI names anything else: the bytes are handed back in a :class:`~tunneld.core.PrefixedStream` and the edge
   terminates TLS for HTTP tunnels as before; unknown names end in its "tunnel not found" page.
 * no SNI: a ``handshake_failure`` alert — without a name no TLS tunnel can be chosen (ngrok
   refuses such clients too, ERR_NGROK_3003) — and a log line saying so.
@@ -33,6 +33,7 @@ from tunneld.core import (
     ByteCounts,
     Code,
     Edge,
+    PrefixedStream,
     TunnelInfo,
     TunnelRejected,
     forward,
@@ -42,7 +43,6 @@ from tunneld.core import (
 )
 
 from ._clienthello import NEED_MORE, Alert, ClientHelloParser, Done, Error, alert_record
-from ._replay import ReplayStream
 
 log = logging.getLogger("tunneld.tls")
 
@@ -135,7 +135,7 @@ class SniFront:
         if isinstance(outcome, Done) and outcome.server_name is not None:
             tunnel = self.edge.routes.lookup("tls", outcome.server_name)
             if tunnel is None:
-                return ReplayStream(stream, bytes(peeked))  # for the edge to terminate (HTTPS)
+                return PrefixedStream(stream, bytes(peeked))  # for the edge to terminate (HTTPS)
             await tunnel.serve(stream, client_addr, bytes(peeked), started)
             return None
         if isinstance(outcome, Done):
