@@ -616,3 +616,43 @@ async def test_many_concurrent_echo_streams(nursery: trio.Nursery) -> None:
         assert results == {i: True for i in range(n_streams)}
         await trio.testing.wait_all_tasks_blocked()
         assert client.stream_count == server.stream_count == 0
+
+
+async def test_max_local_streams_queues_openers(nursery: trio.Nursery) -> None:
+    """Past ``max_local_streams`` an opener waits for a stream to end instead of exceeding it."""
+    client, server = await session_pair(nursery)
+    server.max_local_streams = 3
+    opened = [await server.open_stream(b"x") for _ in range(3)]
+    accepted = [await client.accept_stream() for _ in range(3)]
+    fourth: list[MuxStream] = []
+
+    async def open_fourth() -> None:
+        fourth.append(await server.open_stream(b"y"))
+
+    nursery.start_soon(open_fourth)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not fourth and server.local_stream_count == 3
+    # One stream ends both ways (FIN each way): the waiting opener goes ahead.
+    await opened[0].send_eof()
+    assert await accepted[0].receive_some() == b"x"
+    assert await accepted[0].receive_some() == b""
+    await accepted[0].send_eof()
+    assert await opened[0].receive_some() == b""
+    with trio.fail_after(5):
+        while not fourth:
+            await trio.sleep(0.01)
+    assert server.local_stream_count == 3
+    # A dying session releases every waiter with an error.
+    blocked: list[BaseException] = []
+
+    async def open_fifth() -> None:
+        try:
+            await server.open_stream(b"z")
+        except trio.BrokenResourceError as exc:
+            blocked.append(exc)
+
+    nursery.start_soon(open_fifth)
+    await trio.testing.wait_all_tasks_blocked()
+    await server.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(blocked) == 1

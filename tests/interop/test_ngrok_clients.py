@@ -24,6 +24,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +32,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import trio
+
+from tunneld.core._edge import SDK_MAX_STREAMS
 
 from ..conftest import DOMAIN, EdgeEnv
 from ..linkproxy import LinkProxy
@@ -400,3 +403,47 @@ async def test_py_sdk_resumes_same_url(py_sdk: list[str], edge_env: EdgeEnv, ups
         took = await serves_again_within(edge_env, url, 15)
         (resumed,) = edge_env.edge.sessions
         assert resumed is not session and resumed.client_id == session.client_id, took
+
+
+async def test_py_sdk_more_concurrent_connections_than_it_accepts(py_sdk: list[str], edge_env: EdgeEnv,
+                                                                  nursery: trio.Nursery) -> None:
+    """ngrok-rust breaks down past 512 streams per session: the edge queues public connections
+    beyond SDK_MAX_STREAMS instead.  600 requests at once, most of the allowed ones held open."""
+    n = 600
+    arrived = trio.Event()
+    count = [0]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            if not (data := await stream.receive_some()):
+                return
+            buf += data
+        count[0] += 1
+        if count[0] >= SDK_MAX_STREAMS - 10:  # most of the allowed streams are held open
+            arrived.set()
+        with trio.move_on_after(1.0):
+            await arrived.wait()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    async with run_sdk(py_sdk, edge_env, port, schemes=["HTTP"]) as client:
+        url = (await client.message())["url"]
+        host = urlsplit(url).hostname
+        statuses: list[bytes] = []
+
+        async def one() -> None:
+            stream = await trio.open_tcp_stream("127.0.0.1", edge_env.http_port)
+            async with stream:
+                await stream.send_all(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                got = b""
+                while data := await stream.receive_some():
+                    got += data
+                statuses.append(got[9:12])
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as inner:
+                for _ in range(n):
+                    inner.start_soon(one)
+        assert statuses.count(b"200") == n, {s: statuses.count(s) for s in set(statuses)}

@@ -61,6 +61,10 @@ AUTH_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
 #: Largest window a tunneld agent may ask for through ``Auth.Extra.TunneldWindow``.
 MAX_WINDOW = 16 * 1024 * 1024
+#: Proxy streams open at once towards an ngrok SDK.  ngrok-rust accepts 512 per session and
+#: frees a stream only once its task is done, so it counts more than we see open: at 400 a
+#: burst still broke its session (it reconnected), at 250 600 held-open requests all pass.
+SDK_MAX_STREAMS = 250
 #: Tunnels one session may hold.
 MAX_TUNNELS_PER_SESSION = 64
 
@@ -576,6 +580,10 @@ class AgentSession:
         extra = proto.AuthRespExtra(version="tunneld", region="local",
                                     cookie=edge.signer.sign("session", self.client_id, self.token_id),
                                     agent_session_id=self.client_id)
+        if msg.extra.client_type.startswith("ngrok-"):
+            # The SDKs (ngrok-rust) break down past 512 streams per session: queue public
+            # connections beyond a safe number rather than have them fail.
+            self.mux.max_local_streams = SDK_MAX_STREAMS
         if msg.extra.tunneld_window:
             window = max(proto.DEFAULT_WINDOW, min(MAX_WINDOW, msg.extra.tunneld_window))
             # Before the reply leaves: the agent opens streams only after reading it.

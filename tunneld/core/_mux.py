@@ -304,6 +304,9 @@ class MuxSession:
     client: bool
     #: Window we grant on streams created from now on; see :meth:`set_window`.
     window: int = DEFAULT_WINDOW
+    #: Streams we may hold open at once (None: no limit); :meth:`open_stream` waits beyond.
+    #: ngrok's Rust SDKs refuse a peer's streams past 512 per session.
+    max_local_streams: int | None = None
     _decoder: FrameDecoder = attrs.field(init=False)
     _streams: dict[int, MuxStream] = attrs.field(factory=dict, init=False)
     _next_id: int = attrs.field(init=False)
@@ -315,6 +318,7 @@ class MuxSession:
     _outbox_ready: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
     _outbox_space: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
     _flushed: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
+    _stream_gone: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
     _dead: bool = attrs.field(default=False, init=False)
     _error: BaseException | None = attrs.field(default=None, init=False)
     _last_remote_id: int = attrs.field(default=0, init=False)
@@ -392,6 +396,7 @@ class MuxSession:
                 elif type(event) is Reset:
                     stream = self._streams.pop(event.stream_id, None)
                     if stream is not None:
+                        self._stream_gone.unpark_all()
                         stream._on_broken(StreamReset(event.code))
                 elif type(event) is GoAway:
                     self.close_reason = f"peer went away ({_code_name(event.code)})"
@@ -483,6 +488,9 @@ class MuxSession:
         Typed streams must carry their 4-byte type (and, for proxy streams, the header) in
         the SYN frame: Go clients read the type with a single Read (reference §2.3).
         """
+        if self.max_local_streams is not None:
+            while self.local_stream_count >= self.max_local_streams and not self._dead:
+                await self._stream_gone.park()
         if self._dead:
             raise trio.BrokenResourceError(self.close_reason or "session closed")
         sid = self._next_id
@@ -501,11 +509,12 @@ class MuxSession:
 
     def _maybe_forget(self, stream: MuxStream) -> None:
         if stream._fin_sent and stream._eof_received:
-            self._streams.pop(stream.id, None)
+            self._forget(stream)
 
     def _forget(self, stream: MuxStream) -> None:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
+            self._stream_gone.unpark_all()
 
     @property
     def stream_count(self) -> int:
@@ -531,6 +540,7 @@ class MuxSession:
         self._outbox_space.unpark_all()
         self._outbox_ready.unpark_all()
         self._flushed.unpark_all()
+        self._stream_gone.unpark_all()
         self.closed.set()
 
     async def go_away(self, code: int = ErrorCode.NONE, debug: str = "") -> None:
