@@ -28,7 +28,6 @@ from tunneld.core import (
 )
 
 log = logging.getLogger("tunneld.tcp")
-access_log = logging.getLogger("tunneld.access")
 
 #: Random ports tried before the range is declared full.
 PORT_ATTEMPTS = 64
@@ -113,10 +112,10 @@ class TcpEdgeTunnel:
         result = "agent_unreachable"
         try:
             try:
-                stream = await self.session.open_proxy_stream(self.tunnel_id, client, "tcp")
-                if self.proxy_proto:
-                    # The edge writes it, as official SDKs expect (ngrok-protocol.md §3.5).
-                    await stream.send_all(proto.encode_proxy_header(self.proxy_proto, client, server))
+                # The edge writes the PROXY header, as official SDKs expect (ngrok-protocol.md
+                # §3.5), in the stream's SYN frame.
+                head = proto.encode_proxy_header(self.proxy_proto, client, server) if self.proxy_proto else b""
+                stream = await self.session.open_proxy_stream(self.tunnel_id, client, "tcp", first=head)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             try:

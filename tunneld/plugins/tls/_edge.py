@@ -86,14 +86,14 @@ class TlsEdgeTunnel:
         counts = ByteCounts()
         result = "agent_unreachable"
         try:
+            head = b""
+            if self.proxy_proto:
+                # Written by the edge, as ngrok's SDKs expect (ngrok-protocol.md §3.5).
+                head = proto.encode_proxy_header(self.proxy_proto, client_addr, local_addr(public))
+            # The ClientHello rides in the stream's SYN frame.
             stream = await self.session.open_proxy_stream(self.tunnel_id, client_addr, "tls",
-                                                          passthrough_tls=True)
+                                                          passthrough_tls=True, first=head + peeked)
             try:
-                head = b""
-                if self.proxy_proto:
-                    # Written by the edge, as ngrok's SDKs expect (ngrok-protocol.md §3.5).
-                    head = proto.encode_proxy_header(self.proxy_proto, client_addr, local_addr(public))
-                await stream.send_all(head + peeked)
                 counts.a_to_b = len(peeked)
                 result = "ok"
                 await forward(public, stream, counts)
