@@ -58,6 +58,7 @@ def _first_leaf(exc: BaseException) -> BaseException:
 
 
 async def _main(agent: Agent, console: bool) -> None:
+    from .core._util import freeze_startup_objects
     from .core._web import serve_web
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -68,6 +69,7 @@ async def _main(agent: Agent, console: bool) -> None:
             log.info("tunnel session started", extra={"event": "tunnel session started",
                                                        "fields": {"obj": "tunnels.session"}})
             await nursery.start(agent.run)
+            freeze_startup_objects()
 
             async def console_task() -> None:
                 while True:

@@ -12,6 +12,7 @@ import trio
 
 from .core import ConfigError, Edge, EdgeConfig
 from .core._store import Store
+from .core._util import freeze_startup_objects
 
 DEV_TOKEN_FILE = "dev-authtoken"
 
@@ -73,6 +74,7 @@ async def _main(edge: Edge, token_path: Path | None) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             info = await nursery.start(edge.serve)
+            freeze_startup_objects()
             for name in ("agent", "http", "https"):
                 if name in info.listeners:
                     _say(f"tunneld edge: {name} listener on {info.listeners[name]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import trio
@@ -81,3 +82,14 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
 
 def listener_port(listeners: list[trio.SocketListener]) -> int:
     return int(listeners[0].socket.getsockname()[1])
+
+
+def freeze_startup_objects() -> None:
+    """Exempt everything alive once a process has started (modules, classes, config) from GC.
+
+    Full collections otherwise walk those objects again and again: under load they were the
+    edge's and agent's worst latency stalls (wrk p99 at 64 connections: 22-25 ms before,
+    11-13 ms after; larger or smaller gen0 thresholds measured no better).
+    """
+    gc.collect()
+    gc.freeze()
