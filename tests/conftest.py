@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -97,4 +98,22 @@ async def start_echo_server(nursery: trio.Nursery) -> int:
         await stream.send_eof()
 
     listeners = await nursery.start(trio.serve_tcp, echo, 0)
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def start_hello_upstream(nursery: trio.Nursery) -> int:
+    """An HTTP/1.1 server answering every request with ``hello <Host>`` and closing; its port."""
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = await stream.receive_some()
+            if not data:
+                return
+            buf += data
+        host = [line for line in buf.split(b"\r\n") if line.lower().startswith(b"host:")][0][5:].strip()
+        body = b"hello " + host
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                              % (len(body), body))
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
     return int(listeners[0].socket.getsockname()[1])

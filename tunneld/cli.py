@@ -302,6 +302,15 @@ def _run_agent_cli(cfg: Any, tunnels: list[Any], log_target: str | None, log_for
     sys.exit(run_agent(cfg, tunnels, console=(log_target or cfg.log or "false") != "stdout"))
 
 
+def _name_options(fn: Any) -> Any:
+    """``--subdomain`` and ``--hostname`` (ngrok v3: ``--domain``, ``--url``) of name-routed tunnels."""
+    fn = click.option("--hostname", "--domain", "--url", "hostname", default="",
+                      help="Full hostname: one label under the edge's domain, or a custom hostname the "
+                      "edge allows for your authtoken (--domain and --url are ngrok v3's spellings).")(fn)
+    fn = click.option("--subdomain", default="", help="Ask for NAME.DOMAIN instead of a random name.")(fn)
+    return fn
+
+
 def _tunnel(proto: str, addr: str, **kw: Any) -> Any:
     from .core import TunnelConfig
 
@@ -310,10 +319,7 @@ def _tunnel(proto: str, addr: str, **kw: Any) -> Any:
 
 @cli.command()
 @click.argument("addr")
-@click.option("--subdomain", default="", help="Ask for NAME.DOMAIN instead of a random name.")
-@click.option("--hostname", "--domain", "--url", "hostname", default="",
-              help="Full hostname: one label under the edge's domain, or a custom hostname the edge "
-              "allows for your authtoken (--domain and --url are ngrok v3's spellings).")
+@_name_options
 @click.option("--scheme", "--schemes", "schemes", multiple=True, type=click.Choice(["http", "https"]),
               help="Public endpoints to open (repeatable) [default: both].")
 @click.option("--basic-auth", "basic_auth", multiple=True, metavar="USER:PASSWORD",
@@ -394,10 +400,7 @@ def tcp(addr: str, remote_addr: str, proxy_proto: int, **opts: Any) -> None:
 
 @cli.command()
 @click.argument("addr")
-@click.option("--subdomain", default="", help="Ask for NAME.DOMAIN instead of a random name.")
-@click.option("--hostname", "--domain", "--url", "hostname", default="",
-              help="Full hostname: one label under the edge's domain, or a custom hostname the edge "
-              "allows for your authtoken (--domain and --url are ngrok v3's spellings).")
+@_name_options
 @click.option("--crt", default="", metavar="FILE",
               help="Certificate chain (PEM): the agent terminates TLS and forwards plaintext to ADDR.")
 @click.option("--key", default="", metavar="FILE", help="Private key (PEM) of --crt.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,24 +16,7 @@ from tunneld.core._rpc import call
 from tunneld.core._store import Store
 from tunneld.core._tls import client_context, open_tls_client
 
-from ..conftest import EdgeEnv, make_edge_config
-
-
-async def hello_upstream(nursery: trio.Nursery) -> int:
-    async def handle(stream: trio.SocketStream) -> None:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = await stream.receive_some()
-            if not data:
-                return
-            buf += data
-        host = [line for line in buf.split(b"\r\n") if line.lower().startswith(b"host:")][0][5:].strip()
-        body = b"hello " + host
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                              % (len(body), body))
-
-    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-    return int(listeners[0].socket.getsockname()[1])
+from ..conftest import EdgeEnv, make_edge_config, start_hello_upstream
 
 
 async def curl(url: str, port: int, *extra: str) -> tuple[int, str]:
@@ -97,7 +79,7 @@ async def custom_env(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Edg
 
 
 async def test_custom_hostname_http_and_https(custom_env: EdgeEnv, nursery: trio.Nursery) -> None:
-    up = await hello_upstream(nursery)
+    up = await start_hello_upstream(nursery)
     for name in ("app.example.org", "dev.corp.test"):
         agent = await custom_env.start_agent(TunnelConfig(name, "http", str(up), hostname=name))
         urls = sorted(t.public_url for t in agent.tunnels)
@@ -122,7 +104,7 @@ async def test_custom_hostname_http_and_https(custom_env: EdgeEnv, nursery: trio
 ])
 async def test_custom_hostname_refused(custom_env: EdgeEnv, nursery: trio.Nursery, hostname: str, token: str,
                                        why: str) -> None:
-    up = await hello_upstream(nursery)
+    up = await start_hello_upstream(nursery)
     authtoken = custom_env.token if token == "mine" else OTHER_TOKEN[custom_env.edge]
     with pytest.RaisesGroup(pytest.RaisesExc(TunnelRejected, match=why), flatten_subgroups=True):
         await custom_env.start_agent(TunnelConfig("x", "http", str(up), hostname=hostname), authtoken=authtoken)
@@ -149,13 +131,13 @@ async def test_ngrok_spellings_of_hostname(custom_env: EdgeEnv, nursery: trio.Nu
     ("x" * 64, "not a valid DNS label"), ("a.b", "not a valid DNS label"),
 ])
 async def test_subdomain_rules(edge_env: EdgeEnv, nursery: trio.Nursery, subdomain: str, why: str) -> None:
-    up = await hello_upstream(nursery)
+    up = await start_hello_upstream(nursery)
     with pytest.RaisesGroup(pytest.RaisesExc(TunnelRejected, match=why), flatten_subgroups=True):
         await edge_env.start_agent(TunnelConfig("x", "http", str(up), subdomain=subdomain))
 
 
 async def test_subdomain_lower_cased_and_taken(edge_env: EdgeEnv, nursery: trio.Nursery) -> None:
-    up = await hello_upstream(nursery)
+    up = await start_hello_upstream(nursery)
     agent = await edge_env.start_agent(TunnelConfig("x", "http", str(up), subdomain="MixedCase"))
     assert agent.tunnels[0].public_url.startswith("https://mixedcase.tunneld.test:")
     with pytest.RaisesGroup(pytest.RaisesExc(TunnelRejected, match="already in use"), flatten_subgroups=True):
@@ -168,7 +150,7 @@ async def test_reserved_names_configurable(tmp_path: Path, nursery: trio.Nursery
     edge = Edge(make_edge_config(tmp_path, reserved_names=frozenset({"blocked"})), store)
     info = await nursery.start(edge.serve)
     env = EdgeEnv(edge, info, store, token, tmp_path / "ca.pem", tmp_path, nursery)
-    up = await hello_upstream(nursery)
+    up = await start_hello_upstream(nursery)
     agent = await env.start_agent(TunnelConfig("x", "http", str(up), subdomain="www"))
     assert agent.tunnels[0].public_url.startswith("https://www.tunneld.test:")
     with pytest.RaisesGroup(pytest.RaisesExc(TunnelRejected, match="reserved"), flatten_subgroups=True):
@@ -184,7 +166,7 @@ async def test_custom_hostname_needs_a_certificate_outside_dev(tmp_path: Path, n
     edge = Edge(config, store)
     info = await nursery.start(edge.serve)
     env = EdgeEnv(edge, info, store, token, tmp_path / "ca.pem", tmp_path, nursery)
-    up = await hello_upstream(nursery)
+    up = await start_hello_upstream(nursery)
     with pytest.RaisesGroup(pytest.RaisesExc(TunnelRejected, match="no certificate for a.example.org"),
                             flatten_subgroups=True):
         await env.start_agent(TunnelConfig("x", "http", str(up), hostname="a.example.org"))

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from ._tunnel import refuse_unenforced as refuse_unenforced
     from ._util import local_addr as local_addr
     from ._util import open_listeners as open_listeners
+    from ._util import parse_local_addr as parse_local_addr
     from ._util import peer_addr as peer_addr
     from ._util import set_nodelay as set_nodelay
     from ._util import split_host_port as split_host_port
@@ -99,6 +100,7 @@ _EXPORTS: dict[str, str] = {
     "refuse_unenforced": "._tunnel",
     "local_addr": "._util",
     "open_listeners": "._util",
+    "parse_local_addr": "._util",
     "peer_addr": "._util",
     "set_nodelay": "._util",
     "split_host_port": "._util",

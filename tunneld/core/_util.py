@@ -93,3 +93,19 @@ def freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def parse_local_addr(addr: str, *schemes: str) -> str:
+    """A tcp/tls tunnel's upstream: ``22`` → ``localhost:22``; ``host:port`` kept;
+    ``SCHEME://host:port`` accepted for each of ``schemes``.  ValueError if malformed."""
+    addr = addr.strip()
+    for scheme in schemes:
+        if addr.startswith(f"{scheme}://"):
+            addr = addr[len(scheme) + 3:]
+            break
+    if addr.isdigit():
+        addr = f"localhost:{addr}"
+    host, port = split_host_port(addr)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {addr!r}")
+    return f"{host or 'localhost'}:{port}"

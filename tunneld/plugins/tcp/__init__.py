@@ -16,6 +16,7 @@ from tunneld.core import (
     TunnelType,
     TunnelTypeRegistry,
     forward,
+    parse_local_addr,
     proto,
     proxy_proto_option,
     refuse_unenforced,
@@ -30,15 +31,7 @@ log = logging.getLogger("tunneld.tcp")
 
 def parse_tcp_addr(addr: str) -> str:
     """``22`` → ``localhost:22``; ``host:port`` kept; ``tcp://host:port`` accepted."""
-    addr = addr.strip()
-    if addr.startswith("tcp://"):
-        addr = addr[6:]
-    if addr.isdigit():
-        addr = f"localhost:{addr}"
-    host, port = split_host_port(addr)
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range in {addr!r}")
-    return f"{host or 'localhost'}:{port}"
+    return parse_local_addr(addr, "tcp")
 
 
 class TcpTunnelType(TunnelType):

@@ -23,6 +23,7 @@ from tunneld.core import (
     RemoteProtocolError,
     accept_tls,
     forward,
+    parse_local_addr,
     proto,
     set_nodelay,
     split_host_port,
@@ -43,16 +44,7 @@ MAX_PROXY_HEADER = 4096
 
 def parse_tls_addr(addr: str) -> str:
     """``443`` → ``localhost:443``; ``host:port`` kept; ``tls://`` / ``tcp://`` prefixes accepted."""
-    addr = addr.strip()
-    for prefix in ("tls://", "tcp://"):
-        if addr.startswith(prefix):
-            addr = addr[len(prefix):]
-    if addr.isdigit():
-        addr = f"localhost:{addr}"
-    host, port = split_host_port(addr)
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range in {addr!r}")
-    return f"{host or 'localhost'}:{port}"
+    return parse_local_addr(addr, "tls", "tcp")
 
 
 def termination_context(crt: str, key: str, *, crt_name: str = "--crt",
