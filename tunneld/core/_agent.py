@@ -46,7 +46,7 @@ from ._rpc import call, read_message, reply
 from ._tls import client_context, open_tls_client
 from ._streams import PrefixedStream
 from ._tunnel import TunnelType, TunnelTypeRegistry
-from ._util import split_host_port
+from ._util import set_nodelay, split_host_port
 from ._websocket import connect_websocket, is_websocket_url
 
 log = logging.getLogger("tunneld.agent")
@@ -382,3 +382,31 @@ def _transient(group: BaseExceptionGroup[Any]) -> bool:
 
 def _path(value: str) -> Path:
     return Path(os.path.expanduser(value))
+
+
+#: Seconds a tcp/tls tunnel's agent gives its upstream to accept a connection.
+UPSTREAM_CONNECT_TIMEOUT = 10.0
+
+
+async def open_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+                        header: proto.ProxyHeader) -> trio.SocketStream | None:
+    """Connect a proxied tcp/tls connection to ``tunnel.upstream``, logging ngrok's join line.
+
+    When the upstream cannot be reached, ``stream`` is reset (the public client sees the
+    connection end at once) and None is returned.
+    """
+    log.info("tunnel %s: connection from %s", tunnel.name, header.client_addr,
+             extra={"event": "join connections",
+                    "fields": {"obj": "join", "name": tunnel.name, "l": tunnel.upstream, "r": header.client_addr}})
+    host, port = split_host_port(tunnel.upstream)
+    try:
+        with trio.fail_after(UPSTREAM_CONNECT_TIMEOUT):
+            upstream = await trio.open_tcp_stream(host.strip("[]"), port)
+    except (OSError, trio.TooSlowError) as exc:
+        log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, exc)
+        reset = getattr(stream, "reset", None)
+        if reset is not None:
+            reset()
+        return None
+    set_nodelay(upstream)
+    return upstream

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import trio
 
 from tunneld import hookimpl
@@ -16,17 +14,14 @@ from tunneld.core import (
     TunnelType,
     TunnelTypeRegistry,
     forward,
+    open_upstream,
     parse_local_addr,
     proto,
     proxy_proto_option,
     refuse_unenforced,
-    set_nodelay,
-    split_host_port,
 )
 
 from ._edge import TcpEdgeTunnel, requested_port
-
-log = logging.getLogger("tunneld.tcp")
 
 
 def parse_tcp_addr(addr: str) -> str:
@@ -57,21 +52,9 @@ class TcpTunnelType(TunnelType):
     async def agent_handle(self, tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
                            header: proto.ProxyHeader) -> None:
         # A PROXY header, if the tunnel asked for one, is already in the stream: passed on as is.
-        log.info("tunnel %s: connection from %s", tunnel.name, header.client_addr,
-                 extra={"event": "join connections",
-                        "fields": {"obj": "join", "name": tunnel.name, "l": tunnel.upstream,
-                               "r": header.client_addr}})
-        host, port = split_host_port(tunnel.upstream)
-        try:
-            with trio.fail_after(10):
-                upstream = await trio.open_tcp_stream(host.strip("[]"), port)
-        except (OSError, trio.TooSlowError) as exc:
-            log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, exc)
-            reset = getattr(stream, "reset", None)
-            if reset is not None:
-                reset()
+        upstream = await open_upstream(tunnel, stream, header)
+        if upstream is None:
             return
-        set_nodelay(upstream)
         try:
             await forward(stream, upstream)
         finally:

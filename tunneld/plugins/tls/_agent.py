@@ -23,10 +23,9 @@ from tunneld.core import (
     RemoteProtocolError,
     accept_tls,
     forward,
+    open_upstream,
     parse_local_addr,
     proto,
-    set_nodelay,
-    split_host_port,
 )
 from tunneld.core._certs import load_cert_key_pair
 from tunneld.core._tls import server_context
@@ -36,8 +35,6 @@ log = logging.getLogger("tunneld.tls")
 
 #: Budget for the client's TLS handshake when the agent terminates.
 HANDSHAKE_TIMEOUT = 10.0
-#: Budget for reaching the upstream.
-CONNECT_TIMEOUT = 10.0
 #: Largest PROXY header the agent waits for (the edge writes at most 52 bytes).
 MAX_PROXY_HEADER = 4096
 
@@ -72,31 +69,11 @@ async def _take_proxy_header(stream: trio.abc.HalfCloseableStream) -> tuple[byte
     return data[: info.length], data[info.length:]
 
 
-async def _open_upstream(tunnel: AgentTunnel,
-                         stream: trio.abc.HalfCloseableStream) -> trio.SocketStream | None:
-    host, port = split_host_port(tunnel.upstream)
-    try:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            upstream = await trio.open_tcp_stream(host.strip("[]"), port)
-    except (OSError, trio.TooSlowError) as exc:
-        log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, exc)
-        reset = getattr(stream, "reset", None)
-        if reset is not None:
-            reset()
-        return None
-    set_nodelay(upstream)
-    return upstream
-
-
 async def serve_tls_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
                            header: proto.ProxyHeader, context: SSL.Context | None) -> None:
     """Serve one proxied TLS connection (``context``: terminate with it; None: pass through)."""
-    log.info("tunnel %s: connection from %s", tunnel.name, header.client_addr,
-             extra={"event": "join connections",
-                    "fields": {"obj": "join", "name": tunnel.name, "l": tunnel.upstream,
-                               "r": header.client_addr}})
     if context is None:
-        upstream = await _open_upstream(tunnel, stream)
+        upstream = await open_upstream(tunnel, stream, header)
         if upstream is None:
             return
         try:
@@ -116,7 +93,7 @@ async def serve_tls_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableSt
         log.info("tunnel %s: TLS handshake with %s failed: %s", tunnel.name, header.client_addr, exc)
         return
     try:
-        upstream = await _open_upstream(tunnel, stream)
+        upstream = await open_upstream(tunnel, stream, header)
         if upstream is None:
             return
         try:
