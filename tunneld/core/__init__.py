@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ._agent import AgentInfo as AgentInfo
     from ._agent import AgentTunnel as AgentTunnel
     from ._agent import Metrics as Metrics
+    from ._agent import forward_to_upstream as forward_to_upstream
     from ._agent import open_upstream as open_upstream
     from ._config import AgentConfig as AgentConfig
     from ._config import TunnelConfig as TunnelConfig
@@ -64,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "AgentInfo": "._agent",
     "AgentTunnel": "._agent",
     "Metrics": "._agent",
+    "forward_to_upstream": "._agent",
     "open_upstream": "._agent",
     "AgentConfig": "._config",
     "TunnelConfig": "._config",

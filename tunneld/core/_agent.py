@@ -40,11 +40,12 @@ from .. import __version__
 from . import proto
 from ._config import AgentConfig, TunnelConfig
 from ._errors import AuthFailed, Code, RemoteProtocolError, TunnelRejected, parse_wire_error
+from ._forward import forward
 from ._mux import MuxSession, MuxStream
 from ._plugins import build_registry, get_plugin_manager
 from ._rpc import call, read_message, reply
-from ._tls import client_context, open_tls_client
 from ._streams import PrefixedStream
+from ._tls import client_context, open_tls_client
 from ._tunnel import TunnelType, TunnelTypeRegistry
 from ._util import set_nodelay, split_host_port
 from ._websocket import connect_websocket, is_websocket_url
@@ -410,3 +411,15 @@ async def open_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStrea
         return None
     set_nodelay(upstream)
     return upstream
+
+
+async def forward_to_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+                              header: proto.ProxyHeader) -> None:
+    """Relay a proxied tcp/tls connection to ``tunnel.upstream`` byte for byte."""
+    upstream = await open_upstream(tunnel, stream, header)
+    if upstream is None:
+        return
+    try:
+        await forward(stream, upstream)
+    finally:
+        await trio.aclose_forcefully(upstream)

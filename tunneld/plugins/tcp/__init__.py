@@ -13,8 +13,7 @@ from tunneld.core import (
     TunnelConfig,
     TunnelType,
     TunnelTypeRegistry,
-    forward,
-    open_upstream,
+    forward_to_upstream,
     parse_local_addr,
     proto,
     proxy_proto_option,
@@ -52,13 +51,7 @@ class TcpTunnelType(TunnelType):
     async def agent_handle(self, tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
                            header: proto.ProxyHeader) -> None:
         # A PROXY header, if the tunnel asked for one, is already in the stream: passed on as is.
-        upstream = await open_upstream(tunnel, stream, header)
-        if upstream is None:
-            return
-        try:
-            await forward(stream, upstream)
-        finally:
-            await trio.aclose_forcefully(upstream)
+        await forward_to_upstream(tunnel, stream, header)
 
 
 @hookimpl

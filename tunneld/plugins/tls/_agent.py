@@ -23,6 +23,7 @@ from tunneld.core import (
     RemoteProtocolError,
     accept_tls,
     forward,
+    forward_to_upstream,
     open_upstream,
     parse_local_addr,
     proto,
@@ -73,13 +74,7 @@ async def serve_tls_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableSt
                            header: proto.ProxyHeader, context: SSL.Context | None) -> None:
     """Serve one proxied TLS connection (``context``: terminate with it; None: pass through)."""
     if context is None:
-        upstream = await open_upstream(tunnel, stream, header)
-        if upstream is None:
-            return
-        try:
-            await forward(stream, upstream)
-        finally:
-            await trio.aclose_forcefully(upstream)
+        await forward_to_upstream(tunnel, stream, header)
         return
     prefix = b""
     transport: trio.abc.HalfCloseableStream = stream
