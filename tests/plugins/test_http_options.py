@@ -43,6 +43,7 @@ from tunneld.plugins.http._auth import BasicAuth
 from tunneld.plugins.http._wire import MAX_HEAD
 
 from ..conftest import EdgeEnv
+from ..interop.test_ngrok_clients import AGENT_BIN, JS_SDK, require
 from .test_http import (
     OK,
     RawClient,
@@ -984,36 +985,18 @@ async def test_gib_each_way_with_bounded_memory(tmp_path: Path, nursery: trio.Nu
 # Official ngrok clients' basic-auth options (run where .clients/ holds them; see below)
 # --------------------------------------------------------------------------------------------
 
-#: Where ``.ci/install-ngrok-clients`` puts them (as ``tests/interop`` expects).
-CLIENTS = Path(os.environ.get("TUNNELD_CLIENTS_DIR") or REPO / ".clients") / "npm" / "node_modules"
-NGROK_V2 = CLIENTS / "@expo" / "ngrok-bin-linux-x64" / "ngrok"
-NGROK_JS = CLIENTS / "@ngrok" / "ngrok"
-
-
-def require_client(path: Path, what: str) -> None:
-    """Skip when a client is missing; fail instead with TUNNELD_INTEROP_REQUIRED=1 (CI)."""
-    if path.exists():
-        return
-    reason = f"{what} is not installed at {path}; run `bash .ci/install-ngrok-clients`"
-    if os.environ.get("TUNNELD_INTEROP_REQUIRED") == "1":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
-# Synchronous fixtures: a skip raised inside a trio test loses its reason.
+# The official clients, from ``tests/interop`` (installed by ``.ci/install-ngrok-clients``).
 
 
 @pytest.fixture
 def ngrok_v2() -> Path:
-    require_client(NGROK_V2, "the ngrok agent 2.3.41")
-    return NGROK_V2
+    return require(AGENT_BIN, "the ngrok agent 2.3.41")
 
 
 @pytest.fixture
 def ngrok_js() -> Path:
-    require_client(Path(shutil.which("node") or "/usr/bin/node"), "Node.js")
-    require_client(NGROK_JS, "the ngrok JavaScript SDK 1.7.0")
-    return NGROK_JS
+    require(Path(shutil.which("node") or "/usr/bin/node"), "Node.js")
+    return require(JS_SDK, "the ngrok JavaScript SDK 1.7.0")
 
 
 async def read_line(proc: trio.Process) -> str:
