@@ -36,6 +36,7 @@ import trio
 from tunneld.core._edge import SDK_MAX_STREAMS
 
 from ..conftest import DOMAIN, EdgeEnv
+from ..core.test_resume import RestartableEdge, restartable  # noqa: F401 - fixture
 from ..linkproxy import LinkProxy
 from ..plugins.test_http import Upstream, httpx_for
 
@@ -447,3 +448,37 @@ async def test_py_sdk_more_concurrent_connections_than_it_accepts(py_sdk: list[s
                 for _ in range(n):
                     inner.start_soon(one)
         assert statuses.count(b"200") == n, {s: statuses.count(s) for s in set(statuses)}
+
+
+async def test_py_sdk_back_on_its_url_after_an_edge_restart(py_sdk: list[str], restartable: RestartableEdge,
+                                                            upstream: Upstream, nursery: trio.Nursery) -> None:
+    """The edge dies and comes back on the same data dir: the SDK reconnects by itself and its
+    URL serves again (the name was held for it, and its resume token is still valid)."""
+    token = restartable.store.create_token("sdk")[1]
+    await restartable.start(nursery)
+    config = {"addr": f"127.0.0.1:{upstream.port}", "authtoken": token, "schemes": ["HTTP"],
+              "server_addr": f"127.0.0.1:{restartable.ports['agent']}", "root_cas": str(restartable.tmp / "ca.pem")}
+    async with run_client([*py_sdk, json.dumps(config)]) as client:
+        url = (await client.message())["url"]
+        host = urlsplit(url).hostname
+        assert host
+
+        async def get() -> bytes:
+            with trio.fail_after(5):
+                stream = await trio.open_tcp_stream("127.0.0.1", restartable.ports["http"])
+                async with stream:
+                    await stream.send_all(f"GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                    got = b""
+                    while data := await stream.receive_some():
+                        got += data
+                    return got
+
+        assert b"hello from A" in await get()
+        restartable.kill()
+        await trio.sleep(0.5)
+        await restartable.start(nursery)
+        back = trio.current_time()
+        with trio.fail_after(20):
+            while b"hello from A" not in await get():
+                await trio.sleep(0.1)
+        print(f"the SDK's URL served again {trio.current_time() - back:.2f}s after the edge came back")
