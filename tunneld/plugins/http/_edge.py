@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import attrs
@@ -133,90 +134,94 @@ class HttpIngress:
         client_ip = client_addr.rsplit(":", 1)[0].strip("[]")
         current: HttpEdgeTunnel | None = None
         upstream: Reader | None = None
+        # One timer for the connection's life, its deadline moved as it goes: the idle wait
+        # between requests, then the head's budget, then none while a request is relayed.
+        # (A cancel scope per request and phase cost about a tenth of the edge's CPU.)
+        timer = trio.CancelScope()
+        reading_head = False
         try:
-            while True:
-                # Stray CRLFs between requests leave the connection idle: they must not start
-                # the head timeout.
-                client.skip_blank_lines()
-                if not client.buf:
-                    with trio.move_on_after(IDLE_TIMEOUT):
+            with timer:
+                while True:
+                    # Stray CRLFs between requests leave the connection idle: they must not
+                    # start the head timeout.
+                    client.skip_blank_lines()
+                    if not client.buf:
+                        timer.deadline = trio.current_time() + IDLE_TIMEOUT
                         data = await client.stream.receive_some(65536)
                         if not data:
                             return
                         client.buf += data
-                    if not client.buf:
-                        return
-                    if client.buf[:2] == b"\r\n":
-                        continue
-                started = time.monotonic()
-                try:
-                    if client.head_buffered():
-                        # Already complete (pipelined, or arrived with the idle wait's read).
-                        raw = await client.read_head()
-                    else:
-                        with trio.fail_after(HEAD_TIMEOUT):
-                            raw = await client.read_head()
-                    if raw is None:
-                        return
-                    req = parse_request_head(raw)
-                except trio.TooSlowError:
-                    await _send_error(client, 408, Code.REQUEST_TIMEOUT, "the request head took too long")
-                    return
-                except BadMessage as exc:
-                    code = Code.HEADERS_TOO_LARGE if exc.status == 431 else Code.BAD_REQUEST
-                    await _send_error(client, exc.status, code, str(exc))
-                    return
-                if req.method == b"CONNECT":
-                    await _send_error(client, 405, Code.METHOD_NOT_ALLOWED,
-                                      "CONNECT is not allowed: this is not an open proxy", req=req)
-                    return
-                host = normalise_host(req.host)
-                tunnel = self.edge.routes.lookup(scheme, host)
-                if tunnel is None:
-                    await _send_error(client, 404, Code.TUNNEL_NOT_FOUND,
-                                      f"Tunnel {host or '(no Host header)'} not found", req=req)
-                    self._access(client_addr, host, req, 404, started)
-                    return
-                # Every request is checked, not only a connection's first: keep-alive
-                # connections are routed (and may change tunnel) request by request.
-                auth: BasicAuth | None = getattr(tunnel, "auth", None)
-                if auth is not None and not auth.check(req.headers):
-                    await _send_error(client, 401, Code.UNAUTHORIZED, "this tunnel requires a user name "
-                                      "and password", req=req, extra_headers=challenge_headers())
-                    self._access(client_addr, host, req, 401, started, tunnel)
-                    return
-                head = forwarded_head(raw, req, client_ip, scheme)
-                if upstream is None or tunnel is not current or _ended(upstream):
-                    if upstream is not None:
-                        await upstream.aclose()
-                        upstream = None
+                        if client.buf[:2] == b"\r\n":
+                            continue
+                    started = time.monotonic()
+                    if not client.head_buffered():
+                        timer.deadline = trio.current_time() + HEAD_TIMEOUT
+                        reading_head = True
                     try:
-                        # The request head rides in the stream's SYN frame.
-                        upstream = Reader(await tunnel.open_stream(client_addr, head))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        await _send_error(client, 502, Code.AGENT_UNREACHABLE,
-                                          f"the agent serving {host} is not reachable", req=req)
+                        raw = await client.read_head()
+                        reading_head = False
+                        timer.deadline = math.inf
+                        if raw is None:
+                            return
+                        req = parse_request_head(raw)
+                    except BadMessage as exc:
+                        code = Code.HEADERS_TOO_LARGE if exc.status == 431 else Code.BAD_REQUEST
+                        timer.deadline = math.inf
+                        await _send_error(client, exc.status, code, str(exc))
                         return
-                    current = tunnel
-                    head = b""
-                try:
-                    outcome, resp = await exchange(client, upstream, req, head,
-                                                   upgraded_idle_timeout=UPGRADED_IDLE_TIMEOUT)
-                except UpstreamFailed as exc:
-                    if exc.bad_response:
-                        await _send_error(client, 502, Code.BAD_UPSTREAM_RESPONSE,
-                                          f"the upstream sent a malformed response: {exc}", req=req)
-                    else:
-                        await _send_error(client, 502, Code.AGENT_UNREACHABLE,
-                                          f"the tunnel for {host} failed: {exc}", req=req)
-                    self._access(client_addr, host, req, 502, started, tunnel)
-                    return
-                self._access(client_addr, host, req, resp.status if resp else 0, started, tunnel)
-                if outcome is not Outcome.KEEP:
-                    return
+                    if req.method == b"CONNECT":
+                        await _send_error(client, 405, Code.METHOD_NOT_ALLOWED,
+                                          "CONNECT is not allowed: this is not an open proxy", req=req)
+                        return
+                    host = normalise_host(req.host)
+                    tunnel = self.edge.routes.lookup(scheme, host)
+                    if tunnel is None:
+                        await _send_error(client, 404, Code.TUNNEL_NOT_FOUND,
+                                          f"Tunnel {host or '(no Host header)'} not found", req=req)
+                        self._access(client_addr, host, req, 404, started)
+                        return
+                    # Every request is checked, not only a connection's first: keep-alive
+                    # connections are routed (and may change tunnel) request by request.
+                    auth: BasicAuth | None = getattr(tunnel, "auth", None)
+                    if auth is not None and not auth.check(req.headers):
+                        await _send_error(client, 401, Code.UNAUTHORIZED, "this tunnel requires a user name "
+                                          "and password", req=req, extra_headers=challenge_headers())
+                        self._access(client_addr, host, req, 401, started, tunnel)
+                        return
+                    head = forwarded_head(raw, req, client_ip, scheme)
+                    if upstream is None or tunnel is not current or _ended(upstream):
+                        if upstream is not None:
+                            await upstream.aclose()
+                            upstream = None
+                        try:
+                            # The request head rides in the stream's SYN frame.
+                            upstream = Reader(await tunnel.open_stream(client_addr, head))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            await _send_error(client, 502, Code.AGENT_UNREACHABLE,
+                                              f"the agent serving {host} is not reachable", req=req)
+                            return
+                        current = tunnel
+                        head = b""
+                    try:
+                        outcome, resp = await exchange(client, upstream, req, head,
+                                                       upgraded_idle_timeout=UPGRADED_IDLE_TIMEOUT)
+                    except UpstreamFailed as exc:
+                        if exc.bad_response:
+                            await _send_error(client, 502, Code.BAD_UPSTREAM_RESPONSE,
+                                              f"the upstream sent a malformed response: {exc}", req=req)
+                        else:
+                            await _send_error(client, 502, Code.AGENT_UNREACHABLE,
+                                              f"the tunnel for {host} failed: {exc}", req=req)
+                        self._access(client_addr, host, req, 502, started, tunnel)
+                        return
+                    self._access(client_addr, host, req, resp.status if resp else 0, started, tunnel)
+                    if outcome is not Outcome.KEEP:
+                        return
         finally:
             if upstream is not None:
                 await upstream.aclose()
+        if timer.cancelled_caught and reading_head:
+            await _send_error(client, 408, Code.REQUEST_TIMEOUT, "the request head took too long")
 
     def _access(self, client_addr: str, host: str, req: RequestHead, status: int, started: float,
                 tunnel: HttpEdgeTunnel | None = None) -> None:
