@@ -11,7 +11,7 @@ import attrs
 import pytest
 import trio
 
-from tunneld.core import Agent, AgentConfig, Edge, EdgeConfig, MuxSession, TunnelConfig, TunnelRejected, proto
+from tunneld.core import Agent, AgentConfig, AuthFailed, Edge, EdgeConfig, MuxSession, TunnelConfig, TunnelRejected, proto
 from tunneld.core._names import NameClaims, Signer, load_secret
 from tunneld.core._rpc import call
 from tunneld.core._store import Store
@@ -350,3 +350,21 @@ def test_name_claims_persist_and_expire(tmp_path: Path) -> None:
     now[0] += 11
     assert claims.available("port", "20001", "bob")
     store.close()
+
+
+async def test_revoking_a_token_ends_its_connected_agent(edge_env: EdgeEnv, nursery: trio.Nursery) -> None:
+    """`tunneld edge token revoke` writes the store only: the edge notices, closes the session,
+    and the agent's reconnect is refused, so it stops instead of serving on."""
+    echo = await start_echo_server(nursery)
+    agent = Agent(edge_env.agent_config(), [TunnelConfig("t", "tcp", str(echo))])
+    started = time.monotonic()
+    with pytest.RaisesGroup(pytest.RaisesExc(AuthFailed, match="revoked"), flatten_subgroups=True):
+        with trio.fail_after(15):
+            async with trio.open_nursery() as inner:
+                await inner.start(agent.run)
+                port = port_of(agent.tunnels[0].public_url)
+                assert await tcp_echo(port) == b"ping"
+                assert edge_env.store.revoke_token(edge_env.token.split("_")[1])
+    assert time.monotonic() - started < 10
+    assert not edge_env.edge.sessions
+    assert port not in edge_env.edge.routes.ports

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 import time
 from functools import partial
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,8 @@ MAX_WINDOW = 16 * 1024 * 1024
 #: frees a stream only once its task is done, so it counts more than we see open: at 400 a
 #: burst still broke its session (it reconnected), at 250 600 held-open requests all pass.
 SDK_MAX_STREAMS = 250
+#: Seconds between checks for authtokens revoked while their agents are connected.
+REVOCATION_CHECK = 2.0
 #: Tunnels one session may hold.
 MAX_TUNNELS_PER_SESSION = 64
 
@@ -313,6 +316,7 @@ class Edge:
         async with trio.open_nursery() as outer:
             # The store writer outlives every tunnel: it records their last releases.
             outer.start_soon(self.routes.names.run)
+            outer.start_soon(self._end_revoked_sessions)
             async with trio.open_nursery() as root:
                 for service in self._services():
                     await root.start(service.run)
@@ -325,6 +329,29 @@ class Edge:
                 for session in list(self.sessions):
                     root.start_soon(session.drain, deadline)
             outer.cancel_scope.cancel()
+
+    async def _end_revoked_sessions(self) -> None:
+        """Close the sessions of authtokens revoked while they were connected.
+
+        ``tunneld edge token revoke`` runs in another process and writes only the store: the
+        edge looks there every REVOCATION_CHECK seconds.  The agent's reconnect is then
+        refused, and it stops.
+        """
+        while True:
+            await trio.sleep(REVOCATION_CHECK)
+            ids = sorted({s.token_id for s in self.sessions if s.token_id})
+            if not ids:
+                continue
+            try:
+                revoked = await trio.to_thread.run_sync(self.store.revoked_among, ids)
+            except sqlite3.Error as exc:
+                log.error("cannot check for revoked authtokens: %s", exc)
+                continue
+            for session in [s for s in self.sessions if s.token_id in revoked]:
+                log.warning("agent %s: authtoken %s was revoked; closing its session", session.remote_addr,
+                            session.token_id)
+                session.mux.close_reason = "authtoken revoked"
+                await session.mux.aclose()
 
     def _listener_text(self, name: str) -> str:
         addr = {"agent": self.config.agent_addr, "http": self.config.http_addr,

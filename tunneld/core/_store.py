@@ -171,6 +171,17 @@ class Store:
             ).fetchall()
         return [TokenRecord(*row) for row in rows]
 
+    def revoked_among(self, token_ids: list[str]) -> set[str]:
+        """Which of ``token_ids`` are revoked (or no longer exist)."""
+        if not token_ids:
+            return set()
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT id FROM tokens WHERE revoked_at IS NULL AND id IN ({','.join('?' * len(token_ids))})",
+                token_ids,
+            ).fetchall()
+        return set(token_ids) - {row[0] for row in rows}
+
     def revoke_token(self, token_id: str) -> bool:
         """Revoke a token (the row stays, for auditing).  False if unknown or already revoked."""
         now = self._clock()
