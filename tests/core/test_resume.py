@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,17 +18,12 @@ from tunneld.core._tls import client_context, open_tls_client
 
 from ..conftest import EdgeEnv, make_edge_config, start_echo_server, start_hello_upstream
 from ..linkproxy import LinkProxy
+from ..test_cli import free_range
 
 FAST_HEARTBEAT = {"heartbeat_interval": 0.3, "heartbeat_tolerance": 0.7}
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def tcp_echo(port: int, payload: bytes = b"ping") -> bytes:
@@ -150,11 +144,9 @@ class RestartableEdge:
 @pytest.fixture
 async def restartable(tmp_path: Path) -> AsyncIterator[RestartableEdge]:
     store = Store.open(tmp_path)
-    while True:
-        tcp = free_port()
-        if tcp < 65000:
-            break
-    yield RestartableEdge(tmp_path, store, {"agent": free_port(), "http": free_port(), "tcp": tcp})
+    # Outside the ephemeral range: the ports must still be free when the edge restarts.
+    tcp, _ = free_range(2)
+    yield RestartableEdge(tmp_path, store, {"agent": free_range(1)[0], "http": free_range(1)[0], "tcp": tcp})
     store.close()
 
 
@@ -366,5 +358,7 @@ async def test_revoking_a_token_ends_its_connected_agent(edge_env: EdgeEnv, nurs
                 assert await tcp_echo(port) == b"ping"
                 assert edge_env.store.revoke_token(edge_env.token.split("_")[1])
     assert time.monotonic() - started < 10
-    assert not edge_env.edge.sessions
+    with trio.fail_after(3):  # the refused reconnect's session ends a moment after its answer
+        while edge_env.edge.sessions:
+            await trio.sleep(0.02)
     assert port not in edge_env.edge.routes.ports
