@@ -124,7 +124,8 @@ class RestartableEdge:
 
     def config(self) -> EdgeConfig:
         return make_edge_config(self.tmp, agent_addr=("127.0.0.1", self.ports["agent"]),
-                                http_addr=("127.0.0.1", self.ports["http"]), https_addr=None,
+                                http_addr=("127.0.0.1", self.ports["http"]),
+                                https_addr=("127.0.0.1", self.ports["https"]),
                                 tcp_ports=(self.ports["tcp"], self.ports["tcp"] + 1), hold_period=self.hold)
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -146,7 +147,8 @@ async def restartable(tmp_path: Path) -> AsyncIterator[RestartableEdge]:
     store = Store.open(tmp_path)
     # Outside the ephemeral range: the ports must still be free when the edge restarts.
     tcp, _ = free_range(2)
-    yield RestartableEdge(tmp_path, store, {"agent": free_range(1)[0], "http": free_range(1)[0], "tcp": tcp})
+    ports = {name: free_range(1)[0] for name in ("agent", "http", "https")}
+    yield RestartableEdge(tmp_path, store, {**ports, "tcp": tcp})
     store.close()
 
 

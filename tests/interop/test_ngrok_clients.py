@@ -24,6 +24,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import SimpleNamespace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -482,3 +483,40 @@ async def test_py_sdk_back_on_its_url_after_an_edge_restart(py_sdk: list[str], r
             while b"hello from A" not in await get():
                 await trio.sleep(0.1)
         print(f"the SDK's URL served again {trio.current_time() - back:.2f}s after the edge came back")
+
+
+async def test_agent_2_3_41_back_on_its_urls_after_an_edge_restart(agent_bin: Path, restartable: RestartableEdge,
+                                                                   upstream: Upstream, tmp_path: Path,
+                                                                   nursery: trio.Nursery) -> None:
+    """ngrok's own agent reconnects by itself when the edge restarts on the same data dir, and
+    both its tunnels are back on the URLs they had."""
+    token = restartable.store.create_token("agent")[1]
+    await restartable.start(nursery)
+    # What agent_command and httpx_for read of an EdgeEnv.
+    env_like: Any = SimpleNamespace(ca=restartable.tmp / "ca.pem", token=token, http_port=restartable.ports["http"],
+                                    https_port=restartable.ports["https"])
+    argv, environ, web_port, log = agent_command(agent_bin, tmp_path, f"127.0.0.1:{restartable.ports['agent']}",
+                                                 env_like, upstream.port)
+    async with run_client(argv, env=environ, grace=0) as client:
+        urls = await agent_urls(client, web_port, log)
+
+        async def serves(url: str) -> bool:
+            parts = urlsplit(url)
+            http, base, ext = httpx_for(env_like, parts.scheme, parts.hostname or "")
+            try:
+                async with http:
+                    resp = await http.get(base + "/hello", extensions=ext)
+            except httpx.TransportError:
+                return False
+            return resp.status_code == 200 and resp.text == "hello from A\n"
+
+        for url in urls.values():
+            assert await serves(url)
+        restartable.kill()
+        await trio.sleep(0.5)
+        await restartable.start(nursery)
+        with trio.fail_after(30):
+            for url in urls.values():
+                while not await serves(url):
+                    await trio.sleep(0.2)
+        assert await agent_urls(client, web_port, log) == urls
