@@ -56,7 +56,7 @@ READ_SIZE = 256 * 1024
 #: dozens of requests; dispatched all at once, every reply waits for the whole batch and the
 #: two ends take turns instead of working in parallel (c=64 req/s 8.5-9k before, 10.8-12k
 #: after).  A bulk transfer feeds one stream: it never pauses.
-DISPATCH_SLICE = 16
+DISPATCH_SLICE = 8
 #: Bytes queued for the carrier before data writers must wait.
 OUTBOX_LIMIT = 4 * 1024 * 1024
 #: Concurrent streams a peer may hold open on one session.
