@@ -656,3 +656,28 @@ async def test_max_local_streams_queues_openers(nursery: trio.Nursery) -> None:
     await server.aclose()
     await trio.testing.wait_all_tasks_blocked()
     assert len(blocked) == 1
+
+
+async def test_session_closed_while_dispatching_a_burst(nursery: trio.Nursery) -> None:
+    """One read carrying 40 new streams: the reader pauses every few streams, and a session
+    closed during a pause ends quietly instead of handing frames to a dead session."""
+    raw, carrier = trio.testing.memory_stream_pair()
+    server = MuxSession(carrier, client=False)
+    errors: list[BaseException] = []
+
+    async def run_server() -> None:
+        try:
+            await server.run()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    nursery.start_soon(run_server)
+    await trio.testing.wait_all_tasks_blocked()
+    burst = b"".join(proto.encode_data(sid, b"x", syn=True) for sid in range(3, 83, 2))
+    await raw.send_all(burst)
+    first = await server.accept_stream()
+    await server.aclose()  # while the reader is paused between slices
+    await trio.testing.wait_all_tasks_blocked()
+    assert first.id == 3
+    assert errors == []
+    assert server.is_closed

@@ -402,6 +402,8 @@ class MuxSession:
                             # Let the streams woken so far run (and answer) before the rest.
                             woken = 0
                             await trio.lowlevel.checkpoint()
+                            if self._dead:  # closed meanwhile: the rest has nowhere to go
+                                return
                 elif type(event) is WindowUpdate:
                     stream = self._streams.get(event.stream_id)
                     if stream is not None:
