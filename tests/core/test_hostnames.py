@@ -188,11 +188,26 @@ async def test_custom_hostname_needs_a_certificate_outside_dev(tmp_path: Path, n
 
 
 def test_cli_allow_hostname_and_cname(tmp_path: Path) -> None:
-    from ..test_cli import TUNNELD, base_env
+    """A malformed --allow-hostname is a usage error; valid ones are announced with the CNAME target."""
+    from ..test_cli import TUNNELD, Proc, base_env, start_edge
 
     bad = subprocess.run([*TUNNELD, "edge", "--dev", "--data-dir", str(tmp_path), "--allow-hostname", "not a host"],
                          capture_output=True, text=True, env=base_env(tmp_path), timeout=20)
     assert bad.returncode == 2 and "--allow-hostname" in bad.stderr
+    procs: list[Proc] = []
+
+    def start(args: list[str]) -> Proc:
+        procs.append(Proc([*TUNNELD, *args], base_env(tmp_path)))
+        return procs[-1]
+
+    try:
+        edge = start_edge(start, tmp_path / "edge", "--allow-hostname", "app.example.org",
+                          "--allow-hostname", "*.corp.test=abc123", "--cname-target", "edge.example.net")
+        line = edge.proc.wait_line(lambda text: "custom hostnames" in text)
+        assert "app.example.org, *.corp.test (token abc123): CNAME them to edge.example.net" in line
+    finally:
+        for proc in procs:
+            proc.stop()
 
 
 @pytest.mark.parametrize(("client_type", "twins"), [("", True), ("tunneld", True), ("ngrok-python", False)])

@@ -38,11 +38,12 @@ async def tcp_echo(port: int, payload: bytes = b"ping") -> bytes:
             return got
 
 
-async def http_get(port: int, host: str) -> bytes:
+async def http_get(port: int, host: str, path: str = "/") -> bytes:
+    """The raw response to ``GET path`` on 127.0.0.1:``port`` with ``Host: host``."""
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            await stream.send_all(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             got = b""
             while data := await stream.receive_some():
                 got += data

@@ -37,7 +37,7 @@ import trio
 from tunneld.core._edge import SDK_MAX_STREAMS
 
 from ..conftest import DOMAIN, EdgeEnv
-from ..core.test_resume import RestartableEdge, restartable  # noqa: F401 - fixture
+from ..core.test_resume import RestartableEdge, http_get, restartable  # noqa: F401 - fixture
 from ..linkproxy import LinkProxy
 from ..plugins.test_http import Upstream, httpx_for
 
@@ -465,14 +465,7 @@ async def test_py_sdk_back_on_its_url_after_an_edge_restart(py_sdk: list[str], r
         assert host
 
         async def get() -> bytes:
-            with trio.fail_after(5):
-                stream = await trio.open_tcp_stream("127.0.0.1", restartable.ports["http"])
-                async with stream:
-                    await stream.send_all(f"GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-                    got = b""
-                    while data := await stream.receive_some():
-                        got += data
-                    return got
+            return await http_get(restartable.ports["http"], host, "/hello")
 
         assert b"hello from A" in await get()
         restartable.kill()
