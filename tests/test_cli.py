@@ -618,7 +618,7 @@ def test_token_create_list_revoke_and_bad_tokens(edge: EdgeProc, echo_upstream: 
     assert listing.returncode == 0, listing.stderr
     row = next(line for line in listing.stdout.splitlines() if line.startswith(token_id))
     assert row.split()[-1] == "x" and "active" in row
-    assert secret not in listing.stdout and secret.rsplit("_", 1)[1] not in listing.stdout
+    assert secret not in listing.stdout and secret.split("_", 2)[2] not in listing.stdout
     assert edge.token not in listing.stdout
 
     # The new token works while the edge runs ...
