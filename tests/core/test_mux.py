@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from tunneld.core import proto
+from tunneld.core import _lean, proto
 from tunneld.core._mux import MuxSession, MuxStream, StreamReset
 from tunneld.core.proto import Data, ErrorCode, FrameDecoder, GoAway, RemoteProtocolError
 
@@ -250,7 +250,11 @@ async def test_bare_fin_opens_and_closes_a_stream(nursery: trio.Nursery) -> None
         assert await c.receive_some() == b"still open this way"
 
 
-async def test_check_half_closeable_stream(nursery: trio.Nursery) -> None:
+async def test_check_half_closeable_stream(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    # trio's checker wants every call to yield; the streams yield on every call with
+    # YIELD_EVERY = 1 (the bounded skipping is tested in test_lean.py).
+    monkeypatch.setattr(_lean, "YIELD_EVERY", 1)
+
     async def make_pair() -> tuple[MuxStream, MuxStream]:
         client, server = await session_pair(nursery)
         return await stream_pair(client, server)

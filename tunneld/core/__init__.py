@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from ._forward import CHUNK as CHUNK
     from ._forward import ByteCounts as ByteCounts
     from ._forward import forward as forward
+    from ._lean import LeanSocketStream as LeanSocketStream
+    from ._lean import lean as lean
+    from ._lean import ReadyStreak as ReadyStreak
     from ._mux import MuxSession as MuxSession
     from ._mux import MuxStream as MuxStream
     from ._tls import accept_tls as accept_tls
@@ -106,6 +109,9 @@ _EXPORTS: dict[str, str] = {
     "open_listeners": "._util",
     "parse_local_addr": "._util",
     "peer_addr": "._util",
+    "LeanSocketStream": "._lean",
+    "lean": "._lean",
+    "ReadyStreak": "._lean",
     "set_nodelay": "._util",
     "split_host_port": "._util",
 }

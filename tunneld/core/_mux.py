@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 import trio
 
+from ._lean import ReadyStreak
 from .proto import (
     DEFAULT_WINDOW,
     MAX_DATA_FRAME,
@@ -100,6 +101,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
     _writable: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _receiving: bool = False
     _sending: bool = False
+    #: Receives and sends that needed no wait skip the scheduler (see ``_lean``).
+    _streak: ReadyStreak = attrs.field(factory=ReadyStreak)
 
     @property
     def eof_received(self) -> bool:
@@ -119,21 +122,25 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
         try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed")
-                if self._chunks:
-                    data = self._take(max_bytes)
-                    inc = self._window.on_consumed(len(data))
-                    if inc and not self._eof_received:
-                        self.session._queue_control(encode_wndinc(self.id, inc))
-                    await trio.lowlevel.checkpoint()
+                if self._chunks or self._eof_received:
+                    data = self._take(max_bytes) if self._chunks else b""
+                    if data:
+                        inc = self._window.on_consumed(len(data))
+                        if inc and not self._eof_received:
+                            self.session._queue_control(encode_wndinc(self.id, inc))
+                    if waited:
+                        self._streak.waited()
+                    else:
+                        await self._streak.completed()
                     return data
-                if self._eof_received:
-                    await trio.lowlevel.checkpoint()
-                    return b""
                 if self._error is not None:
                     raise self._error_copy()
+                waited = True
                 await self._readable.park()
         finally:
             self._receiving = False
@@ -201,24 +208,32 @@ class MuxStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._enter_send()
         try:
+            await trio.lowlevel.checkpoint_if_cancelled()
             if not isinstance(data, bytes):
                 # The outbox keeps references until the writer runs: never to a mutable buffer.
                 data = bytes(data)
             view = memoryview(data)
             session = self.session
+            waited = False
             while view:
                 while self._credit <= 0:
                     self._check_writable()
+                    waited = True
                     await self._writable.park()
                 self._check_writable()
                 n = min(len(view), self._credit, MAX_DATA_FRAME)
                 self._credit -= n
                 header = data_header(self.id, n, syn=self._syn_pending)
                 self._syn_pending = False
-                await session._queue_data(header, view[:n])
+                waited = await session._queue_data(header, view[:n]) or waited
                 view = view[n:]
             if not data:
-                await trio.lowlevel.checkpoint()
+                self._check_writable()
+            if waited:
+                self._streak.waited()
+            else:
+                # Queued without waiting: the writer runs when this task next yields.
+                await self._streak.completed()
         finally:
             self._sending = False
 
@@ -484,8 +499,11 @@ class MuxSession:
         self._outbox_bytes += len(frame)
         self._outbox_ready.unpark_all()
 
-    async def _queue_data(self, header: bytes, payload: memoryview) -> None:
+    async def _queue_data(self, header: bytes, payload: memoryview) -> bool:
+        """Queue one DATA frame, first waiting for room in the outbox; True if it waited."""
+        waited = False
         while self._outbox_bytes >= OUTBOX_LIMIT and not self._dead:
+            waited = True
             await self._outbox_space.park()
         if self._dead:
             raise trio.BrokenResourceError(self.close_reason or "session closed")
@@ -493,7 +511,7 @@ class MuxSession:
         self._outbox.append(payload)
         self._outbox_bytes += len(header) + len(payload)
         self._outbox_ready.unpark_all()
-        await trio.lowlevel.checkpoint()
+        return waited
 
     # ---- streams ------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from tunneld.core import ERROR_HEADER, AgentTunnel, Code, proto, set_nodelay
+from tunneld.core import ERROR_HEADER, AgentTunnel, Code, lean, proto, set_nodelay
 
 from ._relay import Outcome, Reader, ResponseFilter, UpstreamFailed, exchange
 from ._wire import (
@@ -78,8 +78,8 @@ async def connect_upstream(url: str) -> trio.abc.Stream:
             ctx.verify_mode = ssl.CERT_NONE
             tls = trio.SSLStream(stream, ctx, server_hostname=host, https_compatible=True)
             await tls.do_handshake()
-            stream = tls
-    return stream
+            return tls
+    return lean(stream)
 
 
 def strip_error_header(resp: ResponseHead, raw: bytes) -> bytes:

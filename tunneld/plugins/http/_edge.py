@@ -16,6 +16,7 @@ from tunneld.core import (
     TunnelInfo,
     TunnelRejected,
     accept_tls,
+    lean,
     peer_addr,
 )
 
@@ -110,7 +111,7 @@ class HttpIngress:
             task_status.started()
 
     async def _serve_http(self, stream: trio.SocketStream) -> None:
-        await self.serve_connection(stream, "http", peer_addr(stream))
+        await self.serve_connection(lean(stream), "http", peer_addr(stream))
 
     async def _serve_https(self, stream: trio.SocketStream) -> None:
         addr = peer_addr(stream)

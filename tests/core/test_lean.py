@@ -1,0 +1,208 @@
+"""LeanSocketStream and the mux streams: trio's stream semantics with fewer scheduler trips."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+import trio.testing
+
+from tunneld.core import _lean
+from tunneld.core._lean import LeanSocketStream, lean
+
+from .test_mux import session_pair, stream_pair
+
+
+def socket_pair(*, clogged: bool = False) -> tuple[LeanSocketStream, LeanSocketStream]:
+    """A connected pair; ``clogged``: both send buffers full, so send_all blocks."""
+    a, b = socket.socketpair()
+    for sock in (a, b):
+        sock.setblocking(False)
+        if clogged:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            try:
+                while True:
+                    sock.send(b"x" * 65536)
+            except BlockingIOError:
+                pass
+    return (LeanSocketStream(trio.SocketStream(trio.socket.from_stdlib_socket(a))),
+            LeanSocketStream(trio.SocketStream(trio.socket.from_stdlib_socket(b))))
+
+
+async def tcp_pair() -> tuple[LeanSocketStream, trio.SocketStream]:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = await trio.open_tcp_stream(*listener.getsockname())
+    server, _ = await listener.accept()
+    listener.close()
+    return LeanSocketStream(client), trio.SocketStream(server)
+
+
+async def test_check_half_closeable_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    # trio's checker wants every call to yield, which the stream does with YIELD_EVERY = 1.
+    monkeypatch.setattr(_lean, "YIELD_EVERY", 1)
+
+    async def make_pair() -> tuple[LeanSocketStream, LeanSocketStream]:
+        return socket_pair()
+
+    async def make_clogged_pair() -> tuple[LeanSocketStream, LeanSocketStream]:
+        return socket_pair(clogged=True)
+
+    with trio.fail_after(20):
+        await trio.testing.check_half_closeable_stream(make_pair, make_clogged_pair)
+
+
+class Yields(trio.abc.Instrument):
+    """Counts how often the current task yields to the scheduler (it is stepped once more)."""
+
+    def __init__(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.count = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.count += 1
+
+    async def during(self, calls: int, op: Callable[[], Awaitable[object]]) -> int:
+        """Yields while awaiting ``op()`` ``calls`` times."""
+        self.count = 0
+        trio.lowlevel.add_instrument(self)
+        try:
+            for _ in range(calls):
+                await op()
+        finally:
+            trio.lowlevel.remove_instrument(self)
+        return self.count
+
+
+@pytest.mark.parametrize("every", [1, 3, 8])
+async def test_ready_calls_yield_every_n(monkeypatch: pytest.MonkeyPatch, every: int) -> None:
+    """Calls that need no wait yield on every YIELD_EVERY-th call in a row, and only then."""
+    monkeypatch.setattr(_lean, "YIELD_EVERY", every)
+    a, b = socket_pair()
+    yields = Yields()
+    assert await yields.during(every - 1, lambda: a.send_all(b"ping")) == 0
+    assert await yields.during(1, lambda: a.send_all(b"ping")) == 1
+    assert await yields.during(3 * every, lambda: a.send_all(b"ping")) == 3
+    assert await yields.during(every - 1, lambda: b.receive_some(4)) == 0
+    assert await yields.during(1, lambda: b.receive_some(4)) == 1
+    assert await yields.during(every, lambda: b.receive_some(4)) == 1
+
+
+async def test_cancelled_call_does_nothing() -> None:
+    """As in trio: a call in a cancelled scope raises Cancelled and neither reads nor sends."""
+    a, b = socket_pair()
+    await b.send_all(b"kept")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await a.receive_some(10)
+        with pytest.raises(trio.Cancelled):
+            await a.send_all(b"never")
+    assert await a.receive_some(10) == b"kept"
+    await a.send_eof()
+    assert await b.receive_some(10) == b""
+
+
+async def test_waits_when_nothing_to_read_and_errors_map_like_trio() -> None:
+    client, server = await tcp_pair()
+    async with trio.open_nursery() as nursery:
+        got = []
+
+        async def reader() -> None:
+            got.append(await client.receive_some())
+
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        await server.send_all(b"late")
+    assert got == [b"late"]
+    # A reset peer: BrokenResourceError, as trio.SocketStream raises.
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    await server.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):
+            await client.send_all(b"x" * 65536)
+    await client.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await client.receive_some()
+    with pytest.raises(trio.ClosedResourceError):
+        await client.send_all(b"x")
+
+
+async def test_close_wakes_a_waiting_receiver() -> None:
+    a, b = socket_pair()
+    async with trio.open_nursery() as nursery:
+        async def reader() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await a.receive_some()
+
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await a.aclose()
+    await b.aclose()
+
+
+async def test_large_send_waits_for_the_reader() -> None:
+    a, b = socket_pair()
+    payload = bytes(range(256)) * 40000  # 10 MB: far more than the socket buffers
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        async def reader() -> None:
+            while len(received) < len(payload):
+                received.extend(await b.receive_some(65536))
+
+        nursery.start_soon(reader)
+        await a.send_all(payload)
+    assert received == payload
+
+
+async def test_concurrent_use_is_refused() -> None:
+    a, b = socket_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.receive_some)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await a.receive_some()
+        nursery.cancel_scope.cancel()
+
+
+async def test_lean_wraps_only_plain_socket_streams() -> None:
+    a, b = trio.socket.socketpair()
+    stream = trio.SocketStream(a)
+    assert isinstance(lean(stream), LeanSocketStream)
+    other = trio.testing.MemorySendStream()
+    assert lean(other) is other  # type: ignore[arg-type]
+    a.close()
+    b.close()
+
+
+async def test_mux_stream_ready_calls_skip_the_scheduler(nursery: trio.Nursery,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """MuxStream follows the same rule: buffered data and queued sends yield every N calls."""
+    monkeypatch.setattr(_lean, "YIELD_EVERY", 4)
+    client, server = await session_pair(nursery)
+    c, s = await stream_pair(client, server)
+    for i in range(8):
+        await c.send_all(b"%d" % i)
+    await trio.testing.wait_all_tasks_blocked()
+    yields = Yields()
+    # Streaks went on across the sends above: count from a fresh one.
+    c._streak.waited()
+    s._streak.waited()
+    assert await yields.during(3, lambda: c.send_all(b"x")) == 0
+    assert await yields.during(1, lambda: c.send_all(b"y")) == 1
+    # The 8 small sends arrived as separate chunks: one byte at a time, no yield until the
+    # 4th receive.
+    assert await yields.during(3, lambda: s.receive_some(1)) == 0
+    assert await yields.during(1, lambda: s.receive_some(1)) == 1
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await s.receive_some(1)
+        with pytest.raises(trio.Cancelled):
+            await c.send_all(b"z")
+    assert await s.receive_some(1) == b"4"  # nothing was lost to the cancelled receive
