@@ -645,15 +645,6 @@ def raise_nofile(want: int) -> tuple[int, int]:
 # Processes
 # =============================================================================================
 
-#: ``tunneld.cli.main`` sets SIGPIPE to SIG_DFL (so that ``tunneld ... | head`` ends quietly), but
-#: CPython's socket.send() does not pass MSG_NOSIGNAL: a write to a socket the peer has reset then
-#: kills the whole process (seen: the edge died with -SIGPIPE when wrk closed its connections).
-#: Until that is fixed, run the CLI with SIGPIPE left ignored (Python's default); --as-is disables this.
-SIGPIPE_SHIM = ("import signal, sys; _set = signal.signal; "
-                "signal.signal = lambda s, h: None if s == signal.SIGPIPE else _set(s, h); "
-                "sys.argv[0] = 'tunneld'; from tunneld.cli import main; main()")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -1331,11 +1322,7 @@ def main() -> int:
     ap.add_argument("--gate-cores", type=float, default=0.25, help="foreign load that counts as quiet")
     ap.add_argument("--no-ssh", action="store_true", help="skip the OpenSSH ssh -R paths")
     ap.add_argument("--tunneld", default=None,
-                    help="command that runs tunneld (default: this interpreter running tunneld.cli.main "
-                         "with SIGPIPE left ignored, see --as-is)")
-    ap.add_argument("--as-is", action="store_true",
-                    help="run tunneld exactly as `python -m tunneld` (tunneld.cli.main sets SIGPIPE to "
-                         "SIG_DFL: a client that resets mid-response then kills the edge)")
+                    help="command that runs tunneld (default: this interpreter, `-m tunneld`)")
     ap.add_argument("--pause", action="store_true",
                     help="after startup print the pids and wait for Enter (to attach a profiler)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs) afterwards")
@@ -1367,12 +1354,7 @@ def main() -> int:
     GATE.max_wait = args.gate if args.gate is not None else (2.0 if q else 3.0)
     GATE.budget = args.gate_budget if args.gate_budget is not None else (15.0 if q else 60.0)
     soft, hard = raise_nofile(max(65536, 4 * args.conns + 1024))
-    if args.tunneld:
-        tunneld = shlex.split(args.tunneld)
-    elif args.as_is:
-        tunneld = [sys.executable, "-m", "tunneld"]
-    else:
-        tunneld = [sys.executable, "-c", SIGPIPE_SHIM]
+    tunneld = shlex.split(args.tunneld) if args.tunneld else [sys.executable, "-m", "tunneld"]
     tmp = Path(tempfile.mkdtemp(prefix="tunneld-bench-"))
     procs = Procs(tmp)
     started = time.monotonic()

@@ -47,6 +47,7 @@ from ._rpc import call, read_message, reply
 from ._streams import PrefixedStream
 from ._tls import client_context, open_tls_client
 from ._tunnel import TunnelType, TunnelTypeRegistry
+from ._lean import lean
 from ._util import set_nodelay, split_host_port
 from ._websocket import connect_websocket, is_websocket_url
 
@@ -390,7 +391,7 @@ UPSTREAM_CONNECT_TIMEOUT = 10.0
 
 
 async def open_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
-                        header: proto.ProxyHeader) -> trio.SocketStream | None:
+                        header: proto.ProxyHeader) -> trio.abc.HalfCloseableStream | None:
     """Connect a proxied tcp/tls connection to ``tunnel.upstream``, logging ngrok's join line.
 
     When the upstream cannot be reached, ``stream`` is reset (the public client sees the
@@ -410,7 +411,7 @@ async def open_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStrea
             reset()
         return None
     set_nodelay(upstream)
-    return upstream
+    return lean(upstream)
 
 
 async def forward_to_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,

@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._lean import ReadyStreak
+from ._lean import BULK_BYTES, ReadyStreak
 from .proto import (
     DEFAULT_WINDOW,
     MAX_DATA_FRAME,
@@ -136,7 +136,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     if waited:
                         self._streak.waited()
                     else:
-                        await self._streak.completed()
+                        await self._streak.completed(len(data))
                     return data
                 if self._error is not None:
                     raise self._error_copy()
@@ -227,13 +227,17 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 self._syn_pending = False
                 waited = await session._queue_data(header, view[:n]) or waited
                 view = view[n:]
+                if view and n >= BULK_BYTES:
+                    # Bulk: let the writer send each frame as it is queued, as trio's own
+                    # streams would (measured: TCP upload 13 % slower without).
+                    await trio.lowlevel.cancel_shielded_checkpoint()
             if not data:
                 self._check_writable()
             if waited:
                 self._streak.waited()
             else:
                 # Queued without waiting: the writer runs when this task next yields.
-                await self._streak.completed()
+                await self._streak.completed(len(data))
         finally:
             self._sending = False
 

@@ -84,7 +84,7 @@ async def connect_upstream(url: str) -> trio.abc.Stream:
 
 def strip_error_header(resp: ResponseHead, raw: bytes) -> bytes:
     """Remove tunneld's error-code header from upstream responses: upstreams cannot forge it."""
-    if any(name.lower() == _ERROR_HEADER for name, _ in resp.headers):
+    if resp.has(_ERROR_HEADER):
         return rewrite_head(raw, drop=frozenset({_ERROR_HEADER}))
     return raw
 

@@ -60,30 +60,85 @@ class BodyKind:
     UNTIL_CLOSE = 3
 
 
+class _Head:
+    """What both heads share: the raw bytes, and header access by name without a full split.
+
+    llhttp has already checked the head strictly (no obsolete line folding, no bare LF, no
+    space before a colon), so every CRLF before the blank line starts a header line and the
+    lower-cased head can be searched for ``CRLF name:``.  Splitting every header line into
+    Python objects cost more than the parse itself, and a relayed request needs two or three
+    of them.
+    """
+
+    __slots__ = ()
+    raw: bytes
+    lower: bytes
+    _headers: list[tuple[bytes, bytes]] | None
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Header lines as (name, value), names in their original case, in order."""
+        if self._headers is None:
+            lines = self.raw[:-4].split(b"\r\n")
+            self._headers = [(name, value.lstrip(b" \t"))
+                             for name, _, value in (line.partition(b":") for line in lines[1:])]
+        return self._headers
+
+    def has(self, name: bytes) -> bool:
+        """Whether a ``name`` header (lower case) is present."""
+        return b"\r\n" + name + b":" in self.lower
+
+    def values(self, name: bytes) -> list[bytes]:
+        """The values of every ``name`` header (lower case), stripped, in order."""
+        return _values(self.raw, self.lower, name)
+
+    def value(self, name: bytes) -> bytes | None:
+        """The first ``name`` header's value (lower case name), stripped, or None."""
+        found = _values(self.raw, self.lower, name, first=True)
+        return found[0] if found else None
+
+
+def _values(raw: bytes, lower: bytes, name: bytes, *, first: bool = False) -> list[bytes]:
+    key = b"\r\n" + name + b":"
+    out: list[bytes] = []
+    i = lower.find(key)
+    while i >= 0:
+        start = i + len(key)
+        end = lower.find(b"\r\n", start)
+        out.append(raw[start:end].strip(b" \t"))
+        if first:
+            break
+        i = lower.find(key, end)
+    return out
+
+
 @attrs.define(slots=True)
-class RequestHead:
+class RequestHead(_Head):
     method: bytes
     target: bytes
     version: str
-    #: Raw header lines as (name, value), names in their original case.
-    headers: list[tuple[bytes, bytes]]
     host: str
     keep_alive: bool
     upgrade: bool
     body: int
     length: int
     expect_continue: bool
+    raw: bytes = attrs.field(repr=False)
+    lower: bytes = attrs.field(repr=False)
+    _headers: list[tuple[bytes, bytes]] | None = attrs.field(default=None, repr=False, init=False)
 
 
 @attrs.define(slots=True)
-class ResponseHead:
+class ResponseHead(_Head):
     status: int
     reason: bytes
     version: str
-    headers: list[tuple[bytes, bytes]]
     keep_alive: bool
     body: int
     length: int
+    raw: bytes = attrs.field(repr=False)
+    lower: bytes = attrs.field(repr=False)
+    _headers: list[tuple[bytes, bytes]] | None = attrs.field(default=None, repr=False, init=False)
 
     @property
     def interim(self) -> bool:
@@ -97,21 +152,19 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
     return -1 if i < 0 else i + 4
 
 
-class _Collector:
-    __slots__ = ("url", "headers", "complete", "parser", "keep_alive")
+class _Checked:
+    """httptools protocol object: no per-header callbacks, only the target and the end."""
+
+    __slots__ = ("url", "complete", "parser", "keep_alive")
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
         self.parser: httptools.HttpRequestParser | httptools.HttpResponseParser | None = None
         self.keep_alive = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -121,29 +174,25 @@ class _Collector:
             self.keep_alive = self.parser.should_keep_alive()
 
 
-def _framing(headers: list[tuple[bytes, bytes]], *, request: bool) -> tuple[int, int]:
-    te: bytes | None = None
-    cl: bytes | None = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"transfer-encoding":
-            te = value if te is None else te + b"," + value
-        elif lname == b"content-length":
-            if cl is not None and cl.strip() != value.strip():
-                raise BadMessage("conflicting Content-Length headers")
-            cl = value
-    if te is not None:
-        if cl is not None:
+def _framing(raw: bytes, lower: bytes, *, request: bool) -> tuple[int, int]:
+    has_te = b"\r\ntransfer-encoding:" in lower
+    has_cl = b"\r\ncontent-length:" in lower
+    if has_te:
+        if has_cl:
             # Both framings at once is the classic request-smuggling vector: refuse it.
             raise BadMessage("both Transfer-Encoding and Content-Length")
-        codings = [c.strip().lower() for c in te.split(b",") if c.strip()]
+        codings = [c.strip() for c in b",".join(_values(lower, lower, b"transfer-encoding")).split(b",")
+                   if c.strip()]
         if codings and codings[-1] == b"chunked":
             return BodyKind.CHUNKED, 0
         if request:
             raise BadMessage("request Transfer-Encoding is not chunked")
         return BodyKind.UNTIL_CLOSE, 0
-    if cl is not None:
-        text = cl.strip()
+    if has_cl:
+        values = _values(raw, lower, b"content-length")
+        text = values[-1]
+        if any(v != text for v in values):
+            raise BadMessage("conflicting Content-Length headers")
         if not text.isdigit() or len(text) > 18:
             raise BadMessage("malformed Content-Length")
         n = int(text)
@@ -153,7 +202,7 @@ def _framing(headers: list[tuple[bytes, bytes]], *, request: bool) -> tuple[int,
 
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a complete request head (through the blank line); BadMessage if malformed."""
-    c = _Collector()
+    c = _Checked()
     parser = httptools.HttpRequestParser(c)
     c.parser = parser
     upgrade = False
@@ -169,38 +218,34 @@ def parse_request_head(head: bytes) -> RequestHead:
     version = parser.get_http_version()
     if version not in ("1.0", "1.1"):
         raise BadMessage(f"unsupported HTTP version {version}", 505)
-    host = ""
-    expect = False
-    hosts = 0
-    for name, value in c.headers:
-        lname = name.lower()
-        if lname == b"host":
-            hosts += 1
-            host = value.decode("latin-1").strip()
-        elif lname == b"expect" and value.strip().lower() == b"100-continue":
-            expect = True
-    if hosts > 1:
+    target = c.url
+    lower = head.lower()
+    hosts = _values(head, lower, b"host") if b"\r\nhost:" in lower else []
+    if len(hosts) > 1:
         raise BadMessage("more than one Host header")
-    if not host and c.url.lower().startswith((b"http://", b"https://")):
-        host = c.url.split(b"/", 3)[2].decode("latin-1")
-    body, length = _framing(c.headers, request=True)
+    host = hosts[0].decode("latin-1") if hosts else ""
+    if not host and target[:8].lower().startswith((b"http://", b"https://")):
+        host = target.split(b"/", 3)[2].decode("latin-1")
+    expect = b"\r\nexpect:" in lower and b"100-continue" in _values(lower, lower, b"expect")
+    body, length = _framing(head, lower, request=True)
     return RequestHead(
         method=method,
-        target=c.url,
+        target=target,
         version=version,
-        headers=c.headers,
         host=host,
         keep_alive=c.keep_alive,
         upgrade=upgrade or method == b"CONNECT",
         body=body,
         length=length,
         expect_continue=expect,
+        raw=head,
+        lower=lower,
     )
 
 
 def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     """Parse a complete response head; the request method decides whether a body follows."""
-    c = _Collector()
+    c = _Checked()
     parser = httptools.HttpResponseParser(c)
     c.parser = parser
     try:
@@ -212,23 +257,25 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     if not c.complete:
         raise BadMessage("incomplete response head", 502)
     status = parser.get_status_code()
-    first_line = head.split(b"\r\n", 1)[0]
+    first_line = head[:head.index(b"\r\n")]
     reason = first_line.split(b" ", 2)[2] if first_line.count(b" ") >= 2 else b""
+    lower = head.lower()
     if 100 <= status < 200 or status in (204, 304) or request_method == b"HEAD":
         body, length = BodyKind.NONE, 0
     else:
         try:
-            body, length = _framing(c.headers, request=False)
+            body, length = _framing(head, lower, request=False)
         except BadMessage as exc:
             raise BadMessage(str(exc), 502) from None
     return ResponseHead(
         status=status,
         reason=reason,
         version=parser.get_http_version(),
-        headers=c.headers,
         keep_alive=c.keep_alive and body != BodyKind.UNTIL_CLOSE,
         body=body,
         length=length,
+        raw=head,
+        lower=lower,
     )
 
 

@@ -19,6 +19,7 @@ from tunneld.core import (
     TunnelInfo,
     TunnelRejected,
     forward,
+    lean,
     local_addr,
     log_connection,
     open_listeners,
@@ -120,7 +121,7 @@ class TcpEdgeTunnel:
                 return
             try:
                 result = "ok"
-                await forward(public, stream, counts)
+                await forward(lean(public), stream, counts)
             finally:
                 await stream.aclose()
         finally:
