@@ -190,9 +190,8 @@ async def test_mux_stream_ready_calls_skip_the_scheduler(nursery: trio.Nursery,
         await c.send_all(b"%d" % i)
     await trio.testing.wait_all_tasks_blocked()
     yields = Yields()
-    # Streaks went on across the sends above: count from a fresh one.
-    c._streak.waited()
-    s._streak.waited()
+    # The streak went on across the sends above: count from a fresh one.
+    _lean.task_streak().waited()
     assert await yields.during(3, lambda: c.send_all(b"x")) == 0
     assert await yields.during(1, lambda: c.send_all(b"y")) == 1
     # The 8 small sends arrived as separate chunks: one byte at a time, no yield until the
@@ -206,3 +205,39 @@ async def test_mux_stream_ready_calls_skip_the_scheduler(nursery: trio.Nursery,
         with pytest.raises(trio.Cancelled):
             await c.send_all(b"z")
     assert await s.receive_some(1) == b"4"  # nothing was lost to the cancelled receive
+
+
+async def test_the_streak_belongs_to_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ready calls on different streams count together; a wait on any of them resets the
+    count; a child task has its own count, not a copy of its parent's."""
+    monkeypatch.setattr(_lean, "YIELD_EVERY", 4)
+    a, b = socket_pair()
+    c, d = socket_pair()
+    yields = Yields()
+    _lean.task_streak().waited()
+    assert await yields.during(1, lambda: a.send_all(b"1")) == 0
+    assert await yields.during(2, lambda: c.send_all(b"2")) == 0
+    assert await yields.during(1, lambda: b.receive_some(1)) == 1  # 4th ready call of this task
+    assert await yields.during(2, lambda: a.send_all(b"x")) == 0
+    # Waiting on one stream resets the count for all of them.
+    e, f = socket_pair()
+
+    async def later() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        await e.send_all(b"late")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(later)
+        assert await f.receive_some(100) == b"late"
+    assert await yields.during(3, lambda: a.send_all(b"x")) == 0
+    assert await yields.during(1, lambda: a.send_all(b"x")) == 1
+
+    counted = []
+
+    async def child() -> None:
+        counted.append(_lean.task_streak().count)
+
+    _lean.task_streak().count = 3
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(child)
+    assert counted == [0]

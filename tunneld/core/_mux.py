@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._lean import BULK_BYTES, ReadyStreak
+from ._lean import BULK_BYTES, task_streak
 from .proto import (
     DEFAULT_WINDOW,
     MAX_DATA_FRAME,
@@ -101,8 +101,6 @@ class MuxStream(trio.abc.HalfCloseableStream):
     _writable: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _receiving: bool = False
     _sending: bool = False
-    #: Receives and sends that needed no wait skip the scheduler (see ``_lean``).
-    _streak: ReadyStreak = attrs.field(factory=ReadyStreak)
 
     @property
     def eof_received(self) -> bool:
@@ -133,10 +131,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
                         inc = self._window.on_consumed(len(data))
                         if inc and not self._eof_received:
                             self.session._queue_control(encode_wndinc(self.id, inc))
+                    # Receives and sends that needed no wait skip the scheduler (``_lean``).
                     if waited:
-                        self._streak.waited()
+                        task_streak().waited()
                     else:
-                        await self._streak.completed(len(data))
+                        await task_streak().completed(len(data))
                     return data
                 if self._error is not None:
                     raise self._error_copy()
@@ -234,10 +233,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if not data:
                 self._check_writable()
             if waited:
-                self._streak.waited()
+                task_streak().waited()
             else:
                 # Queued without waiting: the writer runs when this task next yields.
-                await self._streak.completed(len(data))
+                await task_streak().completed(len(data))
         finally:
             self._sending = False
 
