@@ -90,6 +90,11 @@ async def test_ready_calls_yield_every_n(monkeypatch: pytest.MonkeyPatch, every:
     assert await yields.during(every - 1, lambda: b.receive_some(4)) == 0
     assert await yields.during(1, lambda: b.receive_some(4)) == 1
     assert await yields.during(every, lambda: b.receive_some(4)) == 1
+    # A call that moves BULK_BYTES or more yields at once, as trio's streams do.
+    big = b"x" * (2 * _lean.BULK_BYTES)
+    _lean.task_streak().waited()
+    assert await yields.during(1, lambda: a.send_all(big)) == 1
+    assert await yields.during(1, lambda: b.receive_some(_lean.BULK_BYTES)) == 1
 
 
 async def test_cancelled_call_does_nothing() -> None:

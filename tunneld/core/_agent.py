@@ -41,13 +41,13 @@ from . import proto
 from ._config import AgentConfig, TunnelConfig
 from ._errors import AuthFailed, Code, RemoteProtocolError, TunnelRejected, parse_wire_error
 from ._forward import forward
+from ._lean import lean
 from ._mux import MuxSession, MuxStream
 from ._plugins import build_registry, get_plugin_manager
 from ._rpc import call, read_message, reply
 from ._streams import PrefixedStream
 from ._tls import client_context, open_tls_client
 from ._tunnel import TunnelType, TunnelTypeRegistry
-from ._lean import lean
 from ._util import set_nodelay, split_host_port
 from ._websocket import connect_websocket, is_websocket_url
 
