@@ -293,6 +293,21 @@ async def test_agent_2_3_41_http_tunnels(agent_bin: Path, edge_env: EdgeEnv, ups
         assert "lvl=eror" not in text and "lvl=crit" not in text, text
 
 
+async def test_agent_2_3_41_host_header_rewrite(agent_bin: Path, edge_env: EdgeEnv, upstream: Upstream,
+                                                tmp_path: Path) -> None:
+    """ngrok's v2 agent rewrites Host itself and sends HostHeaderRewrite for information: the
+    edge binds it (only SDK clients, which expect the edge to rewrite, are refused)."""
+    argv, env, web_port, log = agent_command(agent_bin, tmp_path, edge_env.agent_addr, edge_env, upstream.port)
+    argv.insert(2, "-host-header=rewrite")
+    async with run_client(argv, env=env, grace=0) as client:
+        urls = await agent_urls(client, web_port, log)
+        resp = await fetch(edge_env, urls["http"] + "/hello")
+        assert resp.status_code == 200, resp.text
+    public = urlsplit(urls["http"]).hostname
+    hosts = {dict((k.lower(), v) for k, v in r["headers"])["host"] for r in upstream.requests}
+    assert hosts and not any(public in h for h in hosts), hosts
+
+
 # --------------------------------------------------------------------------------------------
 # The JavaScript SDK @ngrok/ngrok 1.7.0
 # --------------------------------------------------------------------------------------------

@@ -1101,3 +1101,24 @@ async def test_ngrok_sdk_basic_auth(ngrok_js: Path, edge_env: EdgeEnv, upstream:
     finally:
         proc.kill()
         await proc.wait()
+
+
+@pytest.mark.parametrize("client_type, refused", [("ngrok-go", True), ("tunneld", False)])
+async def test_host_header_rewrite_from_an_sdk_is_refused(edge_env: EdgeEnv, upstream: Upstream,
+                                                          client_type: str, refused: bool) -> None:
+    """SDKs expect the edge to rewrite Host, which it cannot (it does not know their upstream):
+    their HostHeaderRewrite is refused.  From an agent it is informational, as in ngrok's v2."""
+    agent = Agent(edge_env.agent_config(), [TunnelConfig(name="w", proto="http", addr=str(upstream.port),
+                                                         schemes=["http"], host_header="rewrite")])
+    agent.client_type = client_type
+    assert agent.tunnels[0].bind.opts["HostHeaderRewrite"] is True
+    with trio.fail_after(10):
+        if refused:
+            with pytest.RaisesGroup(pytest.RaisesExc(
+                    TunnelRejected, check=lambda e: e.code == Code.OPTION_UNSUPPORTED and "HostHeaderRewrite" in str(e)),
+                    flatten_subgroups=True):
+                await edge_env.nursery.start(agent.run)
+            assert not edge_env.edge.routes.hosts
+        else:
+            await edge_env.nursery.start(agent.run)
+            assert edge_env.edge.routes.hosts

@@ -167,6 +167,8 @@ class Agent:
     config: AgentConfig
     tunnel_configs: list[TunnelConfig]
     registry: TunnelTypeRegistry = attrs.field(factory=lambda: build_registry(get_plugin_manager()))
+    #: ``Auth.Extra.ClientType``: the edge treats ``ngrok-*`` clients (the SDKs) differently.
+    client_type: str = "tunneld"
     tunnels: list[AgentTunnel] = attrs.field(factory=list, init=False)
     #: "connecting", "online" or "reconnecting" (shown by the status page and console).
     status: str = attrs.field(default="connecting", init=False)
@@ -258,7 +260,7 @@ class Agent:
         extra = proto.AuthExtra(
             os=platform.system().lower(), arch=platform.machine(), authtoken=self.config.authtoken,
             version=__version__, hostname=socket.gethostname(), user_agent=f"tunneld/{__version__}",
-            cookie=self._cookie, client_type="tunneld",
+            cookie=self._cookie, client_type=self.client_type,
             heartbeat_interval=int(self.config.heartbeat_interval * 1e9),
             heartbeat_tolerance=int(self.config.heartbeat_tolerance * 1e9),
             update_unsupported_error="tunneld agents do not update themselves",

@@ -24,7 +24,7 @@ from tunneld.core import (
 
 from ._agent import parse_http_addr, serve_http_stream
 from ._auth import basic_auth_from_opts, bind_opts
-from ._edge import HANDLED_OPTS, HttpEdgeTunnel, HttpIngress
+from ._edge import HANDLED_OPTS, HttpEdgeTunnel, HttpIngress, refuse_sdk_host_rewrite
 
 
 class HttpTunnelType(TunnelType):
@@ -38,6 +38,7 @@ class HttpTunnelType(TunnelType):
 
     def edge_tunnel(self, edge: Edge, session: AgentSession, bind: proto.Bind, tunnel_id: str) -> HttpEdgeTunnel:
         refuse_unenforced(bind.opts, HANDLED_OPTS)
+        refuse_sdk_host_rewrite(session, bind.opts)
         # Before a name is chosen: a refused credential must not hold one.
         auth = basic_auth_from_opts(bind.opts)
         host = choose_host(edge, session, bind, bind.proto)

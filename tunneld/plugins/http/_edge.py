@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 import attrs
 import trio
@@ -43,6 +44,21 @@ TLS_TIMEOUT = 10.0
 HANDLED_OPTS = {"hostname", "subdomain", "domain", "url", "hostheaderrewrite", "localurlscheme", "auth",
                 "basicauth"}
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+
+
+def refuse_sdk_host_rewrite(session: AgentSession, opts: dict[str, Any]) -> None:
+    """Refuse ``HostHeaderRewrite`` from an SDK client: the edge cannot carry it out.
+
+    ngrok's v2 agent (and ours) rewrites Host itself and sends the option for information only;
+    the SDKs (``ClientType: ngrok-*``) forward bytes unchanged and expect the edge to do it,
+    which needs the upstream address only the client knows.
+    """
+    client_type = session.auth.extra.client_type if session.auth is not None else ""
+    if not client_type.startswith("ngrok-"):
+        return
+    if any(key.lower() == "hostheaderrewrite" and value for key, value in opts.items()):
+        raise TunnelRejected("HostHeaderRewrite is not supported by this edge for SDK clients; "
+                             "refusing rather than ignoring it", Code.OPTION_UNSUPPORTED)
 
 
 @attrs.define(eq=False)
