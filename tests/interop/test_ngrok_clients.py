@@ -297,7 +297,8 @@ async def test_agent_2_3_41_host_header_rewrite(agent_bin: Path, edge_env: EdgeE
                                                 tmp_path: Path) -> None:
     """ngrok's v2 agent rewrites Host itself and sends HostHeaderRewrite for information: the
     edge binds it (only SDK clients, which expect the edge to rewrite, are refused)."""
-    argv, env, web_port, log = agent_command(agent_bin, tmp_path, edge_env.agent_addr, edge_env, upstream.port)
+    argv, env, web_port, log = agent_command(agent_bin, tmp_path, edge_env.agent_addr, edge_env,
+                                             upstream.port)
     argv.insert(2, "-host-header=rewrite")
     async with run_client(argv, env=env, grace=0) as client:
         urls = await agent_urls(client, web_port, log)

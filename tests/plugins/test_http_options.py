@@ -1114,9 +1114,10 @@ async def test_host_header_rewrite_from_an_sdk_is_refused(edge_env: EdgeEnv, ups
     assert agent.tunnels[0].bind.opts["HostHeaderRewrite"] is True
     with trio.fail_after(10):
         if refused:
-            with pytest.RaisesGroup(pytest.RaisesExc(
-                    TunnelRejected, check=lambda e: e.code == Code.OPTION_UNSUPPORTED and "HostHeaderRewrite" in str(e)),
-                    flatten_subgroups=True):
+            def refusal(e: TunnelRejected) -> bool:
+                return e.code == Code.OPTION_UNSUPPORTED and "HostHeaderRewrite" in str(e)
+
+            with pytest.RaisesGroup(pytest.RaisesExc(TunnelRejected, check=refusal), flatten_subgroups=True):
                 await edge_env.nursery.start(agent.run)
             assert not edge_env.edge.routes.hosts
         else:

@@ -63,7 +63,7 @@ def _framing(headers: list[tuple[bytes, bytes]], *, request: bool) -> tuple[int,
     return (BodyKind.NONE, 0) if request else (BodyKind.UNTIL_CLOSE, 0)
 
 
-def parse_request_head(head: bytes) -> RequestHead:
+def parse_request_head(head: bytes) -> dict[str, object]:
     """Parse a complete request head (through the blank line); BadMessage if malformed."""
     c = _Collector()
     parser = httptools.HttpRequestParser(c)
@@ -110,7 +110,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     )
 
 
-def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
+def parse_response_head(head: bytes, request_method: bytes) -> dict[str, object]:
     """Parse a complete response head; the request method decides whether a body follows."""
     c = _Collector()
     parser = httptools.HttpResponseParser(c)
