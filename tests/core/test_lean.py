@@ -246,3 +246,13 @@ async def test_the_streak_belongs_to_the_task(monkeypatch: pytest.MonkeyPatch) -
     async with trio.open_nursery() as nursery:
         nursery.start_soon(child)
     assert counted == [0]
+
+
+async def test_receive_some_validates_max_bytes() -> None:
+    a, b = socket_pair()
+    await b.send_all(b"data")
+    with pytest.raises(ValueError):
+        await a.receive_some(0)
+    with pytest.raises(TypeError):
+        await a.receive_some(1.5)  # type: ignore[arg-type]
+    assert await a.receive_some(2) == b"da"

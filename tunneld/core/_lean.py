@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import operator
 import os
 
 import trio
@@ -75,6 +76,19 @@ def task_streak() -> ReadyStreak:
     return streak
 
 
+def checked_max_bytes(max_bytes: int | None) -> int | None:
+    """trio's contract for ``receive_some(max_bytes)``: an integer >= 1, or None.
+
+    A non-integer is a TypeError, < 1 a ValueError (0 would return b"", which reads as EOF).
+    """
+    if max_bytes is None:
+        return None
+    max_bytes = operator.index(max_bytes)
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be >= 1")
+    return max_bytes
+
+
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
     if exc.errno in _CLOSED_ERRNOS:
         return trio.ClosedResourceError("this socket was already closed")
@@ -99,10 +113,7 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
         return fd
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is None:
-            max_bytes = DEFAULT_RECEIVE_SIZE
-        elif max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        max_bytes = checked_max_bytes(max_bytes) or DEFAULT_RECEIVE_SIZE
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True

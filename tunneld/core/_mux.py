@@ -25,13 +25,12 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import operator
 from typing import Any
 
 import attrs
 import trio
 
-from ._lean import task_streak
+from ._lean import checked_max_bytes, task_streak
 from .proto import (
     DEFAULT_WINDOW,
     MAX_DATA_FRAME,
@@ -110,12 +109,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
     # ---- receiving ----------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            # trio's contract: a non-integer is a TypeError, < 1 a ValueError (0 would
-            # otherwise return b"", which the caller reads as EOF).
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be >= 1")
+        max_bytes = checked_max_bytes(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
