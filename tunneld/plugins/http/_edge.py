@@ -93,17 +93,17 @@ class HttpEdgeTunnel:
 
 def forwarded_head(raw: bytes, req: RequestHead, client_ip: str, scheme: str) -> bytes:
     """The request head with X-Forwarded-For/-Proto/-Host set by the edge."""
+    # The common case: the client sent none of them, so the lines go in before the blank line.
+    if b"\r\nx-forwarded-" not in req.lower:
+        return b"%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n" % (
+            raw[:-2], client_ip.encode("latin-1"), scheme.encode(), req.host.encode("latin-1"))
     prior = [v.decode("latin-1") for v in req.values(b"x-forwarded-for")]
     xff = ", ".join([*prior, client_ip])
-    add = [
+    return rewrite_head(raw, drop=_FORWARDED, add=[
         (b"X-Forwarded-For", xff.encode("latin-1")),
         (b"X-Forwarded-Proto", scheme.encode()),
         (b"X-Forwarded-Host", req.host.encode("latin-1")),
-    ]
-    if any(req.has(name) for name in _FORWARDED):
-        return rewrite_head(raw, drop=_FORWARDED, add=add)
-    # The common case: nothing to drop, so the lines go in before the blank line.
-    return raw[:-2] + b"".join(name + b": " + value + b"\r\n" for name, value in add) + b"\r\n"
+    ])
 
 
 def normalise_host(host: str) -> str:
