@@ -43,11 +43,13 @@ class ReadyStreak:
     because one of its streams alone kept being ready.
     """
 
-    __slots__ = ("count", "task")
+    __slots__ = ("count", "task_id")
 
-    def __init__(self, task: trio.lowlevel.Task | None = None) -> None:
+    def __init__(self, task_id: int = 0) -> None:
         self.count = 0
-        self.task = task
+        #: ``id()`` of the owning task: a reference would make task, context and streak a
+        #: cycle for the garbage collector to find after every connection.
+        self.task_id = task_id
 
     async def completed(self, nbytes: int) -> None:
         """After an operation that did not wait: yield (shielded) if it moved BULK_BYTES or
@@ -67,11 +69,12 @@ _streak: contextvars.ContextVar[ReadyStreak] = contextvars.ContextVar("tunneld_r
 
 def task_streak() -> ReadyStreak:
     """The current task's :class:`ReadyStreak`."""
-    task = trio.lowlevel.current_task()
+    task_id = id(trio.lowlevel.current_task())
     streak = _streak.get(None)
-    # A child task starts with a copy of its parent's context: the parent's streak is not its own.
-    if streak is None or streak.task is not task:
-        streak = ReadyStreak(task)
+    # A child task starts with a copy of its parent's context: the parent's streak is not its
+    # own.  (An id reused after a task ended only means sharing a counter with no live task.)
+    if streak is None or streak.task_id != task_id:
+        streak = ReadyStreak(task_id)
         _streak.set(streak)
     return streak
 
