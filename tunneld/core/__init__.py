@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from ._tunnel import UpstreamHandler as UpstreamHandler
     from ._tunnel import proxy_proto_option as proxy_proto_option
     from ._tunnel import refuse_unenforced as refuse_unenforced
+    from ._util import connect_tcp as connect_tcp
     from ._util import local_addr as local_addr
     from ._util import open_listeners as open_listeners
     from ._util import parse_local_addr as parse_local_addr
@@ -105,6 +106,7 @@ _EXPORTS: dict[str, str] = {
     "UpstreamHandler": "._tunnel",
     "proxy_proto_option": "._tunnel",
     "refuse_unenforced": "._tunnel",
+    "connect_tcp": "._util",
     "local_addr": "._util",
     "open_listeners": "._util",
     "parse_local_addr": "._util",

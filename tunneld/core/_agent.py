@@ -48,7 +48,7 @@ from ._rpc import call, read_message, reply
 from ._streams import PrefixedStream
 from ._tls import client_context, open_tls_client
 from ._tunnel import TunnelType, TunnelTypeRegistry
-from ._util import set_nodelay, split_host_port
+from ._util import connect_tcp, set_nodelay, split_host_port
 from ._websocket import connect_websocket, is_websocket_url
 
 log = logging.getLogger("tunneld.agent")
@@ -405,7 +405,7 @@ async def open_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStrea
     host, port = split_host_port(tunnel.upstream)
     try:
         with trio.fail_after(UPSTREAM_CONNECT_TIMEOUT):
-            upstream = await trio.open_tcp_stream(host.strip("[]"), port)
+            upstream = await connect_tcp(host.strip("[]"), port)
     except (OSError, trio.TooSlowError) as exc:
         log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, exc)
         reset = getattr(stream, "reset", None)

@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import gc
 import socket
+import time
 
 import trio
 
 #: A large accept backlog: 1000 simultaneous connects overflowed sshd's queue (perf notes).
 LISTEN_BACKLOG = 4096
+
+
+#: Seconds a name's last working address is reused before the name is resolved again.
+RESOLVE_TTL = 30.0
+_last_good: dict[tuple[str, int], tuple[str, float]] = {}
+
+
+async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """``trio.open_tcp_stream(host, port)``, reusing the address that last worked for a name.
+
+    Resolving ``localhost`` costs a getaddrinfo call in a worker thread and, when the upstream
+    listens on IPv4 only, a refused attempt on ``::1`` first: about 120 µs of every new
+    proxied connection.  The address that answered is tried directly for RESOLVE_TTL
+    seconds; if it fails the name is resolved again, so moved services are found.
+    """
+    key = (host, port)
+    hit = _last_good.get(key)
+    if hit is not None and time.monotonic() - hit[1] < RESOLVE_TTL:
+        try:
+            return await trio.open_tcp_stream(hit[0], port)
+        except OSError:
+            _last_good.pop(key, None)
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        address = stream.socket.getpeername()[0]
+    except OSError:
+        return stream
+    if address != host:
+        _last_good[key] = (address, time.monotonic())
+    return stream
 
 
 def set_nodelay(stream: trio.abc.Stream) -> None:

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from tunneld.core import ERROR_HEADER, AgentTunnel, Code, lean, proto, set_nodelay
+from tunneld.core import ERROR_HEADER, AgentTunnel, Code, connect_tcp, lean, proto, set_nodelay
 
 from ._relay import Outcome, Reader, ResponseFilter, UpstreamFailed, exchange
 from ._wire import (
@@ -70,7 +70,7 @@ async def connect_upstream(url: str) -> trio.abc.Stream:
     host = parts.hostname or "localhost"
     port = parts.port or (443 if parts.scheme == "https" else 80)
     with trio.fail_after(CONNECT_TIMEOUT):
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        stream: trio.abc.Stream = await connect_tcp(host, port)
         set_nodelay(stream)
         if parts.scheme == "https":
             ctx = ssl.create_default_context()
