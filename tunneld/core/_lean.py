@@ -20,6 +20,7 @@ import contextvars
 import errno
 import operator
 import os
+import sys
 
 import trio
 
@@ -193,7 +194,10 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
 
 
 def lean(stream: trio.abc.Stream) -> trio.abc.Stream:
-    """``stream`` as a :class:`LeanSocketStream` if it is a plain socket stream, else unchanged."""
-    if type(stream) is trio.SocketStream:
+    """``stream`` as a :class:`LeanSocketStream` if it is a plain socket stream, else unchanged.
+
+    Not on Windows, where a socket is not a file descriptor that ``os.read`` could use.
+    """
+    if type(stream) is trio.SocketStream and sys.platform != "win32":
         return LeanSocketStream(stream)
     return stream
