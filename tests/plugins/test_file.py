@@ -78,6 +78,7 @@ def make_tree(base: Path) -> Tree:
     for name in ODD_NAMES:
         (root / name).write_text(f"odd {name}\n")
     (root / ".hidden").write_text("hidden\n")
+    (root / "back\\slash.txt").write_text("never served, so never listed\n")
     (root / ".git").mkdir()
     (root / ".git" / "config").write_text("[core]\n")
     (root / "Zeta.txt").write_text("z\n")
@@ -190,7 +191,8 @@ async def test_directory_listing(served: Served) -> None:
         page = body.decode()
         hrefs = re.findall(r'<a href="([^"]*)">', page)
         texts = re.findall(r'<a href="[^"]*">([^<]*)</a>', page)
-        # hidden files, FIFOs, dangling links and links leading out are not listed
+        # hidden files, names with a backslash, FIFOs, dangling links and links leading out are
+        # not listed
         assert [html.unescape(t) for t in texts] == sorted(
             ["archive.tar.gz", "big.bin", "empty.txt", "hello.txt", "link-file-in", "link-in/",
              "page.html", "site/", "sub/", "Zeta.txt", *ODD_NAMES], key=lambda n: (n.casefold(), n))

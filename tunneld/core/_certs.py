@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._errors import ConfigError
+
+log = logging.getLogger("tunneld.edge")
 
 CA_VALIDITY = datetime.timedelta(days=3650)
 # 825 days is the longest lifetime Apple platforms accept for a TLS server certificate.
@@ -53,7 +57,7 @@ def ensure_dev_certs(data_dir: Path, domain: str, hosts: Sequence[str]) -> DevCe
     """
     data_dir = Path(data_dir)
     names = _leaf_names(domain, hosts)
-    _ensure_dir(data_dir)
+    ensure_private_dir(data_dir)
     paths = DevCerts(
         ca_cert=data_dir / "ca.pem",
         ca_key=data_dir / "ca-key.pem",
@@ -74,7 +78,7 @@ def ensure_dev_host_cert(data_dir: Path, host: str) -> tuple[Path, Path]:
     """
     data_dir = Path(data_dir)
     certs = data_dir / "certs"
-    _ensure_dir(certs)
+    ensure_private_dir(certs)
     paths = DevCerts(ca_cert=data_dir / "ca.pem", ca_key=data_dir / "ca-key.pem",
                      cert=certs / f"{host}.pem", key=certs / f"{host}-key.pem")
     ca_cert = _load_cert(paths.ca_cert)
@@ -340,9 +344,24 @@ def _read(path: Path, flag: str) -> bytes:
         raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _ensure_dir(path: Path) -> None:
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` with mode 0700, or take write access away from others on an existing one.
+
+    The data dir holds keys, the edge's signing secret and the token store: anyone who may write
+    in it may swap ``ca.pem`` or the database.  An existing directory keeps its read bits (its
+    files are 0600 anyway) but loses group and other write, with a warning saying so.
+    """
     if path.is_dir():
-        return  # leave the mode of an existing directory to its owner
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o022:
+            try:
+                os.chmod(path, mode & ~0o022)
+            except OSError as exc:
+                raise ConfigError(f"data dir {path} is writable by others (mode {mode:04o}) and cannot be "
+                                  f"changed: {exc.strerror or exc}; chmod go-w {path}") from None
+            log.warning("data dir %s was writable by others (mode %04o); now %04o", path, mode,
+                        mode & ~0o022)
+        return
     try:
         path.mkdir(mode=0o700, parents=True)
     except FileExistsError:

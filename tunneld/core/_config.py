@@ -330,7 +330,10 @@ def save_authtoken(path: Path | None, token: str) -> Path:
             data = loaded
     data.setdefault("version", "2")
     data["authtoken"] = token
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        # The file holds a secret: its folder is the user's alone, whatever the umask.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -3,6 +3,7 @@
 Names are shown HTML-escaped and linked percent-quoted with ``safe=""``, so ``a:b`` cannot
 turn into a URL scheme and ``<script>`` stays text.  The page is served with a CSP that forbids
 scripts, as a second fence.  Entries that would not be served are not listed: hidden names,
+names with a backslash (the path rules refuse them: ``\\`` separates names on Windows),
 anything but directories and regular files, and symlinks leading outside the root.
 """
 
@@ -40,7 +41,7 @@ def scan(root: str, directory: str) -> list[Entry]:
     entries = []
     with os.scandir(directory) as it:
         for item in it:
-            if item.name.startswith("."):
+            if item.name.startswith(".") or "\\" in item.name:
                 continue
             try:
                 if item.is_symlink():
