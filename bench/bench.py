@@ -49,9 +49,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 MiB = 1 << 20
 BUF = 1 * MiB
@@ -1103,7 +1103,7 @@ def scenario_wrk(env: Env) -> None:
                 p99 = env.results.row("wrk", f"p99 ms c={c}", route.name, "ms", ".2f", show_res=False)
                 try:
                     out, ecpu, acpu, erss, arss = measured(
-                        route, lambda r=route: run_wrk(env.wrk_script, r.port, r.host, path, c, a.wrk_duration))
+                        route, lambda r=route, c=c: run_wrk(env.wrk_script, r.port, r.host, path, c, a.wrk_duration))
                 except (OSError, TransferError, subprocess.TimeoutExpired) as exc:
                     rps.errors.append(f"round {rnd + 1}: {exc}")
                     say(f"  round {rnd + 1} c={c:<3} {route.name:<13} FAILED {exc}")

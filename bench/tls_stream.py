@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import statistics
 import ssl
+import statistics
 import sys
 import tempfile
 import time

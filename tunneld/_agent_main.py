@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+
 import trio
 
 from . import __version__

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import trio
 
-from .core import ConfigError, Agent, AgentConfig, Edge, EdgeConfig, TunnelConfig
-from .core._certs import ensure_dev_certs
-from .core._store import Store
 from ._agent_main import print_console
 from ._edge_main import ensure_dev_token
+from .core import Agent, AgentConfig, ConfigError, Edge, EdgeConfig, TunnelConfig
+from .core._certs import ensure_dev_certs
+from .core._store import Store
 
 HELLO = b"Hello from tunneld! This page came through your tunnel.\n"
 

@@ -10,7 +10,17 @@ import attrs
 import pytest
 import trio
 
-from tunneld.core import Agent, AgentConfig, AuthFailed, Edge, EdgeConfig, MuxSession, TunnelConfig, TunnelRejected, proto
+from tunneld.core import (
+    Agent,
+    AgentConfig,
+    AuthFailed,
+    Edge,
+    EdgeConfig,
+    MuxSession,
+    TunnelConfig,
+    TunnelRejected,
+    proto,
+)
 from tunneld.core._names import NameClaims, Signer, load_secret
 from tunneld.core._rpc import call
 from tunneld.core._store import Store

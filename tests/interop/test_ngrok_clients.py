@@ -24,9 +24,9 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from types import SimpleNamespace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -236,7 +236,7 @@ async def agent_urls(client: ClientProcess, web_port: int, log: Path) -> dict[st
     async with httpx.AsyncClient(timeout=5) as api:
         with trio.fail_after(20):
             while len(tunnels) < 2:
-                assert client.proc.returncode is None, log.read_text() if log.exists() else client.stderr
+                assert client.proc.returncode is None, log.read_text() if log.exists() else client.stderr  # noqa: ASYNC240
                 try:
                     tunnels = (await api.get(f"http://127.0.0.1:{web_port}/api/tunnels")).json()["tunnels"]
                 except httpx.TransportError:

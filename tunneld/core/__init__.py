@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from . import proto as proto
+    from ._access import log_connection as log_connection
     from ._agent import Agent as Agent
     from ._agent import AgentInfo as AgentInfo
     from ._agent import AgentTunnel as AgentTunnel
@@ -33,18 +34,17 @@ if TYPE_CHECKING:
     from ._errors import RemoteProtocolError as RemoteProtocolError
     from ._errors import TunneldError as TunneldError
     from ._errors import TunnelRejected as TunnelRejected
-    from ._access import log_connection as log_connection
     from ._forward import CHUNK as CHUNK
     from ._forward import ByteCounts as ByteCounts
     from ._forward import forward as forward
+    from ._hostnames import choose_host as choose_host
     from ._lean import LeanSocketStream as LeanSocketStream
-    from ._lean import lean as lean
     from ._lean import ReadyStreak as ReadyStreak
+    from ._lean import lean as lean
     from ._mux import MuxSession as MuxSession
     from ._mux import MuxStream as MuxStream
-    from ._tls import accept_tls as accept_tls
-    from ._hostnames import choose_host as choose_host
     from ._streams import PrefixedStream as PrefixedStream
+    from ._tls import accept_tls as accept_tls
     from ._tunnel import BindRequest as BindRequest
     from ._tunnel import EdgeService as EdgeService
     from ._tunnel import EdgeTunnel as EdgeTunnel

@@ -28,11 +28,11 @@ from ._frames import encode_goaway as encode_goaway
 from ._frames import encode_rst as encode_rst
 from ._frames import encode_wndinc as encode_wndinc
 from ._messages import *  # noqa: F403  (its __all__ is the message surface)
+from ._messages import __all__ as _messages_all
 from ._proxyproto import PROXY_V2_SIGNATURE as PROXY_V2_SIGNATURE
 from ._proxyproto import ProxyProtocolInfo as ProxyProtocolInfo
 from ._proxyproto import encode_proxy_header as encode_proxy_header
 from ._proxyproto import parse_proxy_header as parse_proxy_header
-from ._messages import __all__ as _messages_all
 
 __all__ = [
     "LocalProtocolError",

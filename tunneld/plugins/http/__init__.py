@@ -17,8 +17,8 @@ from tunneld.core import (
     TunnelType,
     TunnelTypeRegistry,
     UpstreamHandler,
-    proto,
     choose_host,
+    proto,
     refuse_unenforced,
 )
 

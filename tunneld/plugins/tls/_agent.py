@@ -31,7 +31,6 @@ from tunneld.core import (
 from tunneld.core._certs import load_cert_key_pair
 from tunneld.core._tls import server_context
 
-
 log = logging.getLogger("tunneld.tls")
 
 #: Budget for the client's TLS handshake when the agent terminates.
