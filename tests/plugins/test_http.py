@@ -510,6 +510,22 @@ async def test_keep_alive_routes_each_request_by_host(edge_env: EdgeEnv, nursery
     assert [r["target"] for r in up_b.requests] == ["/hello"] * 3
 
 
+async def test_absolute_form_target_routes_by_its_authority(edge_env: EdgeEnv, nursery: trio.Nursery) -> None:
+    """RFC 9112 §3.2.2: the target's authority wins over Host, and the upstream sees it as Host."""
+    up_a = await Upstream("A").start(nursery)
+    up_b = await Upstream("B").start(nursery)
+    _, host_a = await http_tunnel(edge_env, up_a.port, "a")
+    _, host_b = await http_tunnel(edge_env, up_b.port, "b")
+    with trio.fail_after(15):
+        client = await RawClient.connect(edge_env.http_port)
+        resp = await client.request("GET", f"http://{host_a}/echo", host_b)
+        assert resp.status == 200 and resp.header("X-Upstream") == "A"
+        seen = dict((k.lower(), v) for k, v in resp.json()["headers"])
+        assert seen["host"] == host_a and seen["x-forwarded-host"] == host_a
+        await client.aclose()
+    assert not up_b.requests
+
+
 # --------------------------------------------------------------------------------------------
 # Bodies, framing, protocol versions
 # --------------------------------------------------------------------------------------------
@@ -724,11 +740,17 @@ async def test_unknown_host_404(edge_env: EdgeEnv) -> None:
         assert resp.json()["error_code"] == "ERR_TUNNELD_3200"
         await client.aclose()
 
-        # No Host header at all.
+        # No Host header at all: HTTP/1.0 may omit it (no tunnel has the empty name) ...
+        client = await RawClient.connect(edge_env.http_port)
+        await client.send(b"GET / HTTP/1.0\r\n\r\n")
+        resp = await client.read_response()
+        assert resp.status == 404 and resp.header(ERROR_HEADER) == "ERR_TUNNELD_3200"
+        await client.aclose()
+        # ... HTTP/1.1 must not (RFC 9112 §3.2): a malformed request.
         client = await RawClient.connect(edge_env.http_port)
         await client.send(b"GET / HTTP/1.1\r\n\r\n")
         resp = await client.read_response()
-        assert resp.status == 404 and resp.header(ERROR_HEADER) == "ERR_TUNNELD_3200"
+        assert resp.status == 400 and resp.header(ERROR_HEADER) == "ERR_TUNNELD_3400"
         await client.aclose()
 
 
@@ -891,12 +913,13 @@ async def test_bad_upstream_responses(edge_env: EdgeEnv, nursery: trio.Nursery) 
             resp = await client.request("GET", "/", host)
             assert (resp.status, resp.header(ERROR_HEADER)) == (502, code)
             await client.aclose()
-        # A body cut short after the head went out: the client's connection is closed, not hung.
+        # A body cut short after the head went out: the client's connection is reset, so it can
+        # tell the body is incomplete (never hung, never a clean end).
         _, host = await http_tunnel(edge_env, truncated, "truncated")
         client = await RawClient.connect(edge_env.http_port)
         await client.send(request_bytes("GET", "/", host))
         with trio.fail_after(3):
-            with pytest.raises(EOFError):
+            with pytest.raises(trio.BrokenResourceError):
                 await client.read_response()
         await client.aclose()
 

@@ -12,7 +12,7 @@ import trio
 
 from tunneld.core import ERROR_HEADER, AgentTunnel, Code, connect_tcp, lean, proto, set_nodelay
 
-from ._relay import Outcome, Reader, ResponseFilter, UpstreamFailed, exchange
+from ._relay import Outcome, Reader, ResponseFilter, UpstreamFailed, abort, exchange
 from ._wire import (
     MAX_FORWARDED_HEAD,
     BadMessage,
@@ -207,7 +207,6 @@ async def _relay_request(tunnel: AgentTunnel, client: Reader, upstream: _Upstrea
             return Outcome.CLOSE
         try:
             outcome, _resp = await exchange(client, reader, req, raw, response_filter)
-            return outcome
         except UpstreamFailed as exc:
             await upstream.drop()
             if attempt == 1 and not fresh and _replayable(req, exc):
@@ -216,6 +215,25 @@ async def _relay_request(tunnel: AgentTunnel, client: Reader, upstream: _Upstrea
             await client.send_all(error_response(502, code, f"upstream {tunnel.upstream}: {exc}",
                                                  head_only=head_only))
             return Outcome.CLOSE
+        except BadMessage:
+            # The request body from the edge was malformed or cut short: the upstream got part
+            # of a request, so its connection is reset, and the caller answers 400.
+            abort(reader)
+            await upstream.drop()
+            raise
+        except BaseException:
+            # Cancelled (the agent is going away; often inside an exception group) or failed
+            # mid-exchange: a half-relayed response must not end cleanly.
+            abort(client)
+            abort(reader)
+            raise
+        if outcome is Outcome.ABORT:
+            # The response broke after it began (the upstream reset, or the edge went away):
+            # pass the failure on both ways rather than ending either stream cleanly.
+            abort(client)
+            abort(reader)
+            await upstream.drop()
+        return outcome
     raise AssertionError("unreachable: the second attempt always returns")
 
 

@@ -22,8 +22,16 @@ from tunneld.core import (
 )
 
 from ._auth import BasicAuth, challenge_headers
-from ._relay import Outcome, Reader, UpstreamFailed, exchange
-from ._wire import BadMessage, RequestHead, error_response, parse_request_head, rewrite_head, wants_json
+from ._relay import HEAD_READ, HeadBudget, Outcome, Progress, Reader, UpstreamFailed, abort, exchange
+from ._wire import (
+    BadMessage,
+    RequestHead,
+    error_response,
+    parse_request_head,
+    rewrite_head,
+    set_header,
+    wants_json,
+)
 
 log = logging.getLogger("tunneld.http")
 access_log = logging.getLogger("tunneld.access")
@@ -38,6 +46,14 @@ IDLE_TIMEOUT = 300.0
 UPGRADED_IDLE_TIMEOUT = 3600.0
 #: TLS handshake budget for public HTTPS clients.
 TLS_TIMEOUT = 10.0
+#: Bytes of unfinished request heads all public connections of this process may hold at once
+#: (besides MAX_HEAD, 1 MiB, per connection); a partial head that would take the total past
+#: it is answered 503 and its connection closed.  Set ``HEADS.limit`` to change it.
+MAX_HEADS_TOTAL = 64 * 1024 * 1024
+HEADS = HeadBudget(MAX_HEADS_TOTAL)
+
+# serve_connection's phases: what its timer is bounding.
+_IDLE, _HEAD, _EXCHANGE = range(3)
 
 #: Bind options whose meaning is carried out by the agent, or by the naming code below.
 #: ``Auth``/``BasicAuth`` are enforced by :class:`HttpIngress` (see ``_auth``).
@@ -92,7 +108,13 @@ class HttpEdgeTunnel:
 
 
 def forwarded_head(raw: bytes, req: RequestHead, client_ip: str, scheme: str) -> bytes:
-    """The request head with X-Forwarded-For/-Proto/-Host set by the edge."""
+    """The request head with X-Forwarded-For/-Proto/-Host set by the edge.
+
+    An absolute-form target's authority is what the edge routed by (RFC 9112 §3.2.2), so the
+    upstream gets it as Host too, whatever Host line the client sent beside it.
+    """
+    if req.target[:1] != b"/" and req.target[:4].lower() == b"http":
+        raw = set_header(raw, b"Host", req.host.encode("latin-1"))
     # The common case: the client sent none of them, so the lines go in before the blank line.
     if b"\r\nx-forwarded-" not in req.lower:
         return b"%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n" % (
@@ -151,44 +173,52 @@ class HttpIngress:
 
     async def serve_connection(self, stream: trio.abc.Stream, scheme: str, client_addr: str) -> None:
         """Serve one public connection: each request is routed by its own Host."""
-        client = Reader(stream)
+        client = Reader(stream, HEADS)
         client_ip = client_addr.rsplit(":", 1)[0].strip("[]")
         current: HttpEdgeTunnel | None = None
         upstream: Reader | None = None
         # One timer for the connection's life, its deadline moved as it goes: the idle wait
-        # between requests, then the head's budget, then none while a request is relayed.
+        # between requests, then the head's budget, then the request body's (moved by every
+        # read, see _relay.copy_body), then none while the response is relayed.
         # (A cancel scope per request and phase cost about a tenth of the edge's CPU.)
         timer = trio.CancelScope()
-        reading_head = False
+        phase = _HEAD
+        idle_armed = False
+        progress = Progress()
+        aborted = False
         try:
             with timer:
                 while True:
-                    # Stray CRLFs between requests leave the connection idle: they must not
-                    # start the head timeout.
+                    # Stray CRLFs between requests leave the connection idle: they neither
+                    # start the head timeout nor put off the idle one (a trickle of CRLFs
+                    # would otherwise hold the connection forever).
                     client.skip_blank_lines()
                     if not client.buf:
-                        timer.deadline = trio.current_time() + IDLE_TIMEOUT
-                        data = await client.stream.receive_some(65536)
+                        if not idle_armed:
+                            idle_armed = True
+                            phase = _IDLE
+                            timer.deadline = trio.current_time() + IDLE_TIMEOUT
+                        data = await client.stream.receive_some(HEAD_READ)
                         if not data:
                             return
                         client.buf += data
-                        if client.buf[:2] == b"\r\n":
+                        if client.buf.startswith(b"\r\n"):
                             continue
                     started = time.monotonic()
+                    idle_armed = False
                     if not client.head_buffered():
                         timer.deadline = trio.current_time() + HEAD_TIMEOUT
-                        reading_head = True
+                        phase = _HEAD
                     try:
                         raw = await client.read_head()
-                        reading_head = False
+                        phase = _EXCHANGE
                         timer.deadline = math.inf
                         if raw is None:
                             return
                         req = parse_request_head(raw)
                     except BadMessage as exc:
-                        code = Code.HEADERS_TOO_LARGE if exc.status == 431 else Code.BAD_REQUEST
                         timer.deadline = math.inf
-                        await _send_error(client, exc.status, code, str(exc))
+                        await _send_bad_message(client, exc)
                         return
                     if req.method == b"CONNECT":
                         await _send_error(client, 405, Code.METHOD_NOT_ALLOWED,
@@ -225,7 +255,8 @@ class HttpIngress:
                         head = b""
                     try:
                         outcome, resp = await exchange(client, upstream, req, head,
-                                                       upgraded_idle_timeout=UPGRADED_IDLE_TIMEOUT)
+                                                       upgraded_idle_timeout=UPGRADED_IDLE_TIMEOUT,
+                                                       body_timer=timer, progress=progress)
                     except UpstreamFailed as exc:
                         if exc.bad_response:
                             await _send_error(client, 502, Code.BAD_UPSTREAM_RESPONSE,
@@ -235,14 +266,45 @@ class HttpIngress:
                                               f"the tunnel for {host} failed: {exc}", req=req)
                         self._access(client_addr, host, req, 502, started, tunnel)
                         return
+                    except BadMessage as exc:
+                        # The client's own request body was malformed or cut short: its fault,
+                        # not the agent's.  The agent's half-sent request is reset.
+                        abort(upstream)
+                        await _send_bad_message(client, exc, req)
+                        self._access(client_addr, host, req, exc.status, started, tunnel)
+                        return
                     self._access(client_addr, host, req, resp.status if resp else 0, started, tunnel)
+                    if outcome is Outcome.ABORT:
+                        aborted = True
+                        return
                     if outcome is not Outcome.KEEP:
                         return
+        except BaseException:
+            # Cancelled from outside (edge shutdown past its grace period; often wrapped in an
+            # exception group by the relay's nursery) or failed in mid-exchange: whatever
+            # response was under way must not end as if it were complete.  (The timer's own
+            # cancellation never gets here: ``with timer`` absorbs it.)
+            aborted = phase == _EXCHANGE
+            raise
         finally:
+            # Nothing awaits before the aborts: in a cancelled scope the first await raises.
+            if aborted:
+                abort(client)
+            client.release()
             if upstream is not None:
+                if aborted or (timer.cancelled_caught and phase == _EXCHANGE):
+                    # Nor may a request cut short reach the upstream as if it were whole.
+                    abort(upstream)
                 await upstream.aclose()
-        if timer.cancelled_caught and reading_head:
-            await _send_error(client, 408, Code.REQUEST_TIMEOUT, "the request head took too long")
+        if timer.cancelled_caught:
+            if phase == _HEAD:
+                await _send_error(client, 408, Code.REQUEST_TIMEOUT, "the request head took too long")
+            elif phase == _EXCHANGE:
+                # Only the request body runs on the timer during an exchange.
+                if progress.sent_any:
+                    abort(client)
+                else:
+                    await _send_error(client, 408, Code.REQUEST_TIMEOUT, "the request body was too slow")
 
     def _access(self, client_addr: str, host: str, req: RequestHead, status: int, started: float,
                 tunnel: HttpEdgeTunnel | None = None) -> None:
@@ -260,6 +322,15 @@ class HttpIngress:
 def _ended(upstream: Reader) -> bool:
     eof = getattr(upstream.stream, "eof_received", False)
     return bool(eof) and not upstream.buf
+
+
+async def _send_bad_message(client: Reader, exc: BadMessage, req: RequestHead | None = None) -> None:
+    if exc.status == 503:
+        # The edge's head budget is spent (a flood of unfinished heads): not this client's fault.
+        await _send_error(client, 503, Code.HEADERS_TOO_LARGE, str(exc), extra_headers=[("Retry-After", "5")])
+        return
+    code = Code.HEADERS_TOO_LARGE if exc.status == 431 else Code.BAD_REQUEST
+    await _send_error(client, exc.status, code, str(exc), req=req)
 
 
 async def _send_error(client: Reader, status: int, code: Code, message: str, *,

@@ -9,8 +9,14 @@ pieces as they arrive.
 
 from __future__ import annotations
 
+import ctypes
 import enum
+import math
+import socket
+import struct
+import sys
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -30,34 +36,127 @@ from ._wire import (
 
 _ENDED = (trio.BrokenResourceError, trio.ClosedResourceError)
 
+#: Heads are read in pieces this size: a bytearray grown by 64 KiB steps never holds much more
+#: than the head itself (256 KiB reads would let a 1 MiB head cost 1.25 MiB).
+HEAD_READ = 64 * 1024
+#: Seconds without a byte of a request body before the edge gives up on it (nginx's
+#: ``client_body_timeout``, between two reads).
+BODY_IDLE_TIMEOUT = 60.0
+#: Bytes per second a request body must average: each read moves the body's deadline on by
+#: its size at this rate, never past BODY_IDLE_TIMEOUT from now (Apache mod_reqtimeout's
+#: ``MinRate``).  A body trickled a byte every few seconds is cut off after BODY_IDLE_TIMEOUT.
+BODY_MIN_RATE = 500.0
+
+
+class HeadBudget:
+    """Bytes of unfinished request heads held across every public connection of the process.
+
+    Each connection is charged what its partial head holds while it waits for more; a charge
+    that would take the total past ``limit`` is refused (the caller answers 503 and closes).
+    Heads that arrive whole in one read are never charged, so ordinary requests go on being
+    served while a flood of half-sent heads is turned away.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        #: Highest ``used`` since the heap was last trimmed (see :meth:`release`).
+        self.peak = 0
+
+    def hold(self, reader: Reader, size: int) -> None:
+        """Charge ``reader`` for ``size`` buffered bytes in all (BadMessage(503) beyond the limit)."""
+        new = self.used + size - reader.charged
+        if size > reader.charged and new > self.limit:
+            self.release(reader)
+            raise BadMessage("too many unfinished request heads on this server; retry later", 503)
+        self.used = new
+        reader.charged = size
+        if new > self.peak:
+            self.peak = new
+
+    def release(self, reader: Reader) -> None:
+        """Give back what ``reader`` holds; trim the C heap once a large flood has drained."""
+        if reader.charged:
+            self.used -= reader.charged
+            reader.charged = 0
+            if self.used == 0 and self.peak >= TRIM_AFTER:
+                self.peak = 0
+                trim_heap()
+
+
+#: A drained budget whose peak reached this many bytes returns freed memory to the OS.
+TRIM_AFTER = 16 * 1024 * 1024
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def trim_heap() -> None:
+    """Hand free heap memory back to the OS (glibc keeps freed megabytes in its arenas)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _bare_lf(buf: bytearray, start: int, end: int) -> bool:
+    """Whether ``buf[start:end]`` has a LF not preceded by CR (``buf[start-1]`` included)."""
+    return buf.count(b"\n", start, end) != buf.count(b"\r\n", max(0, start - 1), end)
+
 
 class Reader(trio.abc.HalfCloseableStream):
     """A stream with a pushback buffer: reads heads, meters bodies, then acts as the stream."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, budget: HeadBudget | None = None) -> None:
         self.stream = stream
         self.buf = bytearray()
+        #: Shared bound on partial heads (public connections of the edge), or None.
+        self.budget = budget
+        #: Bytes this reader is charged for in ``budget``.
+        self.charged = 0
 
     async def read_head(self, limit: int = MAX_HEAD) -> bytes | None:
         """The next head (through its blank line); None on EOF before any byte.
 
-        Raises BadMessage(431) past ``limit`` and BadMessage(400) on EOF inside a head.
+        Raises BadMessage(431) past ``limit``, BadMessage(400) on EOF inside a head or on a
+        bare LF (seen as soon as it arrives: such a head would never end), and
+        BadMessage(503) when the head budget is spent.
         """
-        scan = 0
         buf = self.buf
+        scan = 0
         while True:
-            self.skip_blank_lines()
-            end = find_head_end(buf, scan)
-            if end > 0:
-                if end > limit:
+            if buf:
+                if buf.startswith(b"\r\n"):
+                    self.skip_blank_lines()
+                    scan = 0
+                end = find_head_end(buf, scan)
+                if end > 0:
+                    if end > limit:
+                        raise BadMessage("message head too large", 431)
+                    head = bytes(buf[:end])
+                    del buf[:end]
+                    if self.charged:
+                        self.budget.release(self)  # type: ignore[union-attr]
+                    return head
+                if len(buf) > limit:
                     raise BadMessage("message head too large", 431)
-                head = bytes(buf[:end])
-                del buf[:end]
-                return head
-            if len(buf) > limit:
-                raise BadMessage("message head too large", 431)
-            scan = len(buf)
-            data = await self.stream.receive_some(CHUNK)
+                # Only a head still waiting for its end needs this: a complete one goes through
+                # llhttp, which refuses a bare LF anyway.
+                if _bare_lf(buf, scan, len(buf)):
+                    raise BadMessage("bare LF in message head (lines must end with CRLF)")
+                scan = len(buf)
+                if self.budget is not None and buf:
+                    self.budget.hold(self, len(buf))
+            data = await self.stream.receive_some(HEAD_READ if self.budget is not None else CHUNK)
             if not data:
                 if buf:
                     raise BadMessage("connection closed inside a message head")
@@ -70,8 +169,14 @@ class Reader(trio.abc.HalfCloseableStream):
 
     def skip_blank_lines(self) -> None:
         """Drop stray CRLFs buffered between messages (RFC 9112 §2.2 says to ignore them)."""
-        while self.buf[:2] == b"\r\n":
+        while self.buf.startswith(b"\r\n"):
             del self.buf[:2]
+
+    def release(self) -> None:
+        """Drop buffered bytes and give back the head budget (the connection is done)."""
+        if self.budget is not None:
+            self.budget.release(self)
+        self.buf = bytearray()
 
     @property
     def partial(self) -> bool:
@@ -106,48 +211,130 @@ class Reader(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
+_LINGER_0 = struct.pack("ii", 1, 0)
+
+
+def abort(stream: trio.abc.Stream) -> None:
+    """End ``stream`` as a failure its peer can tell from a clean end.
+
+    The innermost stream decides: a mux stream is reset (RST frame), a socket is closed with
+    SO_LINGER 0 so the kernel sends a TCP RST instead of a FIN.  TLS layers above are skipped on
+    purpose: no close_notify goes out, so a TLS client sees the connection fail as well.
+    """
+    inner: Any = stream
+    while getattr(inner, "socket", None) is None:
+        below = getattr(inner, "transport_stream", None) or getattr(inner, "stream", None)
+        if below is None:
+            break
+        inner = below
+    sock = getattr(inner, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+        except OSError:
+            pass
+        sock.close()
+        return
+    reset = getattr(inner, "reset", None)
+    if reset is not None:
+        reset()
+
+
 class Truncated(Exception):
-    """A body ended before its framing said it would."""
+    """A body ended (EOF, or its source broke) before its framing said it would."""
 
 
-async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: int) -> int:
-    """Copy one message body from ``src`` to ``dst`` by its framing; returns bytes copied."""
-    total = 0
+def _body_clock(timer: trio.CancelScope, deadline: float, n: int) -> float:
+    """Move the request body's deadline on for ``n`` more bytes (see BODY_MIN_RATE)."""
+    deadline = timer.deadline = min(trio.current_time() + BODY_IDLE_TIMEOUT, deadline + n / BODY_MIN_RATE)
+    return deadline
+
+
+async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: int,
+                    timer: trio.CancelScope | None = None) -> int:
+    """Copy one message body from ``src`` to ``dst`` by its framing; returns bytes copied.
+
+    Whose fault a failure is shows in its type: ``src`` ending early or breaking raises
+    :class:`Truncated`, malformed chunked framing BadMessage, ``dst`` failing trio's resource
+    errors.  ``timer`` (the connection's one cancel scope) gets a deadline that every read
+    moves on (BODY_IDLE_TIMEOUT, BODY_MIN_RATE), and none once the body is through.
+    """
     if kind == BodyKind.NONE:
         return 0
-    if kind == BodyKind.LENGTH:
-        left = length
-        while left:
-            data = await src.receive_some(min(CHUNK, left))
-            if not data:
-                raise Truncated(f"body ended {left} bytes short")
+    deadline = math.inf
+    if timer is not None:
+        deadline = timer.deadline = trio.current_time() + BODY_IDLE_TIMEOUT
+    total = 0
+    receive = src.receive_some
+    send = dst.send_all
+    if timer is not None:
+        scope = timer
+
+        async def send(data: bytes | bytearray | memoryview) -> None:
+            # Only the client's pace is bounded: the clock stops while the other side is slow.
+            nonlocal deadline
+            scope.deadline = math.inf
+            paused = trio.current_time()
             await dst.send_all(data)
-            left -= len(data)
-        return length
-    if kind == BodyKind.CHUNKED:
-        scanner = ChunkedScanner()
-        while not scanner.done:
-            data = await src.receive_some(CHUNK)
+            deadline += trio.current_time() - paused
+            scope.deadline = deadline
+
+    try:
+        if kind == BodyKind.LENGTH:
+            left = length
+            while left:
+                try:
+                    data = await receive(min(CHUNK, left))
+                except _ENDED as exc:
+                    raise Truncated(f"body source failed {left} bytes short: {exc}") from exc
+                if not data:
+                    raise Truncated(f"body ended {left} bytes short")
+                if timer is not None:
+                    deadline = _body_clock(timer, deadline, len(data))
+                await send(data)
+                left -= len(data)
+            return length
+        if kind == BodyKind.CHUNKED:
+            scanner = ChunkedScanner()
+            while not scanner.done:
+                try:
+                    data = await receive(CHUNK)
+                except _ENDED as exc:
+                    raise Truncated(f"chunked body source failed: {exc}") from exc
+                if not data:
+                    raise Truncated("chunked body ended early")
+                if timer is not None:
+                    deadline = _body_clock(timer, deadline, len(data))
+                n = scanner.feed(data)
+                if n < len(data):
+                    src.unread(data[n:])
+                    data = data[:n]
+                await send(data)
+                total += n
+            return total
+        while True:
+            try:
+                data = await receive(CHUNK)
+            except _ENDED as exc:
+                # A reset is not an end: a close-delimited body cut short must not look whole.
+                raise Truncated(f"body source failed: {exc}") from exc
             if not data:
-                raise Truncated("chunked body ended early")
-            n = scanner.feed(data)
-            if n < len(data):
-                src.unread(data[n:])
-                data = data[:n]
+                return total
             await dst.send_all(data)
-            total += n
-        return total
-    while data := await src.receive_some(CHUNK):
-        await dst.send_all(data)
-        total += len(data)
-    return total
+            total += len(data)
+    finally:
+        if timer is not None:
+            timer.deadline = math.inf
 
 
 class Outcome(enum.Enum):
     #: The exchange finished cleanly and both sides allow another request.
     KEEP = "keep"
-    #: The exchange finished (or failed after the response began): close the connection.
+    #: The exchange finished cleanly: close the connection.
     CLOSE = "close"
+    #: The exchange failed after the response began: :func:`abort` both streams, so the client
+    #: sees a failure, never a truncated response that looks complete.
+    ABORT = "abort"
 
 
 class UpstreamFailed(Exception):
@@ -166,7 +353,7 @@ COALESCE_BODY = 64 * 1024
 
 
 @attrs.define
-class _Progress:
+class Progress:
     """How far the response has got (for the caller's error handling)."""
 
     resp: ResponseHead | None = None
@@ -175,22 +362,33 @@ class _Progress:
 
 async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: bytes,
                    response_filter: ResponseFilter | None = None, *,
-                   upgraded_idle_timeout: float | None = None) -> tuple[Outcome, ResponseHead | None]:
+                   upgraded_idle_timeout: float | None = None,
+                   body_timer: trio.CancelScope | None = None,
+                   progress: Progress | None = None) -> tuple[Outcome, ResponseHead | None]:
     """Relay one request/response exchange between ``client`` and ``upstream``.
 
     ``head`` is sent first ("" when the caller sent it already, e.g. in the stream's SYN
     frame).  After a ``101`` the connection becomes a two-way byte relay, ended after
     ``upgraded_idle_timeout`` seconds without a byte either way (None: never).
+    ``body_timer``: the connection's cancel scope, to bound the client's request body (see
+    :func:`copy_body`).  ``progress`` (reset here) lets the caller see how far the response
+    got when the exchange is cancelled.
 
     Raises :class:`UpstreamFailed` when no response head reached the client (so the caller may
-    still answer with an error page); any later failure returns ``Outcome.CLOSE``.
+    still answer with an error page), and BadMessage(400) when the client's request body was
+    malformed or cut short before any response began.  A failure after the response began
+    returns ``Outcome.ABORT``.
     """
     if head:
         try:
             await upstream.send_all(head)
         except _ENDED as exc:
             raise UpstreamFailed(f"upstream closed: {exc}") from None
-    progress = _Progress()
+    if progress is None:
+        progress = Progress()
+    else:
+        progress.resp = None
+        progress.sent_any = False
     if req.body == BodyKind.NONE:
         # The common case: nothing to send while the response comes, so no second task.
         body_done = True
@@ -199,25 +397,40 @@ async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: byt
         except UpstreamFailed:
             if not progress.sent_any:
                 raise
-            return Outcome.CLOSE, progress.resp
+            return Outcome.ABORT, progress.resp
         except (Truncated, BadMessage, *_ENDED):
-            return Outcome.CLOSE, progress.resp
+            return Outcome.ABORT, progress.resp
     else:
-        body_done = await _exchange_with_body(client, upstream, req, response_filter, progress)
+        try:
+            body_done = await _exchange_with_body(client, upstream, req, response_filter, progress,
+                                                  body_timer)
+        except _ResponseBroken:
+            return Outcome.ABORT, progress.resp
     resp = progress.resp
     if resp is None:
         return Outcome.CLOSE, None
     if resp.status == 101:
-        await relay_upgraded(client, upstream, upgraded_idle_timeout)
+        if await relay_upgraded(client, upstream, upgraded_idle_timeout):
+            return Outcome.ABORT, resp
         return Outcome.CLOSE, resp
     keep = body_done and progress.sent_any and req.keep_alive and resp.keep_alive
     return (Outcome.KEEP if keep else Outcome.CLOSE), resp
 
 
+class _ResponseBroken(Exception):
+    """Internal: the response failed after it began (the exchange ends in ``Outcome.ABORT``)."""
+
+
 async def _exchange_with_body(client: Reader, upstream: Reader, req: RequestHead,
-                              response_filter: ResponseFilter | None, progress: _Progress) -> bool:
-    """Stream the request body while the response is relayed; True if the body went through."""
-    body_state = {"done": False, "failed": False}
+                              response_filter: ResponseFilter | None, progress: Progress,
+                              body_timer: trio.CancelScope | None) -> bool:
+    """Stream the request body while the response is relayed; True if the body went through.
+
+    Raises _ResponseBroken when the response did not complete after it began.
+    """
+    body_done = False
+    #: Truncated/BadMessage: the client's fault; a resource error: the upstream's.
+    body_error: Exception | None = None
     # Exceptions are kept out of the nursery body: with strict exception groups anything
     # raised there would come out wrapped.
     failure: UpstreamFailed | None = None
@@ -225,12 +438,17 @@ async def _exchange_with_body(client: Reader, upstream: Reader, req: RequestHead
     async with trio.open_nursery() as nursery:
 
         async def send_body() -> None:
+            nonlocal body_done, body_error
             try:
-                await copy_body(client, upstream, req.body, req.length)
-                body_state["done"] = True
-            except (Truncated, BadMessage, *_ENDED):
-                body_state["failed"] = True
+                await copy_body(client, upstream, req.body, req.length, body_timer)
+                body_done = True
+            except (Truncated, BadMessage) as exc:
+                body_error = exc
                 nursery.cancel_scope.cancel()
+            except _ENDED as exc:
+                # The upstream stopped reading: its response (a 413, say) may still come, so
+                # the response side decides.
+                body_error = exc
 
         nursery.start_soon(send_body)
         try:
@@ -241,18 +459,26 @@ async def _exchange_with_body(client: Reader, upstream: Reader, req: RequestHead
         except (Truncated, BadMessage, *_ENDED):
             pass
         resp = progress.resp
-        if not complete or resp is None or resp.status == 101 or not body_state["done"] \
+        if not complete or resp is None or resp.status == 101 or not body_done \
                 or not (req.keep_alive and resp.keep_alive):
             nursery.cancel_scope.cancel()
-    if failure is not None and not progress.sent_any:
+    if progress.sent_any:
+        if not complete:
+            raise _ResponseBroken
+        return body_done
+    if isinstance(body_error, BadMessage):
+        raise BadMessage(f"malformed request body: {body_error}", 400)
+    if isinstance(body_error, Truncated):
+        raise BadMessage(f"request body incomplete: {body_error}", 400)
+    if failure is not None:
         raise failure
-    if body_state["failed"] and progress.resp is None:
+    if body_error is not None:
         raise UpstreamFailed("request body could not be delivered")
-    return body_state["done"] and complete
+    return body_done and complete
 
 
 async def _relay_response(client: Reader, upstream: Reader, req: RequestHead,
-                          response_filter: ResponseFilter | None, progress: _Progress) -> None:
+                          response_filter: ResponseFilter | None, progress: Progress) -> None:
     """Relay interim and final response heads, then the final response's body (not after 101)."""
     while True:
         try:
@@ -285,21 +511,31 @@ async def _relay_response(client: Reader, upstream: Reader, req: RequestHead,
         await copy_body(upstream, client, resp.body, resp.length)
 
 
-class _Activity(trio.abc.HalfCloseableStream):
-    """Pushes ``scope``'s deadline ``idle`` seconds ahead whenever bytes arrive from ``stream``."""
+class _Watched(trio.abc.HalfCloseableStream):
+    """An upgraded side: notes a broken receive, and moves an idle deadline on each read."""
 
-    def __init__(self, stream: Reader, scope: trio.CancelScope, idle: float) -> None:
+    def __init__(self, stream: Reader, scope: trio.CancelScope | None, idle: float) -> None:
         self.stream = stream
         self.scope = scope
         self.idle = idle
+        self.broken = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        data = await self.stream.receive_some(max_bytes)
-        self.scope.deadline = trio.current_time() + self.idle
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except _ENDED:
+            self.broken = True
+            raise
+        if self.scope is not None:
+            self.scope.deadline = trio.current_time() + self.idle
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        try:
+            await self.stream.send_all(data)
+        except _ENDED:
+            self.broken = True
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -311,14 +547,18 @@ class _Activity(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
-async def relay_upgraded(client: Reader, upstream: Reader, idle_timeout: float | None) -> None:
+async def relay_upgraded(client: Reader, upstream: Reader, idle_timeout: float | None) -> bool:
     """Relay an upgraded connection both ways until both directions end or it sits idle too long.
 
     The idle clock counts bytes in either direction: a WebSocket whose peer only listens still
-    sees the other side's frames (or pings) arrive.
+    sees the other side's frames (or pings) arrive.  Returns True when either side broke (a
+    reset, not an EOF): the caller aborts the other one so that it sees a failure too.
     """
     if idle_timeout is None:
-        await forward(client, upstream)
-        return
-    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
-        await forward(_Activity(client, scope, idle_timeout), _Activity(upstream, scope, idle_timeout))
+        a, b = _Watched(client, None, 0.0), _Watched(upstream, None, 0.0)
+        await forward(a, b)
+    else:
+        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+            a, b = _Watched(client, scope, idle_timeout), _Watched(upstream, scope, idle_timeout)
+            await forward(a, b)
+    return a.broken or b.broken
