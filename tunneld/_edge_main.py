@@ -12,7 +12,7 @@ import trio
 
 from .core import ConfigError, Edge, EdgeConfig
 from .core._store import Store
-from .core._util import freeze_startup_objects
+from .core._util import freeze_startup_objects, raise_fd_limit
 
 DEV_TOKEN_FILE = "dev-authtoken"
 
@@ -47,6 +47,8 @@ def _say(line: str) -> None:
 
 
 def run_edge(config: EdgeConfig, *, dev: bool) -> int:
+    # Before anything opens a descriptor: the edge's budgets are cut from this limit.
+    raise_fd_limit()
     try:
         store = Store.open(config.data_dir)
     except ConfigError as exc:
@@ -75,15 +77,21 @@ async def _main(edge: Edge, token_path: Path | None) -> int:
         async with trio.open_nursery() as nursery:
             info = await nursery.start(edge.serve)
             freeze_startup_objects()
-            for name in ("agent", "http", "https"):
+            for name in ("agent", "http", "https", "ssh"):
                 if name in info.listeners:
                     _say(f"tunneld edge: {name} listener on {info.listeners[name]}")
+            _say(f"tunneld edge: file descriptor limit {edge.fd_limit}: up to {edge.max_sessions} agent "
+                 f"sessions, {edge.pool_limit('public')} public connections at once")
             _say(f"tunneld edge: tcp tunnels on {cfg.tcp_host}:{cfg.tcp_ports[0]}-{cfg.tcp_ports[1]}")
             _say(f"tunneld edge: domain {cfg.domain} (point *.{cfg.domain} and {cfg.domain} at this host)")
             if cfg.allowed_hostnames:
                 names = ", ".join(a.pattern + (f" (token {a.token_id})" if a.token_id else "")
                                   for a in cfg.allowed_hostnames)
                 _say(f"tunneld edge: custom hostnames {names}: CNAME them to {cfg.cname}")
+            if "ssh" in info.listeners:
+                port = info.listeners["ssh"].rsplit(":", 1)[1]
+                _say(f"tunneld edge: ssh gateway: ssh -R 443:localhost:8080 v2@{cfg.domain} -p {port} http "
+                     f"(keys in {cfg.data_dir / 'authorized_keys'})")
             if token_path is not None:
                 ca = cfg.data_dir / "ca.pem"
                 agent_host = info.listeners["agent"]

@@ -124,12 +124,22 @@ def cli() -> None:
 @click.option("--hold-period", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Seconds a hostname or TCP port stays reserved for its owner after its agent "
               "disconnects (also after an edge restart), so a reconnecting agent gets it back.")
+@click.option("--max-sessions", type=click.IntRange(min=0), default=0,
+              help="Agent connections served at once; more are refused with a reason the agent prints "
+              "[default 0: a third of the file descriptor limit].")
+@click.option("--max-sessions-per-token", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Agent sessions one authtoken may hold at once.")
+@click.option("--max-tunnels-per-token", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tunnels one authtoken may hold at once, over all its sessions.")
+@click.option("--ssh-addr", default=None, help="SSH gateway HOST:PORT for `ssh -R 443:localhost:80 "
+              "v2@EDGE -p PORT http` (keys: DATA_DIR/authorized_keys), or false [default: off].")
 @_logging_options
 @click.pass_context
 def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | None, http_addr: str | None,
          https_addr: str | None, agent_addr: str | None, tcp_ports: str | None, tls_cert: Path | None,
          tls_key: Path | None, grace_period: float, allow_hostnames: tuple[str, ...], cname_target: str | None,
-         reserved_names: str | None, hold_period: float, log_target: str | None, log_format: str | None,
+         reserved_names: str | None, hold_period: float, max_sessions: int, max_sessions_per_token: int,
+         max_tunnels_per_token: int, ssh_addr: str | None, log_target: str | None, log_format: str | None,
          log_level: str | None) -> None:
     """Run the edge: public listeners, agent ingress and the store."""
     ctx.ensure_object(dict)
@@ -147,6 +157,7 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
     agent = _addr("--agent-addr", agent_addr or f"{loop}:4443")
     http = _optional_addr("--http-addr", http_addr if http_addr is not None else f"{loop}:{8080 if dev else 80}")
     https = _optional_addr("--https-addr", https_addr if https_addr is not None else f"{loop}:{8443 if dev else 443}")
+    ssh = _optional_addr("--ssh-addr", ssh_addr)
     tcp_host, tcp_range = _tcp_ports(tcp_ports or ('20000-20999' if dev else '10000-10999'), loop)
     try:
         if dev:
@@ -178,7 +189,8 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
                         http_addr=http, https_addr=https, tcp_host=tcp_host, tcp_ports=tcp_range,
                         grace_period=grace_period, hold_period=hold_period, reserved_names=reserved,
                         allowed_hostnames=tuple(allowed), cname_target=(cname_target or "").lower().rstrip("."),
-                        dev=dev)
+                        dev=dev, max_sessions=max_sessions, max_sessions_per_token=max_sessions_per_token,
+                        max_tunnels_per_token=max_tunnels_per_token, ssh_addr=ssh)
     from ._edge_main import run_edge
 
     sys.exit(run_edge(config, dev=dev))

@@ -119,3 +119,24 @@ def test_model(events: list[tuple[str, bool, float]], threshold: int) -> None:
             n = model.get(a, (0, 0.0))[0]
             expected = 0.0 if n == 0 or n < threshold else min(0.25 * 2 ** (n - threshold), 4)
             assert d == expected, (a, n)
+
+
+def test_attempts_count_before_their_outcome() -> None:
+    """Parallel guesses: each is counted when it starts, so the burst sees the delay grow."""
+    lim = FailureLimiter(max_delay=5)  # threshold 3, base 0.5
+    delays = [lim.attempt("a", 0) for _ in range(8)]
+    assert delays == [0, 0, 0, 0.5, 1, 2, 4, 5]
+
+
+def test_refund_takes_back_one_attempt_only() -> None:
+    lim = FailureLimiter(threshold=1)
+    for _ in range(3):
+        lim.attempt("a", 0)
+    lim.attempt("a", 1)  # this one succeeds
+    lim.refund("a")
+    # The three failures stay: a valid token cannot wipe its neighbours' guesses.
+    assert lim.delay("a", 1) == 2.0
+    lim.refund("never-seen")  # harmless
+    lim.attempt("b", 2)
+    lim.refund("b")
+    assert lim.delay("b", 2) == 0 and len(lim) == 1

@@ -216,3 +216,11 @@ def test_close_idempotent_and_context_manager(tmp_path: Path) -> None:
     with Store.open(tmp_path) as s:
         s.create_token()
     s.close()
+
+
+def test_expired_rows_deleted_from_store(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        rows = [("host", "old", "o", 10.0), ("host", "new", "o", 30.0), ("port", "1", "o", -1.0)]
+        store.save_names(rows, [])
+        assert store.delete_expired_names(20.0) == 1
+        assert sorted(n for _, n, _, _ in store.all_names()) == ["1", "new"]

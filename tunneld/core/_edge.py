@@ -28,8 +28,8 @@ import logging
 import secrets
 import sqlite3
 import time
-from functools import partial
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +39,30 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from . import proto
+from ._certs import certificate_names, ensure_dev_host_cert, name_matches
 from ._errors import Code, ConfigError, PluginError, RemoteProtocolError, TunnelRejected, wire_error
+from ._hostnames import AllowedHostname
 from ._mux import MuxSession, MuxStream
+from ._names import NameClaims, Signer, load_secret
 from ._plugins import build_registry, get_plugin_manager
 from ._ratelimit import FailureLimiter
 from ._rpc import read_message, reply
-from ._certs import certificate_names, ensure_dev_host_cert, name_matches
-from ._hostnames import AllowedHostname
-from ._names import NameClaims, Signer, load_secret
 from ._store import Store, is_token_format
+from ._streams import PrefixedStream
 from ._tls import accept_tls, server_context
 from ._tunnel import EdgeTunnel, TlsFront, TunnelInfo, TunnelTypeRegistry
-from ._streams import PrefixedStream
+from ._util import (
+    ThrottledLog,
+    accept_loop,
+    fd_limit,
+    format_host_port,
+    open_listeners,
+    peer_addr,
+    release_free_memory,
+    reset_connection,
+    set_nodelay,
+)
 from ._websocket import accept_websocket, looks_like_websocket
-from ._util import format_host_port, open_listeners, peer_addr, set_nodelay
 
 log = logging.getLogger("tunneld.edge")
 
@@ -70,6 +80,44 @@ SDK_MAX_STREAMS = 250
 REVOCATION_CHECK = 2.0
 #: Tunnels one session may hold.
 MAX_TUNNELS_PER_SESSION = 64
+#: Tunnels one authtoken may hold over all its sessions (``--max-tunnels-per-token``).
+MAX_TUNNELS_PER_TOKEN = 256
+#: Sessions one authtoken may hold at once (``--max-sessions-per-token``).
+MAX_SESSIONS_PER_TOKEN = 64
+#: Longest delay the failure limiter puts on the answer to a failed Auth; well inside
+#: AUTH_TIMEOUT, so the limiter can never turn into a lockout.
+MAX_AUTH_DELAY = AUTH_TIMEOUT / 2
+
+# Before Auth succeeds an agent is a stranger: what it may cost us is small and bounded.
+#: Streams it may hold open (Auth and heartbeat, and room for a retry); more are refused.
+PREAUTH_MAX_STREAMS = 4
+#: Receive window of each of those streams.  An Auth message is well under 2 KB (ngrok's
+#: clients and ours); control messages are capped at 64 KiB anyway (``_rpc.MAX_MESSAGE``).
+PREAUTH_WINDOW = 64 * 1024
+#: Bytes (after TLS) it may send in all before it is authenticated.
+PREAUTH_BUDGET = 256 * 1024
+#: Unauthenticated sessions from one address at once (each may cost up to ~1 MB: TLS, the
+#: PREAUTH_* allowance, parsing).  A new one evicts the oldest: a genuine agent authenticates
+#: within milliseconds, so it is never the oldest and a neighbour cannot lock it out.
+MAX_PREAUTH_PER_ADDRESS = 32
+# After Auth: agents open only control streams (heartbeat, Auth, Bind/Unbind RPCs).
+#: Control streams an agent may hold open at once: a Bind for each of its tunnels at once and
+#: room to spare.  Each may hold a partial message of up to 64 KiB (``_rpc.MAX_MESSAGE``).
+MAX_CONTROL_STREAMS = 96
+#: Unread bytes an agent's control streams may hold together (without it: streams × window,
+#: up to 8192 × 16 MiB).
+MAX_CONTROL_BUFFERED = 1024 * 1024
+
+# File descriptors: agents and public traffic share the process's pool.
+#: Descriptors kept back from every budget: listeners, the store, logs, the event loop.
+FD_RESERVE = 64
+#: Agent connections beyond ``max_sessions`` that are still answered (TLS, then a GOAWAY
+#: naming the limit) so their agents print why; beyond these, connections are reset at once.
+AGENT_REFUSE_SLOTS = 16
+#: Default ``max_sessions``: this share of the descriptor limit.
+SESSIONS_FD_SHARE = 3
+#: Seconds between returns of freed heap memory to the OS, when agent sessions ended meanwhile.
+TRIM_INTERVAL = 10.0
 
 
 DEFAULT_RESERVED = frozenset({"www", "api", "admin", "edge", "mail", "ftp", "ns1", "ns2", "smtp", "imap",
@@ -100,6 +148,14 @@ class EdgeConfig:
     cname_target: str = ""
     #: Development mode: the dev CA in ``data_dir`` signs certificates for custom hostnames.
     dev: bool = False
+    #: Agent connections at once (0: a third of the descriptor limit, SESSIONS_FD_SHARE).
+    max_sessions: int = 0
+    #: Sessions one authtoken may hold at once.
+    max_sessions_per_token: int = MAX_SESSIONS_PER_TOKEN
+    #: Tunnels one authtoken may hold at once, over all its sessions.
+    max_tunnels_per_token: int = MAX_TUNNELS_PER_TOKEN
+    #: SSH gateway listener (``--ssh-addr``; None: off), served by the ssh plugin.
+    ssh_addr: tuple[str, int] | None = None
 
     @property
     def cname(self) -> str:
@@ -187,8 +243,24 @@ class Edge:
     pm: pluggy.PluginManager = attrs.field(factory=get_plugin_manager)
     registry: TunnelTypeRegistry = attrs.field(init=False)
     routes: RouteTable = attrs.field(factory=RouteTable, init=False)
-    limiter: FailureLimiter = attrs.field(factory=FailureLimiter, init=False)
+    limiter: FailureLimiter = attrs.field(factory=lambda: FailureLimiter(max_delay=MAX_AUTH_DELAY),
+                                          init=False)
     sessions: set[AgentSession] = attrs.field(factory=set, init=False)
+    #: Authtoken id → its authenticated sessions, and its tunnels (bound or being bound).
+    sessions_by_token: dict[str, int] = attrs.field(factory=dict, init=False)
+    tunnels_by_token: dict[str, int] = attrs.field(factory=dict, init=False)
+    #: Client address → its sessions not yet authenticated, oldest first.
+    preauth_by_host: dict[str, dict[AgentSession, None]] = attrs.field(factory=dict, init=False)
+    #: The soft descriptor limit the budgets below are cut from (read when the edge is built).
+    fd_limit: int = attrs.field(factory=fd_limit, init=False)
+    #: Accepted connections open now, per pool ("agent", "public").
+    open_connections: dict[str, int] = attrs.field(factory=lambda: {"agent": 0, "public": 0}, init=False)
+    #: Descriptors held by tunnel listeners (TCP tunnels' ports).
+    listener_fds: int = attrs.field(default=0, init=False)
+    #: Agent sessions ended since memory was last trimmed.
+    _ended_since_trim: int = attrs.field(default=0, init=False)
+    _accept_errors: ThrottledLog = attrs.field(factory=lambda: ThrottledLog(log), init=False)
+    _refusals: ThrottledLog = attrs.field(factory=lambda: ThrottledLog(log), init=False)
     ports: dict[str, int] = attrs.field(factory=dict, init=False)
     #: Set when shutdown begins: services stop accepting.
     stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -207,6 +279,35 @@ class Edge:
         self.registry = build_registry(self.pm)
         self.routes.names = NameClaims(self.store, self.config.hold_period)
         self.signer = Signer(load_secret(self.config.data_dir))
+
+    # ---- budgets -----------------------------------------------------------------------------
+
+    @property
+    def max_sessions(self) -> int:
+        """Agent connections (authenticated or not) served at once."""
+        return self.config.max_sessions or max(1, self.fd_limit // SESSIONS_FD_SHARE)
+
+    def pool_limit(self, pool: str) -> int:
+        """Connections ``pool`` may hold open; beyond, new ones are reset as they are accepted.
+
+        Public traffic (all pools but "agent" together) gets what the descriptor limit leaves
+        once the agent port's share, the tunnels' listeners and FD_RESERVE are set aside: a
+        crowd of agents cannot take the descriptors their tunnels' visitors need.
+        """
+        agents = self.max_sessions + AGENT_REFUSE_SLOTS
+        if pool == "agent":
+            return agents
+        public = max(16, self.fd_limit - FD_RESERVE - agents - self.listener_fds)
+        # Every other pool (public HTTP/TCP, a plugin's own such as "ssh") shares that budget.
+        others = sum(n for name, n in self.open_connections.items() if name not in ("agent", pool))
+        return public - others
+
+    def _count(self, table: dict[str, int], key: str, delta: int) -> None:
+        n = table.get(key, 0) + delta
+        if n > 0:
+            table[key] = n
+        else:
+            table.pop(key, None)
 
     # ---- public helpers for plugins ----------------------------------------------------
 
@@ -271,29 +372,43 @@ class Edge:
         return listeners
 
     async def serve_public(self, handler: Callable[[trio.SocketStream], Awaitable[None]],
-                           listeners: list[trio.SocketListener], *,
+                           listeners: list[trio.SocketListener], *, pool: str = "public",
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept on ``listeners`` until shutdown, then give handlers the grace period.
 
         Every handler runs behind a boundary that logs and swallows its errors: one bad
-        connection never takes a listener down.
+        connection never takes a listener down.  Connections beyond :meth:`pool_limit` are
+        reset at once: refused quickly rather than left to starve the others of descriptors.
         """
+        open_now = self.open_connections
+        open_now.setdefault(pool, 0)
 
         async def guarded(stream: trio.SocketStream) -> None:
-            set_nodelay(stream)
             try:
+                set_nodelay(stream)
                 await handler(stream)
             except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
                 pass
             except* Exception as group:  # noqa: BLE001 - the per-connection boundary
                 log.exception("connection handler failed", exc_info=group)
             finally:
+                open_now[pool] -= 1
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
 
         async with trio.open_nursery() as handlers:
+            def on_accept(stream: trio.SocketStream) -> None:
+                limit = self.pool_limit(pool)
+                if open_now[pool] >= limit:
+                    self._refusals.note("%s connections at their limit (%d): refusing new ones", pool, limit)
+                    reset_connection(stream)
+                    return
+                open_now[pool] += 1
+                handlers.start_soon(guarded, stream)
+
             async with trio.open_nursery() as accepting:
-                await accepting.start(partial(trio.serve_listeners, handler_nursery=handlers), guarded, listeners)
+                for listener in listeners:
+                    accepting.start_soon(accept_loop, listener, on_accept, self._accept_errors)
                 task_status.started()
                 await self.stopping.wait()
                 accepting.cancel_scope.cancel()
@@ -317,12 +432,20 @@ class Edge:
             # The store writer outlives every tunnel: it records their last releases.
             outer.start_soon(self.routes.names.run)
             outer.start_soon(self._end_revoked_sessions)
+            outer.start_soon(self._trim_memory)
             async with trio.open_nursery() as root:
                 for service in self._services():
                     await root.start(service.run)
-                await root.start(self.serve_public, self._handle_agent, agent_listeners)
+                agent_port = partial(self.serve_public, pool="agent")
+                await root.start(agent_port, self._handle_agent, agent_listeners)
                 listeners = {name: self._listener_text(name) for name in self.ports}
                 log.info("edge ready: %s", ", ".join(f"{k}={v}" for k, v in listeners.items()))
+                log.info("descriptor limit %d: up to %d agent sessions, %d public connections",
+                         self.fd_limit, self.max_sessions, self.pool_limit("public"))
+                if self.max_sessions + AGENT_REFUSE_SLOTS + FD_RESERVE >= self.fd_limit:
+                    log.warning("--max-sessions %d leaves public traffic almost no file descriptors (limit "
+                                "%d): raise the limit (ulimit -n) or lower --max-sessions",
+                                self.max_sessions, self.fd_limit)
                 task_status.started(EdgeInfo(listeners=listeners, ports=dict(self.ports)))
                 await self.stopping.wait()
                 deadline = trio.current_time() + self.config.grace_period
@@ -353,9 +476,18 @@ class Edge:
                 session.mux.close_reason = "authtoken revoked"
                 await session.mux.aclose()
 
+    async def _trim_memory(self) -> None:
+        """Now and then, give the memory of ended sessions back to the OS (``malloc_trim``)."""
+        while True:
+            await trio.sleep(TRIM_INTERVAL)
+            if self._ended_since_trim:
+                self._ended_since_trim = 0
+                if not await trio.to_thread.run_sync(release_free_memory):
+                    return  # not glibc: nothing to do, ever
+
     def _listener_text(self, name: str) -> str:
         addr = {"agent": self.config.agent_addr, "http": self.config.http_addr,
-                "https": self.config.https_addr}.get(name)
+                "https": self.config.https_addr, "ssh": self.config.ssh_addr}.get(name)
         host = addr[0] if addr else "0.0.0.0"
         return format_host_port(host, self.ports[name])
 
@@ -401,7 +533,23 @@ class Edge:
                 carrier.cancel_scope.cancel()
                 await trio.aclose_forcefully(tls)
                 return
+            # Connections still in their handshakes are not counted: they may fail yet, and
+            # the accept loop's limit (max_sessions + AGENT_REFUSE_SLOTS) bounds them anyway.
+            if len(self.sessions) >= self.max_sessions:
+                await self._refuse_agent(transport, addr, f"this edge is at its limit of {self.max_sessions} "
+                                         "agent sessions; try again later")
+                carrier.cancel_scope.cancel()
+                return
             session = AgentSession(self, transport, addr)
+            pending = self.preauth_by_host.get(session.remote_host, {})
+            if len(pending) >= MAX_PREAUTH_PER_ADDRESS:
+                oldest = next(iter(pending))
+                oldest.end_preauth()
+                log.info("agent %s: too many unauthenticated sessions from its address; closing the "
+                         "oldest, from %s", addr, oldest.remote_addr)
+                oldest.mux.close_reason = "evicted: too many unauthenticated sessions from its address"
+                await oldest.mux.aclose()
+            self.preauth_by_host.setdefault(session.remote_host, {})[session] = None
             self.sessions.add(session)
             try:
                 await session.run()
@@ -411,11 +559,36 @@ class Edge:
                 log.info("agent %s connection failed: %s", addr, "; ".join(map(str, group.exceptions)))
             finally:
                 self.sessions.discard(session)
+                session.end_preauth()
+                self._ended_since_trim += 1
+                if session.counted:
+                    self._count(self.sessions_by_token, session.token_id, -1)
                 session.ended.set()
                 log.info("agent session %s from %s ended (%s)", session.client_id or "-", addr,
                          session.mux.close_reason or "closed")
                 # The WebSocket reader task, if any, ends with its connection.
                 carrier.cancel_scope.cancel()
+
+    async def _refuse_agent(self, transport: trio.abc.Stream, addr: str, reason: str) -> None:
+        """Tell an agent why it cannot have a session (GOAWAY with ``reason``; it retries later)."""
+        self._refusals.note("agent %s refused: %s", addr, reason)
+        mux = MuxSession(transport, client=False)
+        # Its Auth stream is left unanswered (not reset): the GOAWAY is what the agent reports.
+        mux.max_remote_streams = PREAUTH_MAX_STREAMS
+        mux.remote_window = PREAUTH_WINDOW
+        mux.receive_budget = PREAUTH_BUDGET
+        with trio.move_on_after(2):
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(mux.run)
+                    await mux.go_away(proto.ErrorCode.ENHANCE_YOUR_CALM, reason)
+                    # Let the GOAWAY arrive before the connection closes.
+                    with trio.move_on_after(1):
+                        await mux.closed.wait()
+                    nursery.cancel_scope.cancel()
+            except* (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await mux.aclose()
 
     async def _carrier(self, tls: trio.abc.Stream, nursery: trio.Nursery, addr: str) -> trio.abc.Stream:
         """The mux's byte stream: the TLS stream itself, or a WebSocket inside it."""
@@ -453,12 +626,33 @@ class AgentSession:
     ended: trio.Event = attrs.field(factory=trio.Event)
     #: HTTP binds without an explicit name share one host across http and https (agent v2).
     http_hosts: list[tuple[str, set[str], str]] = attrs.field(factory=list)
+    #: Counted in ``Edge.sessions_by_token`` (to be uncounted when the session ends).
+    counted: bool = False
     _nursery: trio.Nursery | None = None
-    _authed_event: trio.Event = attrs.field(factory=trio.Event)
+    #: Set once an Auth message has arrived: the auth deadline is met, whatever its answer.
+    _auth_received: trio.Event = attrs.field(factory=trio.Event)
+    _auth_busy: bool = False
+    #: Binds past the session and token checks whose tunnel is not yet registered.
+    _pending_binds: int = 0
     _last_heartbeat: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         self.mux = MuxSession(self.transport, client=False)
+        # Until Auth succeeds: few streams, small windows, a byte budget (PREAUTH_*).
+        self.mux.max_remote_streams = PREAUTH_MAX_STREAMS
+        self.mux.remote_window = PREAUTH_WINDOW
+        self.mux.receive_budget = PREAUTH_BUDGET
+        self.mux.max_remote_buffered = MAX_CONTROL_BUFFERED
+
+    def end_preauth(self) -> None:
+        """No longer an unauthenticated session of its address (authenticated, or gone)."""
+        table = self.edge.preauth_by_host
+        pending = table.get(self.remote_host)
+        if pending is None:
+            return
+        pending.pop(self, None)
+        if not pending:
+            del table[self.remote_host]
 
     @property
     def remote_host(self) -> str:
@@ -493,8 +687,10 @@ class AgentSession:
             nursery.cancel_scope.cancel()
 
     async def _auth_deadline(self) -> None:
+        # The agent must *send* its Auth in time; the answer (token check, and the limiter's
+        # delay on failures, at most MAX_AUTH_DELAY) is ours and does not count.
         with trio.move_on_after(AUTH_TIMEOUT):
-            await self._authed_event.wait()
+            await self._auth_received.wait()
             return
         log.info("agent %s did not authenticate within %ss", self.remote_addr, AUTH_TIMEOUT)
         await self.mux.aclose()
@@ -571,21 +767,29 @@ class AgentSession:
 
     async def _rpc_auth(self, stream: MuxStream) -> None:
         msg = await read_message(stream, proto.Auth)
-        if self.authed:
-            await reply(stream, proto.AuthResp(error=wire_error("already authenticated", Code.AUTH_MALFORMED)))
+        self._auth_received.set()
+        if self.authed or self._auth_busy:
+            error = wire_error("already authenticated", Code.AUTH_MALFORMED)
+            await reply(stream, proto.AuthResp(error=error))
             return
+        self._auth_busy = True
+        try:
+            await self._authenticate(stream, msg)
+        finally:
+            self._auth_busy = False
+
+    async def _authenticate(self, stream: MuxStream, msg: proto.Auth) -> None:
         edge = self.edge
         host = self.remote_host
-        delay = edge.limiter.delay(host, time.monotonic())
-        if delay:
-            # Slow down guessing from an address that keeps failing, successes included.
-            await trio.sleep(delay)
+        # Counted before the check: parallel guesses see the delay grow too.  The token is
+        # checked at once (in constant time) and only the answer to a failure is delayed: a
+        # valid token gets in without delay, however many guesses share its address.
+        delay = min(edge.limiter.attempt(host, time.monotonic()), MAX_AUTH_DELAY)
         token = msg.extra.authtoken
         record = None
         if is_token_format(token):
             record = await trio.to_thread.run_sync(edge.store.verify_token, token)
         if record is None:
-            edge.limiter.record_failure(host, time.monotonic())
             if not token:
                 error = wire_error("no authtoken was given; get one with `tunneld edge token create`",
                                    Code.AUTHTOKEN_MALFORMED)
@@ -593,17 +797,31 @@ class AgentSession:
                 error = wire_error("the authtoken is malformed", Code.AUTHTOKEN_MALFORMED)
             else:
                 error = wire_error("the authtoken is invalid or has been revoked", Code.AUTHTOKEN_INVALID)
-            log.warning("agent %s: authentication failed", self.remote_addr)
+            log.warning("agent %s: authentication failed%s", self.remote_addr,
+                        f" (answer delayed {delay:g}s: repeated failures from {host})" if delay else "")
+            await trio.sleep(delay)
             await reply(stream, proto.AuthResp(version=_pick_version(msg.version), error=error))
             # Give the client a moment to read the answer, then drop the session.
             with trio.move_on_after(1):
                 await self.mux.go_away(proto.ErrorCode.NONE, "authentication failed")
             await self.mux.aclose()
             return
-        edge.limiter.record_success(host, time.monotonic())
+        edge.limiter.refund(host)
         self.auth = msg
         self.token_id = record.id
         self.client_id = await self._resume_or_new(msg)
+        # After a resume replaced this token's old session, which no longer counts.
+        limit = edge.config.max_sessions_per_token
+        if edge.sessions_by_token.get(record.id, 0) >= limit:
+            reason = f"authtoken {record.id} already has {limit} sessions on this edge (the limit)"
+            log.warning("agent %s refused: %s", self.remote_addr, reason)
+            self.mux.close_reason = reason
+            with trio.move_on_after(1):
+                await self.mux.go_away(proto.ErrorCode.ENHANCE_YOUR_CALM, reason)
+            await self.mux.aclose()
+            return
+        edge._count(edge.sessions_by_token, record.id, +1)
+        self.counted = True
         extra = proto.AuthRespExtra(version="tunneld", region="local",
                                     cookie=edge.signer.sign("session", self.client_id, self.token_id),
                                     agent_session_id=self.client_id)
@@ -616,8 +834,12 @@ class AgentSession:
             # Before the reply leaves: the agent opens streams only after reading it.
             self.mux.set_window(window)
             extra.tunneld_window = window
+        # Authenticated: the normal limits for control streams apply from now on.
+        self.mux.max_remote_streams = MAX_CONTROL_STREAMS
+        self.mux.remote_window = None
+        self.mux.receive_budget = None
         self.authed = True
-        self._authed_event.set()
+        self.end_preauth()
         log.info("agent %s authenticated with token %s (session %s, client %s)", self.remote_addr,
                  record.id, self.client_id, msg.extra.user_agent or msg.extra.client_type or "?")
         await reply(stream, proto.AuthResp(version=_pick_version(msg.version), client_id=self.client_id,
@@ -654,13 +876,27 @@ class AgentSession:
         try:
             if tunnel_type is None:
                 raise TunnelRejected(f"protocol {bind.proto!r} is not served by this edge", Code.PROTO_UNSUPPORTED)
-            if len(self.tunnels) >= MAX_TUNNELS_PER_SESSION:
+            # Binds still starting count too: the check and the registration are apart by awaits.
+            if len(self.tunnels) + self._pending_binds >= MAX_TUNNELS_PER_SESSION:
                 raise TunnelRejected(f"a session may hold at most {MAX_TUNNELS_PER_SESSION} tunnels",
                                      Code.OPTION_UNSUPPORTED)
+            per_token = self.edge.config.max_tunnels_per_token
+            if self.edge.tunnels_by_token.get(self.token_id, 0) >= per_token:
+                raise TunnelRejected(f"authtoken {self.token_id} may hold at most {per_token} tunnels "
+                                     "on this edge", Code.OPTION_UNSUPPORTED)
             tunnel_id = bind.id if bind.id and bind.id not in self.tunnels else "tn_" + secrets.token_hex(12)
             tunnel = tunnel_type.edge_tunnel(self.edge, self, bind, tunnel_id)
             assert self._nursery is not None
-            info: TunnelInfo = await self._nursery.start(self._run_tunnel, tunnel_id, tunnel)
+            # Reserve a place; _run_tunnel takes it over once the tunnel is registered.
+            reservation = [True]
+            self._pending_binds += 1
+            self.edge._count(self.edge.tunnels_by_token, self.token_id, +1)
+            try:
+                info: TunnelInfo = await self._nursery.start(self._run_tunnel, tunnel_id, tunnel, reservation)
+            finally:
+                if reservation[0]:
+                    self._pending_binds -= 1
+                    self.edge._count(self.edge.tunnels_by_token, self.token_id, -1)
         except TunnelRejected as exc:
             log.info("agent %s: bind %s refused: %s", self.remote_addr, bind.proto, exc)
             return proto.BindResp(id=bind.id, proto=bind.proto, opts=bind.opts,
@@ -673,17 +909,21 @@ class AgentSession:
         return proto.BindResp(id=tunnel_id, url=info.url, proto=bind.proto, opts=bind.opts,
                               extra=proto.BindRespExtra(token=token, tunnel_id=tunnel_id))
 
-    async def _run_tunnel(self, tunnel_id: str, tunnel: EdgeTunnel, *,
+    async def _run_tunnel(self, tunnel_id: str, tunnel: EdgeTunnel, reservation: list[bool], *,
                           task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
         done = trio.Event()
         with trio.CancelScope() as scope:
             entry = (scope, done)
             self.tunnels[tunnel_id] = entry
+            # The bind's reservation becomes this tunnel's place (in the session and the token).
+            reservation[0] = False
+            self._pending_binds -= 1
             try:
                 await tunnel.run(task_status=task_status)
             finally:
                 if self.tunnels.get(tunnel_id) is entry:
                     del self.tunnels[tunnel_id]
+                self.edge._count(self.edge.tunnels_by_token, self.token_id, -1)
                 done.set()
 
     async def _rpc_unbind(self, stream: MuxStream) -> None:

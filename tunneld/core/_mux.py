@@ -59,7 +59,8 @@ READ_SIZE = 256 * 1024
 DISPATCH_SLICE = 8
 #: Bytes queued for the carrier before data writers must wait.
 OUTBOX_LIMIT = 4 * 1024 * 1024
-#: Concurrent streams a peer may hold open on one session.
+#: Concurrent streams a peer may hold open on one session (see ``MuxSession.max_remote_streams``
+#: for a lower, per-session bound, which the edge sets: agents open only control streams).
 MAX_REMOTE_STREAMS = 8192
 #: Streams the peer may open and we have not yet accepted (Go's backlog is 128).  As many as
 #: it may hold: one read of the carrier can bring hundreds of SYNs (a burst of public
@@ -100,6 +101,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
     _writable: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _receiving: bool = False
     _sending: bool = False
+    #: Opened by the peer (counted in ``MuxSession.remote_stream_count``).
+    _remote: bool = False
+    #: Its unread bytes count towards ``MuxSession.max_remote_buffered`` (peer-opened, and the
+    #: session has that cap: the edge's control streams; never the agent's proxy streams).
+    _metered: bool = False
 
     @property
     def eof_received(self) -> bool:
@@ -122,6 +128,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if self._chunks or self._eof_received:
                     data = self._take(max_bytes) if self._chunks else b""
                     if data:
+                        if self._metered:
+                            self.session._remote_buffered -= len(data)
                         inc = self._window.on_consumed(len(data))
                         if inc and not self._eof_received:
                             self.session._queue_control(encode_wndinc(self.id, inc))
@@ -174,6 +182,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 raise RemoteProtocolError(f"DATA after FIN on stream {self.id}", code=ErrorCode.PROTOCOL)
             self._window.on_data(len(data))
             self._chunks.append(data)
+            if self._metered:
+                self.session._on_remote_buffered(len(data))
         if fin:
             self._eof_received = True
         self._readable.unpark_all()
@@ -272,6 +282,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._error is None and not (self._fin_sent and self._eof_received) and not self.session._dead:
             self.session._queue_control(encode_rst(self.id, code))
         self._on_broken(trio.ClosedResourceError("stream was reset"))
+        self._discard_unread()
         self.session._forget(self)
 
     async def aclose(self) -> None:
@@ -283,11 +294,18 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 # with RST, or a peer blocked on the credit those bytes hold would wait forever.
                 self.session._queue_control(encode_rst(self.id, ErrorCode.STREAM_CLOSED))
             self._closed = True
-            self._chunks.clear()
+            self._discard_unread()
             self.session._forget(self)
             self._readable.unpark_all()
             self._writable.unpark_all()
         await trio.lowlevel.checkpoint()
+
+    def _discard_unread(self) -> None:
+        """Drop unread data (the stream is closed): its bytes leave the session's budget."""
+        if self._metered:
+            self.session._remote_buffered -= self._window.buffered
+        self._window.buffered = 0
+        self._chunks.clear()
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -320,6 +338,15 @@ class MuxSession:
     #: Streams we may hold open at once (None: no limit); :meth:`open_stream` waits beyond.
     #: ngrok's Rust SDKs refuse a peer's streams past 512 per session.
     max_local_streams: int | None = None
+    #: Streams the peer may hold open at once; beyond, its SYNs are refused (RST STREAM_REFUSED).
+    max_remote_streams: int = MAX_REMOTE_STREAMS
+    #: Receive window of streams the peer opens from now on (None: ``window``).  A peer that
+    #: sends more than it before we return credit breaks the protocol and loses its session.
+    remote_window: int | None = None
+    #: Unread bytes all peer-opened streams together may hold (None: each stream's window only).
+    max_remote_buffered: int | None = None
+    #: Carrier bytes the peer may still send (None: no limit); past it the session ends.
+    receive_budget: int | None = None
     _decoder: FrameDecoder = attrs.field(init=False)
     _streams: dict[int, MuxStream] = attrs.field(factory=dict, init=False)
     _next_id: int = attrs.field(init=False)
@@ -336,6 +363,9 @@ class MuxSession:
     _error: BaseException | None = attrs.field(default=None, init=False)
     _last_remote_id: int = attrs.field(default=0, init=False)
     _goaway_sent: bool = attrs.field(default=False, init=False)
+    #: Peer-opened streams open now, and their unread bytes.
+    _remote_open: int = attrs.field(default=0, init=False)
+    _remote_buffered: int = attrs.field(default=0, init=False)
     #: Set when the carrier is gone (EOF, error, GOAWAY, or :meth:`close`).
     closed: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: Why the session ended (None for a clean EOF).
@@ -399,6 +429,12 @@ class MuxSession:
             if not data:
                 self.close_reason = self.close_reason or "peer closed the connection"
                 return
+            if self.receive_budget is not None:
+                # One check per carrier read, not per frame.
+                self.receive_budget -= len(data)
+                if self.receive_budget < 0:
+                    raise RemoteProtocolError("peer sent more than it may at this point of the session",
+                                              code=ErrorCode.ENHANCE_YOUR_CALM)
             woken, last = 0, -1
             for event in decoder.receive_data(data):
                 if type(event) is Data:
@@ -417,9 +453,9 @@ class MuxSession:
                     if stream is not None:
                         stream._on_credit(event.increment)
                 elif type(event) is Reset:
-                    stream = self._streams.pop(event.stream_id, None)
+                    stream = self._streams.get(event.stream_id)
                     if stream is not None:
-                        self._stream_gone.unpark_all()
+                        self._forget(stream)
                         stream._on_broken(StreamReset(event.code))
                 elif type(event) is GoAway:
                     self.close_reason = f"peer went away ({_code_name(event.code)})"
@@ -436,12 +472,16 @@ class MuxSession:
             if (sid % 2 == 1) == self.client:
                 raise RemoteProtocolError(f"peer opened stream {sid} with our parity")
             self._last_remote_id = max(self._last_remote_id, sid)
-            if self._goaway_sent or len(self._streams) >= MAX_REMOTE_STREAMS or self._pending_accept >= ACCEPT_BACKLOG:
-                code = ErrorCode.ACCEPT_QUEUE_FULL if self._pending_accept >= ACCEPT_BACKLOG else ErrorCode.STREAM_REFUSED
+            if (self._goaway_sent or self._remote_open >= self.max_remote_streams
+                    or len(self._streams) >= MAX_REMOTE_STREAMS or self._pending_accept >= ACCEPT_BACKLOG):
+                full = self._pending_accept >= ACCEPT_BACKLOG
+                code = ErrorCode.ACCEPT_QUEUE_FULL if full else ErrorCode.STREAM_REFUSED
                 self._queue_control(encode_rst(sid, code))
                 return
-            stream = MuxStream(self, sid, self.window, ReceiveWindow(self.window))
+            stream = MuxStream(self, sid, self.window, ReceiveWindow(self.remote_window or self.window),
+                               remote=True, metered=self.max_remote_buffered is not None)
             self._streams[sid] = stream
+            self._remote_open += 1
             self._pending_accept += 1
             self._accept_send.send_nowait(stream)
         elif stream is None:
@@ -540,7 +580,20 @@ class MuxSession:
     def _forget(self, stream: MuxStream) -> None:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
+            if stream._remote:
+                self._remote_open -= 1
             self._stream_gone.unpark_all()
+
+    def _on_remote_buffered(self, n: int) -> None:
+        self._remote_buffered += n
+        if self.max_remote_buffered is not None and self._remote_buffered > self.max_remote_buffered:
+            raise RemoteProtocolError(f"peer left more than {self.max_remote_buffered} bytes unread on the "
+                                      "streams it opened", code=ErrorCode.ENHANCE_YOUR_CALM)
+
+    @property
+    def remote_stream_count(self) -> int:
+        """Open streams that the peer opened (on the edge: the agent's control streams)."""
+        return self._remote_open
 
     @property
     def stream_count(self) -> int:
@@ -563,6 +616,7 @@ class MuxSession:
         for stream in list(self._streams.values()):
             stream._on_broken(exc)
         self._streams.clear()
+        self._remote_open = 0
         self._outbox_space.unpark_all()
         self._outbox_ready.unpark_all()
         self._flushed.unpark_all()

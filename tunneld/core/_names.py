@@ -36,6 +36,9 @@ log = logging.getLogger("tunneld.names")
 SECRET_FILE = "edge-secret"
 #: ``until`` stored for a name that is live (in use right now).
 LIVE = -1.0
+#: Seconds between two sweeps of expired holds (memory and store): without them an expired
+#: hold stayed until its very name was asked for again (20,000 one-off names: +17 MB).
+SWEEP_INTERVAL = 60.0
 
 
 def load_secret(data_dir: Path) -> bytes:
@@ -108,6 +111,7 @@ class NameClaims:
     store: Store | None
     hold_period: float = 60.0
     clock: Callable[[], float] = time.time
+    sweep_interval: float = SWEEP_INTERVAL
     _claims: dict[tuple[str, str], _Claim] = attrs.field(factory=dict)
     _dirty: set[tuple[str, str]] = attrs.field(factory=set)
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
@@ -176,6 +180,17 @@ class NameClaims:
             del self._claims[(kind, name)]
             self._mark((kind, name))
 
+    def sweep(self) -> int:
+        """Drop every expired hold (and, at the next write, its row); return how many."""
+        now = self.clock()
+        expired = [key for key, claim in self._claims.items() if not claim.holders and claim.until <= now]
+        for key in expired:
+            del self._claims[key]
+            self._dirty.add(key)
+        if expired:
+            self._wakeup.set()
+        return len(expired)
+
     def _mark(self, key: tuple[str, str]) -> None:
         self._dirty.add(key)
         self._wakeup.set()
@@ -198,27 +213,45 @@ class NameClaims:
             self.store.save_names(upserts, deletes)
 
     async def run(self) -> None:
-        """Persist changes in the background, batched; flush once more on exit."""
+        """Persist changes in the background, batched, and sweep expired holds; flush once more on exit."""
         try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                # The snapshot is taken here, in Trio's thread; only the write runs in a worker.
-                upserts, deletes = self._snapshot()
-                if self.store is not None and (upserts or deletes):
-                    try:
-                        await trio.to_thread.run_sync(self.store.save_names, upserts, deletes)
-                    except sqlite3.Error as exc:
-                        # Holds still work in memory; only a restart would forget them.
-                        log.error("could not record name holds in the store: %s", exc)
-                # Coalesce bursts (many tunnels binding at once) into one transaction.
-                await trio.sleep(0.01)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sweeper)
+                await self._writer()
         finally:
             try:
                 self.flush()
             except sqlite3.Error as exc:
                 # The store was closed under us (the edge's owner is tearing down).
                 log.warning("could not record name holds: %s", exc)
+
+    async def _sweeper(self) -> None:
+        while True:
+            await trio.sleep(self.sweep_interval)
+            swept = self.sweep()
+            if self.store is not None:
+                try:
+                    # Rows no claim in memory stands for (another edge process, an old bug).
+                    swept += await trio.to_thread.run_sync(self.store.delete_expired_names, self.clock())
+                except sqlite3.Error as exc:
+                    log.error("could not sweep expired name holds from the store: %s", exc)
+            if swept:
+                log.debug("swept %d expired name hold(s)", swept)
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            # The snapshot is taken here, in Trio's thread; only the write runs in a worker.
+            upserts, deletes = self._snapshot()
+            if self.store is not None and (upserts or deletes):
+                try:
+                    await trio.to_thread.run_sync(self.store.save_names, upserts, deletes)
+                except sqlite3.Error as exc:
+                    # Holds still work in memory; only a restart would forget them.
+                    log.error("could not record name holds in the store: %s", exc)
+            # Coalesce bursts (many tunnels binding at once) into one transaction.
+            await trio.sleep(0.01)
 
 
 def _what(kind: str, name: str) -> str:

@@ -59,6 +59,31 @@ class FailureLimiter:
         self._entries.pop(addr, None)
         self._expire(now)
 
+    def attempt(self, addr: str, now: float) -> float:
+        """Count an attempt from ``addr`` *before* checking it; return the delay it deserves.
+
+        Attempts in flight count as failures, so a burst of parallel guesses sees the delay
+        grow from the first one past ``threshold`` on, instead of all being checked before the
+        first failure is recorded.  Call :meth:`refund` if the attempt succeeds.
+        """
+        delay = self.delay(addr, now)
+        self.record_failure(addr, now)
+        return delay
+
+    def refund(self, addr: str) -> None:
+        """Take back one attempt counted by :meth:`attempt` that succeeded.
+
+        Unlike :meth:`record_success`, the address's other failures stay: whoever holds one
+        valid token must not be able to wipe the record of guesses from the same address.
+        """
+        entry = self._entries.get(addr)
+        if entry is None:
+            return
+        if entry[0] <= 1:
+            del self._entries[addr]
+        else:
+            self._entries[addr] = (entry[0] - 1, entry[1])  # keeps its place in the order
+
     def delay(self, addr: str, now: float) -> float:
         """Seconds to wait before handling an attempt from ``addr`` (0 if not limited)."""
         self._expire(now)

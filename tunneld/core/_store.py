@@ -176,9 +176,9 @@ class Store:
         if not token_ids:
             return set()
         with self._lock:
+            marks = ",".join("?" * len(token_ids))
             rows = self._conn.execute(
-                f"SELECT id FROM tokens WHERE revoked_at IS NULL AND id IN ({','.join('?' * len(token_ids))})",
-                token_ids,
+                f"SELECT id FROM tokens WHERE revoked_at IS NULL AND id IN ({marks})", token_ids
             ).fetchall()
         return set(token_ids) - {row[0] for row in rows}
 
@@ -220,6 +220,12 @@ class Store:
         """Every reservation as (kind, name, owner, until)."""
         with self._lock:
             return [tuple(row) for row in self._conn.execute("SELECT kind, name, owner, until FROM names")]
+
+    def delete_expired_names(self, now: float) -> int:
+        """Drop the holds that ended before ``now`` (live names stay); return how many."""
+        with self._lock:
+            cur = self._conn.execute("DELETE FROM names WHERE until >= 0 AND until <= ?", (now,))
+        return cur.rowcount
 
     def save_names(self, upserts: list[tuple[str, str, str, float]], deletes: list[tuple[str, str]]) -> None:
         """Apply a batch of reservation changes in one transaction."""

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import gc
+import logging
 import socket
+import struct
+import sys
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -140,3 +147,134 @@ def parse_local_addr(addr: str, *schemes: str) -> str:
     if not 0 < port < 65536:
         raise ValueError(f"port out of range in {addr!r}")
     return f"{host or 'localhost'}:{port}"
+
+
+# ---- file descriptors and accept loops ---------------------------------------------------------
+
+#: accept() errors that mean "out of descriptors or memory": back off and retry, never crash.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: Pause of an accept loop after such an error, so a freed descriptor is not fought over in a
+#: busy loop (trio's own ``serve_listeners`` waits as long).
+ACCEPT_BACKOFF = 0.1
+#: Seconds between two log lines about the same kind of trouble (the rest are counted).
+LOG_INTERVAL = 10.0
+#: Descriptor limit assumed where the platform cannot tell (no ``resource`` module).
+DEFAULT_FD_LIMIT = 8192
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the (new) soft limit.
+
+    Python processes start with the soft limit (often 1024) although the hard limit allows
+    far more; an edge holds a descriptor per agent and per public connection.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return DEFAULT_FD_LIMIT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if sys.platform == "darwin" or hard == resource.RLIM_INFINITY:
+        # macOS refuses more than OPEN_MAX (10240) for the soft limit, whatever the hard one says.
+        target = min(hard, 10240) if hard != resource.RLIM_INFINITY else 10240
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass
+    return fd_limit() if soft != resource.RLIM_INFINITY else DEFAULT_FD_LIMIT
+
+
+def fd_limit() -> int:
+    """The soft RLIMIT_NOFILE of this process."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return DEFAULT_FD_LIMIT
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return DEFAULT_FD_LIMIT if soft == resource.RLIM_INFINITY else int(soft)
+
+
+class ThrottledLog:
+    """Log a recurring condition at most once per ``interval`` seconds, with a count.
+
+    The first occurrence is logged at once; later ones are counted and summed up in the next
+    line, so a storm (thousands of EMFILE per minute) costs a line per interval, not a
+    traceback per event.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self._last = -float("inf")
+        self._count = 0
+
+    def note(self, message: str, *args: object) -> None:
+        self._count += 1
+        now = self.clock()
+        if now - self._last < self.interval:
+            return
+        times = f" ({self._count} times in the last {self.interval:g}s)" if self._last > -float("inf") else ""
+        self.logger.warning(message + times, *args)
+        self._last = now
+        self._count = 0
+
+
+def reset_connection(stream: trio.SocketStream) -> None:
+    """Close an accepted connection at once with a RST (no FIN handshake, no TIME_WAIT)."""
+    sock = stream.socket
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+async def accept_loop(listener: trio.SocketListener, on_accept: Callable[[trio.SocketStream], None],
+                      errors: ThrottledLog) -> None:
+    """Accept on ``listener`` until cancelled (then close it), handing each connection to ``on_accept``.
+
+    Out of descriptors or memory (``ACCEPT_CAPACITY_ERRNOS``), it notes the error in
+    ``errors`` and waits ACCEPT_BACKOFF seconds: the loop survives, the log stays short.
+    """
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                errors.note("accept failed: %s; backing off", exc.strerror or exc)
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            on_accept(stream)
+
+
+_malloc_trim: Callable[[int], int] | None = None
+_malloc_trim_looked_up = False
+
+
+def release_free_memory() -> bool:
+    """Hand memory freed inside the C heap back to the OS (glibc's ``malloc_trim(0)``).
+
+    glibc keeps freed chunks in its arenas: after a burst (a flood of 256 KiB frames) the
+    process stayed at 193 MB of 209 MB resident; trimmed, it fell back to 71 MB.  A no-op
+    returning False where there is no glibc (musl, macOS, Windows).  Takes well under 1 ms.
+    """
+    global _malloc_trim, _malloc_trim_looked_up
+    if not _malloc_trim_looked_up:
+        _malloc_trim_looked_up = True
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+                _malloc_trim = libc.malloc_trim
+            except (OSError, AttributeError):
+                _malloc_trim = None
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True

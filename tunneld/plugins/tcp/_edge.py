@@ -95,13 +95,18 @@ class TcpEdgeTunnel:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             raise
+        # Its listeners' descriptors come out of the public connections' budget.
+        self.edge.listener_fds += len(listeners)
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                # The edge's accept loop: connections beyond the descriptor budget are reset at
+                # once, and running out of descriptors is logged once per interval, not per accept.
+                await nursery.start(self.edge.serve_public, self._handle, listeners)
                 task_status.started(TunnelInfo(f"tcp://{self.edge.config.domain}:{port}", "tcp",
                                                ("port", str(port))))
         finally:
-            # The listeners close with serve_listeners; the port is free again right now.
+            # The listeners close with their accept loops; the port is free again right now.
+            self.edge.listener_fds -= len(listeners)
             routes.release_port(port, self)
 
     async def _handle(self, public: trio.SocketStream) -> None:
