@@ -17,6 +17,7 @@ BUILTIN_PLUGINS = (
     "tunneld.plugins.tcp",
     "tunneld.plugins.tls",
     "tunneld.plugins.file",
+    "tunneld.plugins.ssh",
 )
 
 #: Comma-separated plugin names to skip (built-in module names or entry-point names).
