@@ -15,7 +15,7 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "module",
-    ["tunneld.core.proto", "tunneld", "tunneld.hookspecs", "tunneld.core._errors"],
+    ["tunneld.core.proto", "tunneld", "tunneld.hookspecs", "tunneld.plugin", "tunneld.core._errors"],
 )
 def test_module_does_not_import_trio(module: str) -> None:
     result = run_python(

@@ -86,8 +86,7 @@ def write_dist(root: Path, dist: str, module: str, ep_name: str, source: str) ->
 
 THIRD_PARTY_SOURCE = """
     import click
-    import tunneld
-    from tunneld.core import TunnelType
+    from tunneld.plugin import TunnelType, hookimpl
 
     class QuicType(TunnelType):
         name = "quic"
@@ -105,7 +104,7 @@ THIRD_PARTY_SOURCE = """
         async def agent_handle(self, tunnel, stream, header):
             pass
 
-    @tunneld.hookimpl
+    @hookimpl
     def tunneld_register_tunnel_types(registry):
         registry.add(QuicType())
 
@@ -115,7 +114,7 @@ THIRD_PARTY_SOURCE = """
         '''Say hello from a plugin.'''
         click.echo(f"hello {who} from a plugin")
 
-    @tunneld.hookimpl
+    @hookimpl
     def tunneld_add_commands(cli):
         cli.add_command(hello)
 """
@@ -138,7 +137,7 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 def test_builtin_plugins_are_registered() -> None:
     pm = get_plugin_manager(entry_points=False)
     assert BUILTIN_PLUGINS == ("tunneld.plugins.http", "tunneld.plugins.tcp", "tunneld.plugins.tls",
-                               "tunneld.plugins.file")
+                               "tunneld.plugins.file", "tunneld.plugins.ssh")
     for name in BUILTIN_PLUGINS:
         plugin = pm.get_plugin(name)
         assert plugin is not None

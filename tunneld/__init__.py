@@ -1,7 +1,7 @@
 """tunneld: self-hosted secure tunnels.
 
 The package root stays light (no trio import) so that ``tunneld --help`` starts fast.
-Plugin authors import :data:`hookimpl` from here.
+Plugins use :mod:`tunneld.plugin`, the plugin API, which re-exports :data:`hookimpl` from here.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Built-in tunnel types (http, tcp, ...) implement these hooks exactly as a third-
 does; third-party plugins are found through the ``tunneld`` entry-point group.  Hooks are
 synchronous: asynchronous work is returned as objects with ``run(*, task_status)`` that the
 core starts in a nursery it owns (plugins never receive a nursery).
+
+Every type named here comes from :mod:`tunneld.plugin`, the plugin API, and never from the
+edge or agent implementation (which imports this module: no cycle, ``tests/test_plugin_api.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from tunneld.core import Edge, EdgeService, TlsFront, TunnelTypeRegistry, UpstreamHandler
+    from tunneld.plugin import EdgeContext, EdgeService, TlsFront, TunnelTypeRegistry, UpstreamHandler
 
 hookspec = pluggy.HookspecMarker("tunneld")
 
@@ -32,16 +35,17 @@ def tunneld_register_tunnel_types(registry: TunnelTypeRegistry) -> None:
 
 
 @hookspec
-def tunneld_edge_services(edge: Edge) -> Iterable[EdgeService]:
+def tunneld_edge_services(edge: EdgeContext) -> Iterable[EdgeService]:
     """Return long-running edge services (public listeners, gateways).
 
     Each is started with ``await nursery.start(service.run)`` before the edge reports ready;
     ``run`` must call ``task_status.started()`` once its listeners are bound.
     """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this
 
 
 @hookspec
-def tunneld_edge_tls_front(edge: Edge) -> TlsFront | None:
+def tunneld_edge_tls_front(edge: EdgeContext) -> TlsFront | None:
     """Return the object that sees each public HTTPS connection before the edge terminates TLS.
 
     Called once, before the edge services start.  Its ``route(stream, client_addr)`` peeks at

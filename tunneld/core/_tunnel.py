@@ -1,4 +1,4 @@
-"""What a tunnel type is, and the registry plugins add theirs to.
+"""What a tunnel type is, the registry plugins add theirs to, and what the core hands them.
 
 A :class:`TunnelType` knows both ends of one kind of tunnel:
 
@@ -7,12 +7,19 @@ A :class:`TunnelType` knows both ends of one kind of tunnel:
   it with ``started(TunnelInfo)`` and serves until cancelled, releasing the address on exit;
 * on the agent, :meth:`TunnelType.agent_binds` says which Binds to send for a configured
   tunnel, and :meth:`TunnelType.agent_handle` serves one proxied stream.
+
+Plugins see the core only through three protocols, the way pytest hands its plugins ``config``
+and ``session`` rather than its internals: :class:`EdgeContext` (the edge process),
+:class:`SessionContext` (one connected agent, on the edge) and :class:`AgentTunnelContext`
+(one configured tunnel, on the agent).  They live here, below the implementation
+(``_edge``/``_agent`` import this module, never the reverse), and are published by
+:mod:`tunneld.plugin`; ``_context`` adapts the implementation to them.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
@@ -21,9 +28,13 @@ import trio
 from ._errors import Code, PluginError, TunnelRejected
 
 if TYPE_CHECKING:
-    from ._agent import AgentTunnel
+    from pathlib import Path
+
+    from OpenSSL import SSL
+
     from ._config import TunnelConfig
-    from ._edge import AgentSession, Edge
+    from ._forward import ByteCounts
+    from ._store import Store
     from .proto import Bind, ProxyHeader
 
 
@@ -35,9 +46,9 @@ class TunnelInfo:
     url: str
     #: Public protocol (``http``, ``https``, ``tcp``, ...).
     proto: str
-    #: The public name claimed, as ``(kind, name)`` of :class:`~tunneld.core.RouteTable`
-    #: (``("host", "ab12.example.com")``, ``("port", "20001")``): the edge signs it into the
-    #: Bind's resume token so a reconnecting agent gets the same address back.
+    #: The public name claimed: ``("host", "ab12.example.com")``, or an address as
+    #: :meth:`EdgeContext.address_name` spells it (``("port", "20001")``).  The edge signs it
+    #: into the Bind's resume token so a reconnecting agent gets the same name back.
     name: tuple[str, str] | None = None
 
 
@@ -104,6 +115,264 @@ class BindRequest:
     bind: Bind
 
 
+# ---- what the core hands plugins ---------------------------------------------------------------
+
+
+class EdgeContext(Protocol):
+    """The edge, as a tunnel type and an edge service see it.
+
+    Handed to :meth:`TunnelType.edge_tunnel` and to the edge hooks.  Two kinds of public
+    names can be claimed:
+
+    * a *hostname* is routed per ``route``, the public listener serving it (``http``,
+      ``https``, or ``tls`` for SNI-routed passthrough on the HTTPS port), but owned as one
+      name: all routes of a host belong to one owner, and ``tls`` excludes ``http``/``https``
+      (the HTTPS port cannot tell them apart);
+    * an *address* is a port of a transport: ``("tcp", 20001)`` and ``("udp", 20001)`` are two
+      addresses.
+
+    Claims are owned by an authtoken (:attr:`SessionContext.owner`; ``""`` skips ownership) and
+    held for it for the edge's hold period after release, so a reconnecting agent gets its
+    names back.  Claiming and releasing never block: claim in ``run``, release in its
+    ``finally`` (also when cancelled).  ``holder`` is the claiming object, usually the edge
+    tunnel; lookups return it.
+    """
+
+    @property
+    def domain(self) -> str:
+        """The edge's base domain (``--domain``): random names are ``xxxxxxxx.DOMAIN``."""
+        ...
+
+    @property
+    def data_dir(self) -> Path:
+        """The edge's data directory (``--data-dir``), for a plugin's own files."""
+        ...
+
+    @property
+    def store(self) -> Store:
+        """The edge's SQLite store (authtokens, name holds); its methods block: call them in a thread."""
+        ...
+
+    @property
+    def registry(self) -> TunnelTypeRegistry:
+        """Every registered tunnel type."""
+        ...
+
+    @property
+    def ports(self) -> Mapping[str, int]:
+        """Bound port of each public listener by name (``agent``, ``http``, ``https``); absent: off."""
+        ...
+
+    @property
+    def stopping(self) -> trio.Event:
+        """Set when a graceful shutdown begins: stop accepting (``serve_public`` does)."""
+        ...
+
+    @property
+    def ssl_context(self) -> SSL.Context:
+        """The pyOpenSSL server context for public HTTPS; it picks custom hostnames' certificates by SNI."""
+        ...
+
+    def ensure_certificate(self, host: str) -> None:
+        """Make HTTPS for ``host`` show a valid certificate; TunnelRejected if none (blocking: file I/O)."""
+        ...
+
+    def listen_addr(self, name: str) -> tuple[str, int] | None:
+        """The configured address of public listener ``name`` (``http``, ``https``); None: turned off."""
+        ...
+
+    def port_range(self, transport: str) -> tuple[str, int, int] | None:
+        """``(bind host, low, high)``: the ports tunnels of ``transport`` may claim; None: none."""
+        ...
+
+    def public_url(self, scheme: str, host: str) -> str:
+        """URL of ``host`` on the public listener of ``scheme`` (port shown when not the default)."""
+        ...
+
+    async def open_public_listeners(self, name: str, flag: str,
+                                    addr: tuple[str, int]) -> list[trio.SocketListener]:
+        """Bind public listener ``name`` (recorded in :attr:`ports`); ConfigError naming ``flag`` if not."""
+        ...
+
+    async def serve_public(self, handler: Callable[[trio.SocketStream], Awaitable[None]],
+                           listeners: list[trio.SocketListener], *, pool: str = "public",
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on ``listeners`` until shutdown, each connection in ``handler``, then give the grace period.
+
+        Handlers run behind the edge's per-connection boundary (errors logged, stream closed
+        afterwards).  ``pool`` names the budget of open connections they count against:
+        beyond it new ones are reset as accepted (``public``, or a service's own, e.g. ``ssh``,
+        the same size).  The listeners are closed on return.
+        """
+        ...
+
+    def count_listener_fds(self, delta: int) -> None:
+        """Note ``delta`` more (or fewer) descriptors held by a tunnel's own listeners.
+
+        They come out of the public connections' budget; undo it when the listeners close.
+        """
+        ...
+
+    async def route_tls(self, stream: trio.SocketStream, client_addr: str) -> trio.abc.Stream | None:
+        """Offer a public HTTPS connection to the TLS front (:class:`TlsFront`).
+
+        Returns the stream to terminate TLS on, or None when the front took the connection.
+        """
+        ...
+
+    # -- hostnames --
+
+    def claim_host(self, route: str, host: str, holder: object, owner: str) -> None:
+        """Route ``host`` on ``route`` to ``holder``; TunnelRejected if taken or held for another owner."""
+        ...
+
+    def release_host(self, route: str, host: str, holder: object) -> None:
+        """Undo :meth:`claim_host` (a no-op unless ``holder`` has the claim); the hold period starts."""
+        ...
+
+    def lookup_host(self, route: str, host: str) -> Any:
+        """The holder routed at ``host`` on ``route``, or None."""
+        ...
+
+    def host_available(self, host: str, owner: str) -> bool:
+        """Whether ``owner`` could claim ``host`` now: routed nowhere, and not held for someone else."""
+        ...
+
+    # -- transport addresses --
+
+    def claim_address(self, transport: str, port: int, holder: object, owner: str) -> None:
+        """Route ``port`` of ``transport`` to ``holder`` (the caller has bound it); TunnelRejected if taken
+        or held for another owner."""
+        ...
+
+    def release_address(self, transport: str, port: int, holder: object) -> None:
+        """Undo :meth:`claim_address` (a no-op unless ``holder`` has the claim); the hold period starts."""
+        ...
+
+    def lookup_address(self, transport: str, port: int) -> Any:
+        """The holder of ``port`` of ``transport``, or None."""
+        ...
+
+    def address_available(self, transport: str, port: int, owner: str) -> bool:
+        """Whether ``owner`` could claim the address now: unclaimed, and not held for someone else."""
+        ...
+
+    def address_owner(self, transport: str, port: int) -> str | None:
+        """Who the address is claimed or held for right now (None: nobody)."""
+        ...
+
+    def address_name(self, transport: str, port: int) -> tuple[str, str]:
+        """The address as :attr:`TunnelInfo.name` and :meth:`SessionContext.resumed_name` spell it.
+
+        (``("port", "20001")`` for TCP, as resume tokens already in agents' hands say;
+        ``(transport, "20001")`` for any other transport.)
+        """
+        ...
+
+    # -- observability --
+
+    def log_connection(self, *, client: str, proto: str, result: str, started: float, host: str = "",
+                       tunnel_id: str = "", url: str = "", counts: ByteCounts | None = None) -> None:
+        """Write the access line of one public connection (``started``: its ``time.monotonic()``).
+
+        ``counts``: the :func:`forward` tally with the public client as ``a``; ``result`` is ``ok``
+        or why the connection did not reach its agent (see ``tunneld.core._access``).
+        """
+        ...
+
+    def log_request(self, *, client: str, host: str, tunnel_id: str, method: str, path: str, status: int,
+                    started: float) -> None:
+        """Write the access line of one HTTP request (``tunnel_id`` "" when none was found)."""
+        ...
+
+    def count(self, metric: str, value: float = 1, **labels: str) -> None:
+        """Add ``value`` to the counter ``metric`` with ``labels`` (``tunneld_<plugin>_<what>_total``)."""
+        ...
+
+
+class SessionContext(Protocol):
+    """One connected agent, as the edge side of a tunnel type sees it."""
+
+    @property
+    def owner(self) -> str:
+        """Who the session's names belong to: its authtoken's id."""
+        ...
+
+    @property
+    def remote_addr(self) -> str:
+        """The agent's ``host:port``."""
+        ...
+
+    @property
+    def client_type(self) -> str:
+        """The Auth message's ClientType: ``tunneld``, ``ngrok-rust``, ... (SDKs start with ``ngrok-``)."""
+        ...
+
+    def resumed_name(self, bind: Bind, kind: str) -> str | None:
+        """The name of ``kind`` a rebinding tunnel had (from its Bind's resume token), if this owner's."""
+        ...
+
+    def choose_host(self, bind: Bind, pair: str) -> str:
+        """The public hostname for a name-routed Bind: asked for, resumed, or random.
+
+        ``pair`` groups Binds that share one name when none is asked for (ngrok's v2 agent
+        binds ``https`` and ``http`` separately for one tunnel).  TunnelRejected if the name
+        asked for is not this owner's to take.  The name is not claimed yet.
+        """
+        ...
+
+    async def open_stream(self, tunnel_id: str, client_addr: str, proto: str, *,
+                          passthrough_tls: bool = False, first: bytes = b"") -> trio.abc.HalfCloseableStream:
+        """Open a proxy stream to the agent for one public connection of tunnel ``tunnel_id``.
+
+        ``proto`` is the public protocol (``http``, ``tcp``, ``tls``...); ``passthrough_tls``:
+        the stream carries the client's TLS unterminated; ``first``: the connection's first
+        bytes, sent with the header in the SYN frame.  Raises BrokenResourceError or
+        ClosedResourceError when the session is gone.  The caller closes the stream.
+        """
+        ...
+
+
+class AgentTunnelContext(Protocol):
+    """One configured tunnel, as the agent side of a tunnel type sees it."""
+
+    @property
+    def name(self) -> str:
+        """``command_line`` or ``command_line (http)``: the name in the agent's API."""
+        ...
+
+    @property
+    def config(self) -> TunnelConfig:
+        """The tunnel's configuration (flags or config file)."""
+        ...
+
+    @property
+    def upstream(self) -> str:
+        """Normalised forwarding address (``http://localhost:8080``, ``localhost:22``)."""
+        ...
+
+    @property
+    def public_url(self) -> str:
+        """The URL the edge gave the tunnel."""
+        ...
+
+    def request_done(self, seconds: float) -> None:
+        """Count one HTTP request that took ``seconds`` in the tunnel's metrics."""
+        ...
+
+    async def open_upstream(self, stream: trio.abc.HalfCloseableStream,
+                            header: ProxyHeader) -> trio.abc.HalfCloseableStream | None:
+        """Connect to :attr:`upstream` for one proxied connection; the caller closes the result.
+
+        When it cannot be reached, ``stream`` is reset and None returned (already logged).
+        """
+        ...
+
+    async def forward_to_upstream(self, stream: trio.abc.HalfCloseableStream, header: ProxyHeader) -> None:
+        """Relay one proxied connection to :attr:`upstream` byte for byte."""
+        ...
+
+
 class TunnelType(abc.ABC):
     """A kind of tunnel, registered by a plugin through ``tunneld_register_tunnel_types``."""
 
@@ -115,8 +384,13 @@ class TunnelType(abc.ABC):
     # ---- edge ----
 
     @abc.abstractmethod
-    def edge_tunnel(self, edge: Edge, session: AgentSession, bind: Bind, tunnel_id: str) -> EdgeTunnel:
-        """Validate ``bind`` and return the tunnel to start; raise TunnelRejected to refuse."""
+    def edge_tunnel(self, edge: EdgeContext, session: SessionContext, bind: Bind,
+                    tunnel_id: str) -> EdgeTunnel:
+        """Validate ``bind`` and return the tunnel to start; raise TunnelRejected to refuse.
+
+        ``session`` is the agent asking; ``tunnel_id`` names the tunnel in the proxy streams
+        opened for it (:meth:`SessionContext.open_stream`).
+        """
 
     # ---- agent ----
 
@@ -129,7 +403,7 @@ class TunnelType(abc.ABC):
         """The Binds to send for ``config``."""
 
     @abc.abstractmethod
-    async def agent_handle(self, tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+    async def agent_handle(self, tunnel: AgentTunnelContext, stream: trio.abc.HalfCloseableStream,
                            header: ProxyHeader) -> None:
         """Serve one proxied stream; the caller closes ``stream`` afterwards."""
 
@@ -168,7 +442,8 @@ class TunnelTypeRegistry:
         try:
             return self._types[name]
         except KeyError:
-            raise PluginError(f"unknown tunnel type {name!r} (known: {', '.join(sorted(self._types))})") from None
+            known = ", ".join(sorted(self._types))
+            raise PluginError(f"unknown tunnel type {name!r} (known: {known})") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._types

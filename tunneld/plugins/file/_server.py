@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from tunneld.core import CHUNK
-from tunneld.plugins.http._relay import Reader, Truncated, copy_body
-from tunneld.plugins.http._wire import BadMessage, BodyKind, RequestHead, parse_request_head
+from tunneld.http1 import BadMessage, BodyKind, Reader, RequestHead, Truncated, copy_body, parse_request_head
+from tunneld.plugin import CHUNK
 
 from ._http import content_type, decide, request_headers, response_head, text_response
 from ._listing import LISTING_HEADERS, render, scan
@@ -43,7 +42,7 @@ from ._reading import FileReader
 from ._url import parse_file_url
 
 if TYPE_CHECKING:
-    from tunneld.core import proto
+    from tunneld.plugin import proto
 
 __all__ = ["FileServer"]
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import trio
 from OpenSSL import SSL
 
-from tunneld import hookimpl
-from tunneld.core import (
-    AgentSession,
-    AgentTunnel,
+# Transitional (issue 12): the edge and the agent still hand plugins their own objects; these
+# wrap them in the plugin API's contexts (idempotent).  Dropped once they pass contexts.
+from tunneld.core._context import as_edge_context, as_session_context, as_tunnel_context
+from tunneld.plugin import (
+    AgentTunnelContext,
     BindRequest,
-    Edge,
+    EdgeContext,
+    SessionContext,
     TlsFront,
     TunnelConfig,
     TunnelType,
     TunnelTypeRegistry,
-    choose_host,
+    hookimpl,
     proto,
     proxy_proto_option,
     refuse_unenforced,
@@ -33,12 +35,13 @@ class TlsTunnelType(TunnelType):
         # Agent-side termination contexts by (crt, key): built once, when the agent starts.
         self._contexts: dict[tuple[str, str], SSL.Context] = {}
 
-    def edge_tunnel(self, edge: Edge, session: AgentSession, bind: proto.Bind,
+    def edge_tunnel(self, edge: EdgeContext, session: SessionContext, bind: proto.Bind,
                     tunnel_id: str) -> TlsEdgeTunnel:
+        edge, session = as_edge_context(edge), as_session_context(session)
         refuse_unenforced(bind.opts, HANDLED_OPTS)
         version = proxy_proto_option(bind.opts)
         # Names are shared with HTTP tunnels (one namespace on port 443); "tls" pairs with nothing.
-        return TlsEdgeTunnel(edge, session, tunnel_id, choose_host(edge, session, bind, "tls"), version)
+        return TlsEdgeTunnel(edge, session, tunnel_id, session.choose_host(bind, "tls"), version)
 
     def parse_addr(self, addr: str) -> str:
         return parse_tls_addr(addr)
@@ -62,8 +65,9 @@ class TlsTunnelType(TunnelType):
         return [BindRequest(config.name, proto.Bind(proto="tls", forwards_to=upstream, opts=opts,
                                                     extra=proto.BindExtra(name=config.name)))]
 
-    async def agent_handle(self, tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+    async def agent_handle(self, tunnel: AgentTunnelContext, stream: trio.abc.HalfCloseableStream,
                            header: proto.ProxyHeader) -> None:
+        tunnel = as_tunnel_context(tunnel)
         await serve_tls_stream(tunnel, stream, header, self._context(tunnel.config))
 
 
@@ -73,5 +77,5 @@ def tunneld_register_tunnel_types(registry: TunnelTypeRegistry) -> None:
 
 
 @hookimpl
-def tunneld_edge_tls_front(edge: Edge) -> TlsFront:
-    return SniFront(edge)
+def tunneld_edge_tls_front(edge: EdgeContext) -> TlsFront:
+    return SniFront(as_edge_context(edge))

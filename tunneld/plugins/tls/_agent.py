@@ -16,20 +16,16 @@ from pathlib import Path
 import trio
 from OpenSSL import SSL
 
-from tunneld.core import (
-    AgentTunnel,
+from tunneld.plugin import (
+    AgentTunnelContext,
     ConfigError,
     PrefixedStream,
     RemoteProtocolError,
-    accept_tls,
     forward,
-    forward_to_upstream,
-    open_upstream,
     parse_local_addr,
     proto,
 )
-from tunneld.core._certs import load_cert_key_pair
-from tunneld.core._tls import server_context
+from tunneld.tlsutil import accept_tls, load_cert_key_pair, server_context
 
 log = logging.getLogger("tunneld.tls")
 
@@ -69,11 +65,11 @@ async def _take_proxy_header(stream: trio.abc.HalfCloseableStream) -> tuple[byte
     return data[: info.length], data[info.length:]
 
 
-async def serve_tls_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+async def serve_tls_stream(tunnel: AgentTunnelContext, stream: trio.abc.HalfCloseableStream,
                            header: proto.ProxyHeader, context: SSL.Context | None) -> None:
     """Serve one proxied TLS connection (``context``: terminate with it; None: pass through)."""
     if context is None:
-        await forward_to_upstream(tunnel, stream, header)
+        await tunnel.forward_to_upstream(stream, header)
         return
     prefix = b""
     transport: trio.abc.HalfCloseableStream = stream
@@ -87,7 +83,7 @@ async def serve_tls_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableSt
         log.info("tunnel %s: TLS handshake with %s failed: %s", tunnel.name, header.client_addr, exc)
         return
     try:
-        upstream = await open_upstream(tunnel, stream, header)
+        upstream = await tunnel.open_upstream(stream, header)
         if upstream is None:
             return
         try:

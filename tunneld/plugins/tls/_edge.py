@@ -9,15 +9,16 @@ HTTPS and TLS tunnels share one port.  Every connection on it first meets :class
 * SNI names a TLS tunnel (route ``("tls", name)``): :meth:`TlsEdgeTunnel.serve` opens a proxy
   stream to its agent and writes the PROXY header (when the Bind asked for one), the bytes read
   so far, and from then on relays raw bytes both ways.  The edge never sees the plaintext.
-* SNI names anything else: the bytes are handed back in a :class:`~tunneld.core.PrefixedStream` and the edge
-  terminates TLS for HTTP tunnels as before; unknown names end in its "tunnel not found" page.
+* SNI names anything else: the bytes are handed back in a :class:`~tunneld.plugin.PrefixedStream`
+  and the edge terminates TLS for HTTP tunnels as before; unknown names end in its "tunnel not
+  found" page.
 * no SNI: a ``handshake_failure`` alert — without a name no TLS tunnel can be chosen (ngrok
   refuses such clients too, ERR_NGROK_3003) — and a log line saying so.
 * not TLS, malformed, too large or too slow: closed.
 
 Connections run in the HTTPS ingress's handler nursery, like HTTP ones: an agent leaving breaks
 their proxy streams, which ends them.  Every connection this module handles (all but those
-handed back) gets one access-log line (:func:`tunneld.core.log_connection`).
+handed back) gets one access-log line (:meth:`~tunneld.plugin.EdgeContext.log_connection`).
 """
 
 from __future__ import annotations
@@ -28,17 +29,16 @@ import time
 import attrs
 import trio
 
-from tunneld.core import (
-    AgentSession,
+from tunneld.plugin import (
     ByteCounts,
     Code,
-    Edge,
+    EdgeContext,
     PrefixedStream,
+    SessionContext,
     TunnelInfo,
     TunnelRejected,
     forward,
     local_addr,
-    log_connection,
     proto,
 )
 
@@ -59,8 +59,8 @@ _PEEK = 16 * 1024 + 5
 class TlsEdgeTunnel:
     """The route ``("tls", host)``: connections whose SNI is ``host`` go to this agent."""
 
-    edge: Edge
-    session: AgentSession
+    edge: EdgeContext
+    session: SessionContext
     tunnel_id: str
     host: str
     #: PROXY protocol version to write before each connection's bytes (0: none).
@@ -72,13 +72,13 @@ class TlsEdgeTunnel:
         if port is None:
             raise TunnelRejected("this edge has no public https listener, which TLS tunnels share",
                                  Code.PROTO_UNSUPPORTED)
-        self.edge.routes.claim_host("tls", self.host, self, self.session.owner)
+        self.edge.claim_host("tls", self.host, self, self.session.owner)
         try:
             self.url = f"tls://{self.host}" if port == 443 else f"tls://{self.host}:{port}"
             task_status.started(TunnelInfo(self.url, "tls", ("host", self.host)))
             await trio.sleep_forever()
         finally:
-            self.edge.routes.release_host("tls", self.host, self)
+            self.edge.release_host("tls", self.host, self)
 
     async def serve(self, public: trio.SocketStream, client_addr: str, peeked: bytes,
                     started: float) -> None:
@@ -91,8 +91,8 @@ class TlsEdgeTunnel:
                 # Written by the edge, as ngrok's SDKs expect (ngrok-protocol.md §3.5).
                 head = proto.encode_proxy_header(self.proxy_proto, client_addr, local_addr(public))
             # The ClientHello rides in the stream's SYN frame.
-            stream = await self.session.open_proxy_stream(self.tunnel_id, client_addr, "tls",
-                                                          passthrough_tls=True, first=head + peeked)
+            stream = await self.session.open_stream(self.tunnel_id, client_addr, "tls",
+                                                    passthrough_tls=True, first=head + peeked)
             try:
                 counts.a_to_b = len(peeked)
                 result = "ok"
@@ -102,15 +102,16 @@ class TlsEdgeTunnel:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the agent's session ended: nothing more to relay
         finally:
-            log_connection(client=client_addr, proto="tls", host=self.host, tunnel_id=self.tunnel_id,
-                           url=self.url, result=result, started=started, counts=counts)
+            self.edge.log_connection(client=client_addr, proto="tls", host=self.host,
+                                     tunnel_id=self.tunnel_id, url=self.url, result=result,
+                                     started=started, counts=counts)
 
 
 @attrs.define(eq=False)
 class SniFront:
     """The edge's TLS front: routes HTTPS-port connections by the SNI of their ClientHello."""
 
-    edge: Edge
+    edge: EdgeContext
 
     async def route(self, stream: trio.SocketStream, client_addr: str) -> trio.abc.Stream | None:
         started = time.monotonic()
@@ -133,7 +134,7 @@ class SniFront:
             except trio.BrokenResourceError:
                 outcome = "closed"
         if isinstance(outcome, Done) and outcome.server_name is not None:
-            tunnel = self.edge.routes.lookup("tls", outcome.server_name)
+            tunnel = self.edge.lookup_host("tls", outcome.server_name)
             if tunnel is None:
                 return PrefixedStream(stream, bytes(peeked))  # for the edge to terminate (HTTPS)
             await tunnel.serve(stream, client_addr, bytes(peeked), started)
@@ -149,8 +150,8 @@ class SniFront:
         else:
             result = outcome
             log.debug("TLS client %s: no complete ClientHello (%s); closing", client_addr, outcome)
-        log_connection(client=client_addr, proto="tls", result=result, started=started,
-                       counts=ByteCounts(a_to_b=len(peeked)))
+        self.edge.log_connection(client=client_addr, proto="tls", result=result, started=started,
+                                 counts=ByteCounts(a_to_b=len(peeked)))
         return None
 
 
