@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from .core import ConfigError, Edge, EdgeConfig
+from .core._certs import ensure_private_dir
 from .core._store import Store
 from .core._util import freeze_startup_objects, raise_fd_limit
 
@@ -50,6 +51,7 @@ def run_edge(config: EdgeConfig, *, dev: bool) -> int:
     # Before anything opens a descriptor: the edge's budgets are cut from this limit.
     raise_fd_limit()
     try:
+        ensure_private_dir(config.data_dir)
         store = Store.open(config.data_dir)
     except ConfigError as exc:
         print(f"tunneld: error: {exc}", file=sys.stderr)

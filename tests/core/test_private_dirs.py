@@ -54,3 +54,37 @@ def test_config_dir_for_the_authtoken_is_private_under_umask_000(tmp_path: Path,
     save_authtoken(path, "tkd_000000000000_" + "A" * 40)
     assert _mode(path.parent) == 0o700
     assert _mode(path) == 0o600
+
+
+def test_edge_without_dev_tightens_its_data_dir(tmp_path: Path) -> None:
+    """The production path (certificate files, no dev CA) secures the data dir too."""
+    import subprocess
+    import sys
+
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("tunnels.example.test", "*.tunnels.example.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o777)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunneld", "edge", "--data-dir", str(data), "--domain", "tunnels.example.test",
+         "--tls-cert", str(cert), "--tls-key", str(key), "--http-addr", "false", "--https-addr", "false",
+         "--agent-addr", "127.0.0.1:0", "--tcp-ports", "127.0.0.1:1-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "agent listener on" in line:
+                break
+        else:
+            raise AssertionError(proc.stderr.read() if proc.stderr else "edge exited")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert _mode(data) == 0o755
+    assert "writable by others" in err
