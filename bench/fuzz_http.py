@@ -1,4 +1,4 @@
-"""Long fuzzing of the HTTP/1 framing in tunneld/plugins/http/_wire.py; not run in CI.
+"""Long fuzzing of the HTTP/1 framing in tunneld/http1/_wire.py; not run in CI.
 
     python bench/fuzz_http.py                          # 1,000,000 inputs per target, atheris if installed
     python bench/fuzz_http.py --runs 200000 --targets chunked
@@ -90,7 +90,7 @@ class Finding(Exception):
 
 def _scan(data: bytes, pieces: list[int]) -> tuple[str, int]:
     """Feed ``data`` to a fresh scanner in ``pieces`` (sizes, cycled); (outcome, body length)."""
-    from tunneld.plugins.http._wire import MAX_CHUNK_LINE, BadMessage, ChunkedScanner
+    from tunneld.http1._wire import MAX_CHUNK_LINE, BadMessage, ChunkedScanner
 
     scanner = ChunkedScanner()
     pos = 0
@@ -126,7 +126,7 @@ def check_chunked(data: bytes) -> str:
 
 
 def check_request(data: bytes) -> str:
-    from tunneld.plugins.http._wire import BadMessage, BodyKind, find_head_end, parse_request_head
+    from tunneld.http1._wire import BadMessage, BodyKind, find_head_end, parse_request_head
 
     end = find_head_end(data)
     if end < 0:
@@ -152,7 +152,7 @@ def check_request(data: bytes) -> str:
 
 
 def check_response(data: bytes) -> str:
-    from tunneld.plugins.http._wire import BadMessage, find_head_end, parse_response_head
+    from tunneld.http1._wire import BadMessage, find_head_end, parse_response_head
 
     if not data:
         return "empty"
@@ -234,7 +234,7 @@ def mutate(rng: random.Random, data: bytes, corpus: list[bytes]) -> bytes:
 
 def python_engine(target: str, runs: int, limit: float, seed: int) -> tuple[int, int, int]:
     """(inputs run, corpus entries, corpus bytes); exits 1 on a finding."""
-    import tunneld.plugins.http._wire  # noqa: F401 - imported before the clock starts
+    import tunneld.http1._wire  # noqa: F401 - imported before the clock starts
 
     rng = random.Random(seed)
     check = timed(CHECKS[target], limit, alarm=True)
@@ -265,7 +265,7 @@ def atheris_worker(target: str, limit: float, argv: list[str]) -> None:
     import atheris
 
     with atheris.instrument_imports():
-        import tunneld.plugins.http._wire  # noqa: F401
+        import tunneld.http1._wire  # noqa: F401
     check = timed(CHECKS[target], limit)
 
     def one_input(data: bytes) -> None:

@@ -26,14 +26,8 @@ import trio
 import tunneld
 from tunneld import plugin
 from tunneld.core import Edge, TunnelConfig, TunnelRejected
-from tunneld.core._context import (
-    AgentTunnelAdapter,
-    EdgeAdapter,
-    SessionAdapter,
-    as_edge_context,
-    as_session_context,
-    as_tunnel_context,
-)
+from tunneld.core._agent import AgentTunnelAdapter
+from tunneld.core._edge import AgentSession, EdgeAdapter
 from tunneld.core._store import Store
 
 from .conftest import EdgeEnv, make_edge_config, start_echo_server
@@ -44,19 +38,7 @@ ROOT = Path(tunneld.__file__).parent
 PUBLIC = frozenset({"tunneld", "tunneld.plugin", "tunneld.http1", "tunneld.tlsutil"})
 #: The implementation: what the plugin API must never reach, even through type-only imports.
 IMPLEMENTATION = frozenset({"tunneld.core", "tunneld.core._edge", "tunneld.core._agent",
-                            "tunneld.core._plugins", "tunneld.core._context"})
-#: Plugin packages still importing the core directly (``tunneld.core``, private modules, other
-#: plugins' modules).  Issue 12, phase 2, moves them onto the plugin API and empties this.
-NOT_YET_MIGRATED = frozenset({"http", "tcp", "ssh"})
-#: Single imports outside the API that a migrated plugin still needs, until the edge and the
-#: agent pass contexts themselves (issue 12, phase 2): the tls plugin wraps what they pass.
-TRANSITIONAL_IMPORTS = {"tls": frozenset({"tunneld.core._context"})}
-#: Public modules that still re-export a plugin's private code (the code moves in phase 2).
-PUBLIC_REEXPORTS_PENDING = {"tunneld.http1": "tunneld.plugins.http."}
-#: Import cycles that exist and are known.  ``_hostnames.choose_host`` is typed against Edge and
-#: AgentSession (type-only), and the edge imports ``AllowedHostname`` from it; phase 2 types it
-#: against the contexts and empties this.
-KNOWN_CYCLES = [frozenset({"tunneld.core._edge", "tunneld.core._hostnames"})]
+                            "tunneld.core._plugins"})
 
 
 # ---- the graph ---------------------------------------------------------------------------------
@@ -220,7 +202,8 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_api_never_reaches_the_implementation(graph: dict[str, set[str]]) -> None:
     """hookspecs, the API and its public modules do not import the edge/agent, even for types."""
-    roots = ["tunneld.plugin", "tunneld.hookspecs", "tunneld.core._tunnel", "tunneld.tlsutil"]
+    roots = ["tunneld.plugin", "tunneld.hookspecs", "tunneld.core._tunnel", "tunneld.tlsutil",
+             "tunneld.http1"]
     plugins = {m for m in graph if m.startswith("tunneld.plugins")}
     assert unexpected_reach(graph, roots, IMPLEMENTATION | plugins) == []
 
@@ -233,9 +216,7 @@ def test_the_core_never_imports_a_plugin(graph: dict[str, set[str]]) -> None:
 
 
 def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
-    found = cycles(graph)
-    assert sorted(map(sorted, found)) == sorted(map(sorted, KNOWN_CYCLES)), \
-        "a new import cycle (or a known one fixed: remove it from KNOWN_CYCLES)"
+    assert cycles(graph) == []
 
 
 def test_facades_import_nothing_of_ours_at_run_time() -> None:
@@ -263,29 +244,12 @@ def test_importing_the_api_imports_no_implementation() -> None:
 
 
 def test_plugins_import_only_the_api_and_themselves(graph: dict[str, set[str]]) -> None:
-    bad = layering_violations(graph, "tunneld")
-    for name, allowed in TRANSITIONAL_IMPORTS.items():
-        bad[name] = bad.get(name, set()) - allowed
-    assert {n: sorted(d) for n, d in bad.items() if d and n not in NOT_YET_MIGRATED} == {}
-
-
-def test_the_allow_lists_have_not_rotted(graph: dict[str, set[str]]) -> None:
-    """Each exemption still exempts something: once it does not, it must go."""
-    bad = layering_violations(graph, "tunneld")
-    assert {n for n in NOT_YET_MIGRATED if not bad.get(n)} == set(), \
-        "migrated: remove it from NOT_YET_MIGRATED"
-    for name, allowed in TRANSITIONAL_IMPORTS.items():
-        assert allowed <= bad.get(name, set()), f"remove {name} from TRANSITIONAL_IMPORTS"
-    for public, prefix in PUBLIC_REEXPORTS_PENDING.items():
-        assert any(d.startswith(prefix) for d in graph[public]), \
-            f"remove {public} from PUBLIC_REEXPORTS_PENDING"
+    assert {n: sorted(d) for n, d in layering_violations(graph, "tunneld").items()} == {}
 
 
 def test_public_modules_do_not_import_plugins(graph: dict[str, set[str]]) -> None:
     for public in sorted(PUBLIC):
-        pending = PUBLIC_REEXPORTS_PENDING.get(public)
-        wrong = sorted(d for d in graph[public] if d.startswith("tunneld.plugins")
-                       and not (pending and d.startswith(pending)))
+        wrong = sorted(d for d in graph[public] if d.startswith("tunneld.plugins"))
         assert wrong == [], public
 
 
@@ -328,22 +292,33 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
 # ---- (d) the adapters --------------------------------------------------------------------------
 
 
+def _shape(function: object) -> list[tuple[str, object, object]]:
+    """A signature without its annotations (the implementation may spell types its own way)."""
+    params = inspect.signature(function).parameters.values()  # type: ignore[arg-type]
+    # ``self`` aside: a staticmethod may implement a protocol method.
+    return [(p.name, p.kind, p.default) for p in params if p.name != "self"]
+
+
 def _members(protocol: type) -> list[str]:
     return [n for n in vars(protocol) if not n.startswith("_")]
 
 
 @pytest.mark.parametrize(("protocol", "adapter"), [
     (plugin.EdgeContext, EdgeAdapter),
-    (plugin.SessionContext, SessionAdapter),
+    (plugin.SessionContext, AgentSession),
     (plugin.AgentTunnelContext, AgentTunnelAdapter),
 ])
 def test_adapters_implement_every_member(protocol: type, adapter: type) -> None:
     for name in _members(protocol):
         theirs, ours = getattr(protocol, name), getattr(adapter, name, None)
         assert ours is not None, name
-        assert isinstance(ours, property) == isinstance(theirs, property), name
+        if isinstance(theirs, property):
+            # A read-only property, or a plain attribute of the implementing class.
+            assert not callable(ours) or isinstance(ours, property), name
+        else:
+            assert not isinstance(ours, property), name
         if not isinstance(theirs, property):
-            assert inspect.signature(ours) == inspect.signature(theirs), name
+            assert _shape(ours) == _shape(theirs), name
             assert inspect.iscoroutinefunction(ours) == inspect.iscoroutinefunction(theirs), name
 
 
@@ -371,7 +346,7 @@ def edge(tmp_path: Path) -> Iterator[Edge]:
 
 
 async def test_addresses_are_keyed_by_transport(edge: Edge) -> None:
-    ctx = as_edge_context(edge)
+    ctx = edge.context
     tcp, udp, other = object(), object(), object()
     ctx.claim_address("tcp", 20001, tcp, "alice")
     ctx.claim_address("udp", 20001, udp, "alice")  # the same number, another transport: no clash
@@ -409,7 +384,7 @@ async def test_addresses_are_keyed_by_transport(edge: Edge) -> None:
 
 
 async def test_hostnames(edge: Edge) -> None:
-    ctx = as_edge_context(edge)
+    ctx = edge.context
     web, tls = object(), object()
     ctx.claim_host("https", "a.tunneld.test", web, "alice")
     ctx.claim_host("http", "a.tunneld.test", web, "alice")  # a host's routes share one owner
@@ -429,15 +404,16 @@ async def test_hostnames(edge: Edge) -> None:
 
 async def test_edge_context_reads_through_and_counts(edge: Edge, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    ctx = as_edge_context(edge)
-    assert as_edge_context(ctx) is ctx  # idempotent
-    again = as_edge_context(edge)
+    ctx = edge.context
+    again = edge.context  # one per edge
+    assert again is ctx
     assert again.domain == "tunneld.test" and again.data_dir == tmp_path and again.store is edge.store
     assert again.registry is edge.registry and again.stopping is edge.stopping
     assert again.port_range("tcp") == (edge.config.tcp_host, *edge.config.tcp_ports)
     assert again.port_range("udp") is None
     assert again.listen_addr("https") == edge.config.https_addr and again.listen_addr("nope") is None
-    # Adapters of one edge share its state; another edge's are apart.
+    assert again.listen_addr("ssh") == edge.config.ssh_addr and again.limiter is edge.limiter
+    # Another edge's state is apart.
     ctx.count("tunneld_test_total", proto="tcp")
     again.count("tunneld_test_total", 2, proto="tcp")
     assert isinstance(again, EdgeAdapter)
@@ -448,7 +424,7 @@ async def test_edge_context_reads_through_and_counts(edge: Edge, tmp_path: Path,
     assert again.lookup_address("udp", 5) is holder
     store = Store.open(tmp_path / "other")
     try:
-        other = as_edge_context(Edge(make_edge_config(tmp_path / "other"), store))
+        other = Edge(make_edge_config(tmp_path / "other"), store).context
         assert other.lookup_address("udp", 5) is None
     finally:
         store.close()
@@ -467,10 +443,9 @@ async def test_open_stream_through_a_real_edge_and_agent(edge_env: EdgeEnv) -> N
     agent = await edge_env.start_agent(TunnelConfig("c", "tcp", str(echo)))
     [tunnel] = agent.tunnels
     [raw] = edge_env.edge.sessions
-    # The built-in tls plugin sees the edge through the API (it wraps what the edge passes).
-    assert isinstance(getattr(edge_env.edge.tls_front, "edge", None), EdgeAdapter)
-    session = as_session_context(raw)
-    assert as_session_context(session) is session
+    # Plugins see the edge through the API: the built-in tls plugin got its context.
+    assert getattr(edge_env.edge.tls_front, "edge", None) is edge_env.edge.context
+    session: plugin.SessionContext = raw  # the session is its own context
     assert session.owner == raw.token_id != ""
     assert session.remote_addr == raw.remote_addr and session.client_type == "tunneld"
     with trio.fail_after(10):
@@ -489,9 +464,20 @@ async def test_agent_tunnel_context(edge_env: EdgeEnv) -> None:
     echo = await start_echo_server(edge_env.nursery)
     agent = await edge_env.start_agent(TunnelConfig("c", "tcp", str(echo)))
     [raw] = agent.tunnels
-    tunnel = as_tunnel_context(raw)
-    assert as_tunnel_context(tunnel) is tunnel
+    tunnel = raw.context
+    assert isinstance(tunnel, AgentTunnelAdapter)
     assert (tunnel.name, tunnel.config, tunnel.upstream, tunnel.public_url) == \
         (raw.name, raw.config, raw.upstream, raw.public_url)
     tunnel.request_done(0.25)
     assert raw.metrics.http_count == 1
+
+
+async def test_labeled_tunnels_are_refused_through_the_registry(edge_env: EdgeEnv) -> None:
+    echo = await start_echo_server(edge_env.nursery)
+    await edge_env.start_agent(TunnelConfig("c", "tcp", str(echo)))
+    [session] = edge_env.edge.sessions
+    resp = await session.start_labeled(plugin.proto.StartTunnelWithLabel(labels={"edge": "edghts_x"}))
+    assert resp.id == ""
+    assert "labeled tunnels are not served by this edge" in resp.error
+    assert resp.error.endswith(f"ERR_NGROK_{int(plugin.Code.PROTO_UNSUPPORTED)}")
+    assert len(session.tunnels) == 1  # the tcp tunnel only

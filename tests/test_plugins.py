@@ -137,12 +137,23 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 def test_builtin_plugins_are_registered() -> None:
     pm = get_plugin_manager(entry_points=False)
     assert BUILTIN_PLUGINS == ("tunneld.plugins.http", "tunneld.plugins.tcp", "tunneld.plugins.tls",
-                               "tunneld.plugins.file", "tunneld.plugins.ssh")
+                               "tunneld.plugins.file", "tunneld.plugins.ssh", "tunneld.plugins.labeled")
     for name in BUILTIN_PLUGINS:
         plugin = pm.get_plugin(name)
         assert plugin is not None
         assert plugin.__name__ == name
     assert pm.get_plugins() == {pm.get_plugin(n) for n in BUILTIN_PLUGINS}
+
+
+def test_labeled_tunnels_go_through_the_registry() -> None:
+    """StartTunnelWithLabel is dispatched like every other kind; the built-in refuses them."""
+    registry = build_registry(get_plugin_manager(entry_points=False))
+    labeled = registry.for_labels()
+    assert type(labeled).__module__ == "tunneld.plugins.labeled"
+    with pytest.raises(PluginError, match="labeled tunnels are served by"):
+        registry.add_labeled(labeled)
+    pm = get_plugin_manager(entry_points=False, blocked=["tunneld.plugins.labeled"])
+    assert build_registry(pm).for_labels() is None
 
 
 def test_each_call_builds_a_fresh_manager() -> None:
@@ -423,13 +434,15 @@ async def test_hook_tunneld_agent_upstream(tmp_path: Path) -> None:
     http = build_registry(pm)["http"]
     assert http.parse_addr("echo://anything") == "echo://one"
     assert http.parse_addr("127.0.0.1:80") == "http://127.0.0.1:80"
-    tunnel = SimpleNamespace(upstream="echo://one", metrics=Metrics())
+    metrics = Metrics()
+    # What agent_handle gets: an AgentTunnelContext (only what the http type reads of it here).
+    tunnel = SimpleNamespace(upstream="echo://one", request_done=metrics.request_done)
     ours, theirs = trio.testing.memory_stream_pair()
     header = object()
     with trio.fail_after(5):
         await http.agent_handle(tunnel, theirs, header)  # type: ignore[arg-type]
         assert await ours.receive_some() == b"answered by the plugin"
-    assert served == [header] and tunnel.metrics.http_count == 1
+    assert served == [header] and metrics.http_count == 1
     # nobody claims echo:// without the plugin
     with pytest.raises(ValueError, match="unsupported scheme 'echo'"):
         build_registry(get_plugin_manager(entry_points=False))["http"].parse_addr("echo://anything")

@@ -1,4 +1,4 @@
-"""``tunneld http|tcp|start``: run the agent in the foreground."""
+"""``tunneld start`` and the tunnel commands (``tunneld http|tcp|tls|…``): run the agent in the foreground."""
 
 from __future__ import annotations
 

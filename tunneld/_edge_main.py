@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from .core import ConfigError, Edge, EdgeConfig
+from .core._admin import admin_services
 from .core._certs import ensure_private_dir
 from .core._store import Store
 from .core._util import freeze_startup_objects, raise_fd_limit
@@ -60,7 +61,7 @@ def run_edge(config: EdgeConfig, *, dev: bool) -> int:
     code = 0
     try:
         token_path = ensure_dev_token(store, config.data_dir) if dev else None
-        edge = Edge(config, store)
+        edge = Edge(config, store, service_factories=(admin_services,))
         code = trio.run(_main, edge, token_path)
     except* ConfigError as group:
         errors = [str(exc) for exc in _leaves(group)]
@@ -79,7 +80,7 @@ async def _main(edge: Edge, token_path: Path | None) -> int:
         async with trio.open_nursery() as nursery:
             info = await nursery.start(edge.serve)
             freeze_startup_objects()
-            for name in ("agent", "http", "https", "ssh"):
+            for name in ("agent", "http", "https", "ssh", "api"):
                 if name in info.listeners:
                     _say(f"tunneld edge: {name} listener on {info.listeners[name]}")
             _say(f"tunneld edge: file descriptor limit {edge.fd_limit}: up to {edge.max_sessions} agent "

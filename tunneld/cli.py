@@ -9,21 +9,25 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
+from ._admin_cli import api_key as api_key_group
+from ._api_cli import api as api_group
+from ._store_cli import default_data_dir, open_store
+from .core._commands import (
+    ENV_AUTHTOKEN,
+    ENV_ROOT_CAS,
+    ENV_SERVER_ADDR,
+    RUN_TUNNELS,
+    agent_params,
+    logging_params,
+)
 
-#: Environment variables read by the agent (flags win over env, env over the config file).
-ENV_AUTHTOKEN = "TUNNELD_AUTHTOKEN"
-ENV_SERVER_ADDR = "TUNNELD_SERVER_ADDR"
-ENV_ROOT_CAS = "TUNNELD_ROOT_CAS"
-
-
-def _default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "tunneld"
+if TYPE_CHECKING:
+    from .core import AgentConfig, TunnelConfig, TunnelTypeRegistry
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -61,16 +65,20 @@ def _tcp_ports(value: str, default_host: str = "0.0.0.0") -> tuple[str, tuple[in
     return host.strip("[]") or default_host, (low, high)
 
 
+def _with_params(params: list[click.Parameter]) -> Any:
+    """A decorator adding ``params`` to a command function, in order (as stacked ``@click.option``)."""
+
+    def decorate(fn: Any) -> Any:
+        for param in reversed(params):
+            click.decorators._param_memo(fn, param)
+        return fn
+
+    return decorate
+
+
 def _logging_options(fn: Any) -> Any:
     # No click defaults: a flag given wins over the agent config file, which wins over the default.
-    fn = click.option("--log-level", default=None,
-                      help="debug, info, warn, error or crit [default: info].")(fn)
-    fn = click.option("--log-format", default=None,
-                      type=click.Choice(["term", "logfmt", "json"]),
-                      help="Log line format [default: term].")(fn)
-    fn = click.option("--log", "log_target", default=None,
-                      help="Where logs go: stdout, stderr, false or a file path.")(fn)
-    return fn
+    return _with_params(logging_params())(fn)
 
 
 def _setup_logging(target: str, fmt: str, level: str) -> None:
@@ -85,10 +93,59 @@ def _setup_logging(target: str, fmt: str, level: str) -> None:
 # ---- the group -------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _TunneldGroup(click.Group):
+    """The ``tunneld`` group: plugins' commands (``http``, ``tcp``, ``tls``, ...) are added on first need.
+
+    Through ``tunneld_add_commands``, each plugin separately: a broken plugin costs its own
+    commands (with a warning), never the CLI.  ``tunneld edge`` does not load them at all.
+    """
+
+    _plugins_loaded = False
+
+    def load_plugin_commands(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from .core._plugins import get_plugin_manager
+
+        try:
+            hook = get_plugin_manager().hook.tunneld_add_commands
+        except Exception as exc:  # noqa: BLE001 - report and carry on without plugins
+            click.echo(f"tunneld: warning: plugin failed to load: {exc}", err=True)
+            return
+        for impl in reversed(hook.get_hookimpls()):  # registration order: built-ins first
+            try:
+                impl.function(cli=self)
+            except Exception as exc:  # noqa: BLE001 - report and carry on without the plugin
+                click.echo(f"tunneld: warning: plugin {impl.plugin_name} failed to add commands: {exc}",
+                           err=True)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None:
+            self.load_plugin_commands()
+            found = super().get_command(ctx, cmd_name)
+        return found
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_TunneldGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-v", "--version", prog_name="tunneld", message="tunneld version %(version)s")
-def cli() -> None:
-    """tunneld: self-hosted secure tunnels (edge and agent)."""
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """tunneld: self-hosted secure tunnels (edge and agent).
+
+    \b
+    Examples:
+      tunneld http 8080                      forward a public URL to localhost:8080
+      tunneld start --all                    the tunnels of the config file
+      tunneld edge --dev --data-dir ./edge   a development edge on loopback
+    """
+    # Tunnel commands (tunneld.plugin.tunnel_command) parse, then hand over to the agent here.
+    ctx.meta[RUN_TUNNELS] = _run_tunnels
 
 
 # ---- edge --------------------------------------------------------------------------------------
@@ -131,6 +188,8 @@ def cli() -> None:
               help="Agent sessions one authtoken may hold at once.")
 @click.option("--max-tunnels-per-token", type=click.IntRange(min=1), default=256, show_default=True,
               help="Tunnels one authtoken may hold at once, over all its sessions.")
+@click.option("--api-addr", default=None, help="Admin REST API and Prometheus /metrics HOST:PORT (keys: "
+              "`tunneld edge api-key create`), or false [default: off].")
 @click.option("--ssh-addr", default=None, help="SSH gateway HOST:PORT for `ssh -R 443:localhost:80 "
               "v2@EDGE -p PORT http` (keys: DATA_DIR/authorized_keys), or false [default: off].")
 @_logging_options
@@ -139,8 +198,8 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
          https_addr: str | None, agent_addr: str | None, tcp_ports: str | None, tls_cert: Path | None,
          tls_key: Path | None, grace_period: float, allow_hostnames: tuple[str, ...], cname_target: str | None,
          reserved_names: str | None, hold_period: float, max_sessions: int, max_sessions_per_token: int,
-         max_tunnels_per_token: int, ssh_addr: str | None, log_target: str | None, log_format: str | None,
-         log_level: str | None) -> None:
+         max_tunnels_per_token: int, api_addr: str | None, ssh_addr: str | None, log_target: str | None,
+         log_format: str | None, log_level: str | None) -> None:
     """Run the edge: public listeners, agent ingress and the store."""
     ctx.ensure_object(dict)
     ctx.obj["data_dir"] = data_dir
@@ -149,7 +208,7 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
     _setup_logging(log_target or "stderr", log_format or "term", log_level or "info")
     from .core import ConfigError, EdgeConfig
 
-    data_dir = (data_dir or _default_data_dir()).expanduser().absolute()
+    data_dir = (data_dir or default_data_dir()).expanduser().absolute()
     loop = "127.0.0.1" if dev else "0.0.0.0"
     domain = (domain or ("tunneld.localhost" if dev else "")).lower().rstrip(".")
     if not domain:
@@ -158,6 +217,7 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
     http = _optional_addr("--http-addr", http_addr if http_addr is not None else f"{loop}:{8080 if dev else 80}")
     https = _optional_addr("--https-addr", https_addr if https_addr is not None else f"{loop}:{8443 if dev else 443}")
     ssh = _optional_addr("--ssh-addr", ssh_addr)
+    api = _optional_addr("--api-addr", api_addr)
     tcp_host, tcp_range = _tcp_ports(tcp_ports or ('20000-20999' if dev else '10000-10999'), loop)
     try:
         if dev:
@@ -190,7 +250,7 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
                         grace_period=grace_period, hold_period=hold_period, reserved_names=reserved,
                         allowed_hostnames=tuple(allowed), cname_target=(cname_target or "").lower().rstrip("."),
                         dev=dev, max_sessions=max_sessions, max_sessions_per_token=max_sessions_per_token,
-                        max_tunnels_per_token=max_tunnels_per_token, ssh_addr=ssh)
+                        max_tunnels_per_token=max_tunnels_per_token, ssh_addr=ssh, api_addr=api)
     from ._edge_main import run_edge
 
     sys.exit(run_edge(config, dev=dev))
@@ -201,24 +261,13 @@ def token() -> None:
     """Manage agent authtokens (stored hashed; shown once)."""
 
 
-def _open_store(ctx: click.Context, data_dir: Path | None) -> Any:
-    from .core import ConfigError
-    from .core._store import Store
-
-    path = (data_dir or ctx.obj.get("data_dir") or _default_data_dir()).expanduser()
-    try:
-        return Store.open(path)
-    except ConfigError as exc:
-        _fail(str(exc))
-
-
 @token.command("create")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--description", default="", help="A note to recognise the token by.")
 @click.pass_context
 def token_create(ctx: click.Context, data_dir: Path | None, description: str) -> None:
     """Create an authtoken and print it (the only time it is shown)."""
-    store = _open_store(ctx, data_dir)
+    store = open_store(ctx, data_dir)
     record, secret = store.create_token(description)
     store.close()
     click.echo(secret)
@@ -232,7 +281,7 @@ def token_list(ctx: click.Context, data_dir: Path | None) -> None:
     """List authtokens (ids and notes; never the secrets)."""
     import time
 
-    store = _open_store(ctx, data_dir)
+    store = open_store(ctx, data_dir)
     click.echo(f"{'ID':<14} {'CREATED':<20} {'LAST USED':<20} {'STATUS':<8} DESCRIPTION")
     for rec in store.list_tokens():
         def fmt(t: float | None) -> str:
@@ -249,7 +298,7 @@ def token_list(ctx: click.Context, data_dir: Path | None) -> None:
 @click.pass_context
 def token_revoke(ctx: click.Context, token_id: str, data_dir: Path | None) -> None:
     """Revoke an authtoken by id; agents using it can no longer connect."""
-    store = _open_store(ctx, data_dir)
+    store = open_store(ctx, data_dir)
     ok = store.revoke_token(token_id)
     store.close()
     if not ok:
@@ -257,32 +306,33 @@ def token_revoke(ctx: click.Context, token_id: str, data_dir: Path | None) -> No
     click.echo(f"revoked {token_id}")
 
 
+# The admin API: its keys (`tunneld edge api-key ...`) and its client (`tunneld api ...`).
+edge.add_command(api_key_group)
+cli.add_command(api_group)
+
+
 # ---- agent -------------------------------------------------------------------------------------
 
 
 def _agent_options(fn: Any) -> Any:
-    fn = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-                      help="Agent config file [default: ~/.config/tunneld/tunneld.yml].")(fn)
-    fn = click.option("--web-addr", default=None,
-                      help="Local API/inspector HOST:PORT, or false [default: 127.0.0.1:4040].")(fn)
-    fn = click.option("--root-cas", default=None, help="PEM file with the CA that signed the edge's "
-                      f"certificate, or 'host' for the system store [env {ENV_ROOT_CAS}].")(fn)
-    fn = click.option("--server-addr", default=None,
-                      help="Edge agent address HOST:PORT, or wss://HOST[:PORT][/PATH] to carry the session "
-                      "in a WebSocket (for networks that pass only HTTPS) "
-                      f"[env {ENV_SERVER_ADDR}; default localhost:4443].")(fn)
-    fn = click.option("--authtoken", default=None, help=f"Authtoken [env {ENV_AUTHTOKEN}].")(fn)
-    fn = _logging_options(fn)
-    return fn
+    """The flags every agent command has (tunnel commands get the same from ``tunnel_command``)."""
+    return _with_params(agent_params())(fn)
+
+
+def _registry() -> TunnelTypeRegistry:
+    from .core._plugins import build_registry, get_plugin_manager
+
+    return build_registry(get_plugin_manager())
 
 
 def _agent_config(config_path: Path | None, authtoken: str | None, server_addr: str | None,
-                  root_cas: str | None, web_addr: str | None) -> Any:
+                  root_cas: str | None, web_addr: str | None,
+                  registry: TunnelTypeRegistry | None = None) -> AgentConfig:
     from .core import ConfigError
     from .core._config import load_agent_config
 
     try:
-        cfg = load_agent_config(config_path)
+        cfg = load_agent_config(config_path, registry=registry)
     except ConfigError as exc:
         _fail(str(exc))
     cfg.authtoken = authtoken or os.environ.get(ENV_AUTHTOKEN) or cfg.authtoken
@@ -305,8 +355,8 @@ def _agent_config(config_path: Path | None, authtoken: str | None, server_addr: 
     return cfg
 
 
-def _run_agent_cli(cfg: Any, tunnels: list[Any], log_target: str | None, log_format: str | None,
-                   log_level: str | None) -> None:
+def _run_agent_cli(cfg: AgentConfig, tunnels: list[TunnelConfig], log_target: str | None,
+                   log_format: str | None, log_level: str | None) -> None:
     _setup_logging(log_target or cfg.log or "false", log_format or cfg.log_format or "term",
                    log_level or cfg.log_level or "info")
     from ._agent_main import run_agent
@@ -314,136 +364,26 @@ def _run_agent_cli(cfg: Any, tunnels: list[Any], log_target: str | None, log_for
     sys.exit(run_agent(cfg, tunnels, console=(log_target or cfg.log or "false") != "stdout"))
 
 
-def _name_options(fn: Any) -> Any:
-    """``--subdomain`` and ``--hostname`` (ngrok v3: ``--domain``, ``--url``) of name-routed tunnels."""
-    fn = click.option("--hostname", "--domain", "--url", "hostname", default="",
-                      help="Full hostname: one label under the edge's domain, or a custom hostname the "
-                      "edge allows for your authtoken (--domain and --url are ngrok v3's spellings).")(fn)
-    fn = click.option("--subdomain", default="", help="Ask for NAME.DOMAIN instead of a random name.")(fn)
-    return fn
+def _run_tunnels(flags: dict[str, Any], tunnels: list[TunnelConfig]) -> None:
+    """The agent runner of tunnel commands (``ctx.meta[RUN_TUNNELS]``): check ADDR, load the config, run."""
+    from .core import ConfigError
 
-
-def _tunnel(proto: str, addr: str, **kw: Any) -> Any:
-    from .core import TunnelConfig
-
-    return TunnelConfig(name="command_line", proto=proto, addr=addr, **kw)
-
-
-@cli.command()
-@click.argument("addr")
-@_name_options
-@click.option("--scheme", "--schemes", "schemes", multiple=True, type=click.Choice(["http", "https"]),
-              help="Public endpoints to open (repeatable) [default: both].")
-@click.option("--basic-auth", "basic_auth", multiple=True, metavar="USER:PASSWORD",
-              help="Require HTTP Basic auth at the edge (repeatable: several users); password 8-128 "
-              "characters.  The Authorization header is still passed to the upstream.")
-@click.option("--host-header", default="", metavar="rewrite|HOST",
-              help="Host header sent upstream: 'rewrite' = the upstream's host[:port] (redirects to it "
-              "are mapped back to the public URL), or a literal value [default: the public Host].")
-@click.option("--inspect/--no-inspect", default=True, help="Record requests for the local inspector.")
-@_agent_options
-def http(addr: str, subdomain: str, hostname: str, schemes: tuple[str, ...], basic_auth: tuple[str, ...],
-         host_header: str, inspect: bool, **opts: Any) -> None:
-    """Forward public HTTP/HTTPS to ADDR: a port (8080), HOST:PORT or a URL.
-
-    ADDR may be on another machine (192.168.1.2:80, example.internal:8080).  https://...
-    URLs, and port 443, make the agent speak HTTPS to the upstream; its certificate is NOT
-    verified (local networks are assumed private).  file:///abs/path serves a folder (or
-    one file) from the agent itself.
-    """
-    from .core import Code
-    from .core._config import check_host_header, split_basic_auth
-    from .core._plugins import build_registry, get_plugin_manager
-
-    try:
-        # through the registry: plugins may claim addresses (file:///srv/share)
-        build_registry(get_plugin_manager())["http"].parse_addr(addr)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="ADDR") from None
-    for credential in basic_auth:
+    registry = _registry()
+    for tunnel in tunnels:
         try:
-            split_basic_auth(credential)
+            # Through the registry: plugins may claim addresses (file:///srv/share).
+            registry[tunnel.proto].parse_addr(tunnel.addr)
         except ValueError as exc:
-            code = Code.BASIC_AUTH_PASSWORD if "password" in str(exc) else Code.BASIC_AUTH_USERNAME
-            raise click.BadParameter(f"{exc} ({code.label})", param_hint="--basic-auth") from None
-    try:
-        host_header = check_host_header(host_header)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--host-header") from None
-    cfg = _agent_config(opts.pop("config_path"), opts.pop("authtoken"), opts.pop("server_addr"),
-                        opts.pop("root_cas"), opts.pop("web_addr"))
-    t = _tunnel("http", addr, subdomain=subdomain, hostname=hostname, inspect=inspect,
-                schemes=list(schemes) or ["https", "http"], basic_auth=list(basic_auth),
-                host_header=host_header)
-    _run_agent_cli(cfg, [t], opts["log_target"], opts["log_format"], opts["log_level"])
-
-
-def _proxy_proto(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int:
-    from .core._config import parse_proxy_proto
-
-    try:
-        return parse_proxy_proto(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-_PROXY_PROTO_HELP = ("Put a PROXY protocol header (version 1 or 2) before each connection's bytes, so "
-                     "the upstream sees the real client address.")
-
-
-@cli.command()
-@click.argument("addr")
-@click.option("--remote-addr", default="", help="Public HOST:PORT to ask for (within the edge's range).")
-@click.option("--proxy-proto", default="", callback=_proxy_proto, metavar="1|2", help=_PROXY_PROTO_HELP)
-@_agent_options
-def tcp(addr: str, remote_addr: str, proxy_proto: int, **opts: Any) -> None:
-    """Forward a public TCP port to ADDR (a port or HOST:PORT)."""
-    from .plugins.tcp import parse_tcp_addr
-
-    try:
-        parse_tcp_addr(addr)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="ADDR") from None
-    cfg = _agent_config(opts.pop("config_path"), opts.pop("authtoken"), opts.pop("server_addr"),
-                        opts.pop("root_cas"), opts.pop("web_addr"))
-    t = _tunnel("tcp", addr, remote_addr=remote_addr, proxy_proto=proxy_proto)
-    _run_agent_cli(cfg, [t], opts["log_target"], opts["log_format"], opts["log_level"])
-
-
-@cli.command()
-@click.argument("addr")
-@_name_options
-@click.option("--crt", default="", metavar="FILE",
-              help="Certificate chain (PEM): the agent terminates TLS and forwards plaintext to ADDR.")
-@click.option("--key", default="", metavar="FILE", help="Private key (PEM) of --crt.")
-@click.option("--proxy-proto", default="", callback=_proxy_proto, metavar="1|2", help=_PROXY_PROTO_HELP)
-@_agent_options
-def tls(addr: str, subdomain: str, hostname: str, crt: str, key: str, proxy_proto: int, **opts: Any) -> None:
-    """Forward public TLS connections for a name to ADDR (a port or HOST:PORT), routed by SNI.
-
-    The edge does not decrypt: ADDR gets the client's TLS as is, unless --crt and --key are
-    given, in which case the agent terminates TLS with them and ADDR gets plaintext.
-    """
-    from .plugins.tls._agent import parse_tls_addr, termination_context
-
-    try:
-        parse_tls_addr(addr)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="ADDR") from None
-    if bool(crt) != bool(key):
-        raise click.UsageError("--crt and --key go together")
-    if crt:
-        from .core import ConfigError
-
+            raise click.BadParameter(str(exc), param_hint="ADDR") from None
         try:
-            termination_context(crt, key)  # a bad pair fails here, before connecting
-        except ConfigError as exc:
+            # What the type refuses at start (a tls --crt/--key pair that does not match) is said
+            # here, before logging is set up and anything is connected.
+            registry[tunnel.proto].agent_binds(tunnel)
+        except (ConfigError, ValueError) as exc:
             _fail(str(exc))
-    cfg = _agent_config(opts.pop("config_path"), opts.pop("authtoken"), opts.pop("server_addr"),
-                        opts.pop("root_cas"), opts.pop("web_addr"))
-    t = _tunnel("tls", addr, subdomain=subdomain, hostname=hostname, crt=crt, key=key,
-                proxy_proto=proxy_proto)
-    _run_agent_cli(cfg, [t], opts["log_target"], opts["log_format"], opts["log_level"])
+    cfg = _agent_config(flags["config_path"], flags["authtoken"], flags["server_addr"], flags["root_cas"],
+                        flags["web_addr"], registry)
+    _run_agent_cli(cfg, tunnels, flags["log_target"], flags["log_format"], flags["log_level"])
 
 
 @cli.command()
@@ -452,9 +392,15 @@ def tls(addr: str, subdomain: str, hostname: str, crt: str, key: str, proxy_prot
 @click.option("--none", "none_", is_flag=True, help="Start the session and local API only.")
 @_agent_options
 def start(names: tuple[str, ...], all_: bool, none_: bool, **opts: Any) -> None:
-    """Start tunnels defined in the config file by NAME (or --all)."""
+    """Start tunnels defined in the config file by NAME (or --all).
+
+    \b
+    Examples:
+      tunneld start --all
+      tunneld start web ssh --config ./tunneld.yml
+    """
     cfg = _agent_config(opts.pop("config_path"), opts.pop("authtoken"), opts.pop("server_addr"),
-                        opts.pop("root_cas"), opts.pop("web_addr"))
+                        opts.pop("root_cas"), opts.pop("web_addr"), _registry())
     if none_:
         chosen = []
     elif all_:
@@ -471,14 +417,25 @@ def start(names: tuple[str, ...], all_: bool, none_: bool, **opts: Any) -> None:
 
 @cli.group()
 def config() -> None:
-    """Manage the agent config file."""
+    """Manage the agent config file.
+
+    \b
+    Examples:
+      tunneld config check
+      tunneld config add-authtoken tkd_...
+    """
 
 
 @config.command("add-authtoken")
 @click.argument("authtoken")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None)
 def config_add_authtoken(authtoken: str, config_path: Path | None) -> None:
-    """Save AUTHTOKEN in the config file."""
+    """Save AUTHTOKEN in the config file.
+
+    \b
+    Example:
+      tunneld config add-authtoken tkd_...
+    """
     from .core._config import save_authtoken
 
     path = save_authtoken(config_path, authtoken)
@@ -488,12 +445,17 @@ def config_add_authtoken(authtoken: str, config_path: Path | None) -> None:
 @config.command("check")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None)
 def config_check(config_path: Path | None) -> None:
-    """Validate the config file."""
+    """Validate the config file: each mistake is named by line and key.
+
+    \b
+    Example:
+      tunneld config check --config ./tunneld.yml
+    """
     from .core import ConfigError
     from .core._config import load_agent_config
 
     try:
-        cfg = load_agent_config(config_path, required=True)
+        cfg = load_agent_config(config_path, required=True, registry=_registry())
     except ConfigError as exc:
         _fail(str(exc))
     click.echo(f"Valid configuration file at {cfg.path}")
@@ -515,18 +477,12 @@ def demo(addr: str | None, data_dir: Path | None, http_port: int, https_port: in
     """Run a local edge (dev mode) and an agent forwarding to ADDR (default: a hello page)."""
     from ._demo import run_demo
 
-    sys.exit(run_demo(addr, (data_dir or _default_data_dir() / "demo").expanduser().absolute(),
+    sys.exit(run_demo(addr, (data_dir or default_data_dir() / "demo").expanduser().absolute(),
                       http_port, https_port, agent_port, web_addr))
 
 
 def main() -> None:
-    from .core._plugins import get_plugin_manager
-
-    # Third-party plugins may add commands; a broken plugin must not make the CLI unusable.
-    try:
-        get_plugin_manager().hook.tunneld_add_commands(cli=cli)
-    except Exception as exc:  # noqa: BLE001 - report and carry on without the plugin
-        click.echo(f"tunneld: warning: plugin failed to load: {exc}", err=True)
+    # Plugins' commands (the built-in http, tcp and tls too) are added by the group on first need.
     # SIGPIPE stays ignored (Python's default): the edge and the agent write to sockets that
     # clients may reset at any moment, and must get EPIPE as an error, not die of the signal.
     cli(prog_name="tunneld")

@@ -1,6 +1,6 @@
 """The plugin API: everything a tunnel type or an edge service may use, and nothing else.
 
-Built-in plugins (http, tcp, tls, file, ssh) import from here, from the public building
+Built-in plugins (http, tcp, tls, file, ssh, labeled) import from here, from the public building
 blocks :mod:`tunneld.http1` (HTTP/1 heads and relay) and :mod:`tunneld.tlsutil` (TLS
 contexts), and from their own package, exactly as a third-party plugin would;
 ``tests/test_plugin_api.py`` enforces it.
@@ -19,10 +19,6 @@ A plugin module holds hookimpls (``@hookimpl``, the specs are in :mod:`tunneld.h
 that register :class:`TunnelType` objects in the :class:`TunnelTypeRegistry` or return
 objects with ``run(*, task_status)`` (:class:`EdgeService`) that the core starts.
 
-(Transitional, issue 12: the edge and the agent still pass their own objects to ``edge_tunnel``,
-``agent_handle`` and the edge hooks; the built-in tls plugin wraps them.  They will pass the
-contexts themselves.)
-
 Names are resolved on first use (PEP 562), so importing this module imports neither trio nor
 the edge and agent implementation: ``tunneld.hookspecs`` can be typed against it without an
 import cycle.
@@ -37,9 +33,7 @@ from tunneld import hookimpl as hookimpl
 
 if TYPE_CHECKING:
     from tunneld.core import proto as proto
-    from tunneld.core._config import TunnelConfig as TunnelConfig
-    from tunneld.core._config import check_host_header as check_host_header
-    from tunneld.core._config import split_basic_auth as split_basic_auth
+    from tunneld.core._commands import tunnel_command as tunnel_command
     from tunneld.core._errors import ERROR_HEADER as ERROR_HEADER
     from tunneld.core._errors import Code as Code
     from tunneld.core._errors import ConfigError as ConfigError
@@ -51,6 +45,11 @@ if TYPE_CHECKING:
     from tunneld.core._forward import ByteCounts as ByteCounts
     from tunneld.core._forward import forward as forward
     from tunneld.core._lean import lean as lean
+    from tunneld.core._options import NAME_OPTIONS as NAME_OPTIONS
+    from tunneld.core._options import PROXY_PROTO_OPTION as PROXY_PROTO_OPTION
+    from tunneld.core._options import check_host_header as check_host_header
+    from tunneld.core._options import parse_proxy_proto as parse_proxy_proto
+    from tunneld.core._options import split_basic_auth as split_basic_auth
     from tunneld.core._store import Store as Store
     from tunneld.core._streams import PrefixedStream as PrefixedStream
     from tunneld.core._tunnel import AgentTunnelContext as AgentTunnelContext
@@ -58,9 +57,12 @@ if TYPE_CHECKING:
     from tunneld.core._tunnel import EdgeContext as EdgeContext
     from tunneld.core._tunnel import EdgeService as EdgeService
     from tunneld.core._tunnel import EdgeTunnel as EdgeTunnel
+    from tunneld.core._tunnel import LabeledTunnels as LabeledTunnels
     from tunneld.core._tunnel import SessionContext as SessionContext
     from tunneld.core._tunnel import TlsFront as TlsFront
+    from tunneld.core._tunnel import TunnelConfig as TunnelConfig
     from tunneld.core._tunnel import TunnelInfo as TunnelInfo
+    from tunneld.core._tunnel import TunnelOption as TunnelOption
     from tunneld.core._tunnel import TunnelType as TunnelType
     from tunneld.core._tunnel import TunnelTypeRegistry as TunnelTypeRegistry
     from tunneld.core._tunnel import UpstreamHandler as UpstreamHandler
@@ -89,14 +91,21 @@ _EXPORTS: dict[str, str] = {
     "TunnelInfo": "tunneld.core._tunnel",
     "BindRequest": "tunneld.core._tunnel",
     "EdgeTunnel": "tunneld.core._tunnel",
+    "LabeledTunnels": "tunneld.core._tunnel",
     "EdgeService": "tunneld.core._tunnel",
     "TlsFront": "tunneld.core._tunnel",
     "UpstreamHandler": "tunneld.core._tunnel",
     "refuse_unenforced": "tunneld.core._tunnel",
     "proxy_proto_option": "tunneld.core._tunnel",
-    "TunnelConfig": "tunneld.core._config",
-    "check_host_header": "tunneld.core._config",
-    "split_basic_auth": "tunneld.core._config",
+    # the type's settings and its agent command
+    "TunnelConfig": "tunneld.core._tunnel",
+    "TunnelOption": "tunneld.core._tunnel",
+    "tunnel_command": "tunneld.core._commands",
+    "NAME_OPTIONS": "tunneld.core._options",
+    "PROXY_PROTO_OPTION": "tunneld.core._options",
+    "check_host_header": "tunneld.core._options",
+    "parse_proxy_proto": "tunneld.core._options",
+    "split_basic_auth": "tunneld.core._options",
     "Store": "tunneld.core._store",
     # the wire protocol's messages (Bind, ProxyHeader, encode_proxy_header, ...)
     "proto": "tunneld.core.proto",

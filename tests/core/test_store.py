@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tunneld.core._errors import ConfigError
-from tunneld.core._store import Store, TokenRecord, is_token_format
+from tunneld.core._store import SCHEMA_VERSION, Store, TokenRecord, is_token_format
 
 
 class Clock:
@@ -130,7 +130,7 @@ def test_persistence_across_reopen(tmp_path: Path, clock: Clock) -> None:
     rec, sec = s.create_token("persist")
     _, sec2 = s.create_token("revoked")
     s.revoke_token(sec2[4:16])
-    s.remember_name("hostname", "foo.tunnel.test", "agent-1", 5_000.0)
+    s.save_names([("host", "foo.tunnel.test", "agent-1", 5_000.0)], [])
     s.close()
 
     s = Store.open(tmp_path, clock=clock)
@@ -138,7 +138,7 @@ def test_persistence_across_reopen(tmp_path: Path, clock: Clock) -> None:
         assert s.verify_token(sec) is not None
         assert s.verify_token(sec2) is None
         assert [t.description for t in s.list_tokens()] == ["persist", "revoked"]
-        assert s.lookup_name("hostname", "foo.tunnel.test") == ("agent-1", 5_000.0)
+        assert s.all_names() == [("host", "foo.tunnel.test", "agent-1", 5_000.0)]
     finally:
         s.close()
 
@@ -152,7 +152,7 @@ def test_db_file_and_schema(tmp_path: Path) -> None:
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     finally:
         conn.close()
 
@@ -174,16 +174,17 @@ def test_not_a_database(tmp_path: Path) -> None:
 
 
 def test_names(store: Store) -> None:
-    assert store.lookup_name("hostname", "a") is None
-    store.remember_name("hostname", "a", "agent-1", 10.0)
-    store.remember_name("tcp", "a", "agent-2", 20.0)  # kinds are separate namespaces
-    assert store.lookup_name("hostname", "a") == ("agent-1", 10.0)
-    store.remember_name("hostname", "a", "agent-3", 30.0)  # upsert
-    assert store.lookup_name("hostname", "a") == ("agent-3", 30.0)
-    store.forget_name("hostname", "a")
-    store.forget_name("hostname", "a")  # idempotent
-    assert store.lookup_name("hostname", "a") is None
-    assert store.lookup_name("tcp", "a") == ("agent-2", 20.0)
+    def names() -> dict[tuple[str, str], tuple[str, float]]:
+        return {(kind, name): (owner, until) for kind, name, owner, until in store.all_names()}
+
+    assert names() == {}
+    store.save_names([("host", "a", "agent-1", 10.0), ("udp", "a", "agent-2", 20.0)], [])
+    assert names() == {("host", "a"): ("agent-1", 10.0), ("udp", "a"): ("agent-2", 20.0)}  # kinds apart
+    store.save_names([("host", "a", "agent-3", 30.0)], [])  # upsert
+    assert names()[("host", "a")] == ("agent-3", 30.0)
+    store.save_names([], [("host", "a")])
+    store.save_names([], [("host", "a")])  # idempotent
+    assert names() == {("udp", "a"): ("agent-2", 20.0)}
 
 
 def test_threads(store: Store) -> None:

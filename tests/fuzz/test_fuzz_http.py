@@ -1,4 +1,4 @@
-"""Fuzz tests of the HTTP/1 framing (tunneld.plugins.http._wire); the long run is bench/fuzz_http.py.
+"""Fuzz tests of the HTTP/1 framing (tunneld.http1._wire); the long run is bench/fuzz_http.py.
 
 Properties, for random bytes, mutated valid messages and worst-case inputs for the regexes, fed
 whole and in arbitrary splits: the head parsers answer a head or BadMessage (400/505 for
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunneld.plugins.http._wire import (
+from tunneld.http1._wire import (
     MAX_CHUNK_LINE,
     BadMessage,
     BodyKind,

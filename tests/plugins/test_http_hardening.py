@@ -17,9 +17,10 @@ import trio
 import trio.testing
 
 from tunneld.core import ERROR_HEADER
-from tunneld.plugins.http import _edge, _relay
-from tunneld.plugins.http._relay import Reader, exchange
-from tunneld.plugins.http._wire import BadMessage, parse_request_head
+from tunneld.http1 import _relay
+from tunneld.http1._relay import Reader, exchange
+from tunneld.http1._wire import BadMessage, parse_request_head
+from tunneld.plugins.http import _edge
 
 from ..conftest import EdgeEnv
 from .test_http import RawClient, Response, Upstream, http_tunnel, request_bytes

@@ -37,10 +37,10 @@ from click.testing import CliRunner
 from tunneld.core import ERROR_HEADER, Agent, Code, TunnelConfig, TunnelRejected
 from tunneld.core._config import ConfigError, parse_agent_config
 from tunneld.core._web import tunnel_json
+from tunneld.http1._wire import MAX_HEAD
 from tunneld.plugins.http import _edge
 from tunneld.plugins.http._agent import parse_http_addr, upstream_authority
 from tunneld.plugins.http._auth import BasicAuth
-from tunneld.plugins.http._wire import MAX_HEAD
 
 from ..conftest import EdgeEnv
 from ..interop.test_ngrok_clients import AGENT_BIN, JS_SDK, require

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunneld.plugins.http._wire import BadMessage, BodyKind, parse_request_head, parse_response_head
+from tunneld.http1._wire import BadMessage, BodyKind, parse_request_head, parse_response_head
 
 from . import wire_reference as ref
 

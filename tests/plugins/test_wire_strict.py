@@ -1,4 +1,4 @@
-"""Strict HTTP/1.1 framing in tunneld.plugins.http._wire (issue 11), and a differential test
+"""Strict HTTP/1.1 framing in tunneld.http1._wire (issue 11), and a differential test
 of the chunked-body scanner against llhttp's strict mode (httptools).
 
 The differential rule: for any request, tunneld and llhttp agree on where the message ends,
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunneld.plugins.http import _wire
-from tunneld.plugins.http._wire import (
+from tunneld.http1 import _wire
+from tunneld.http1._wire import (
     MAX_CHUNK_LINE,
     MAX_TRAILER_BYTES,
     MAX_TRAILER_LINES,

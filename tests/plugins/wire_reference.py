@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import httptools
 
-from tunneld.plugins.http._wire import BadMessage, BodyKind
+from tunneld.http1._wire import BadMessage, BodyKind
 
 
 class _Collector:

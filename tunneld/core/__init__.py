@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from ._forward import CHUNK as CHUNK
     from ._forward import ByteCounts as ByteCounts
     from ._forward import forward as forward
-    from ._hostnames import choose_host as choose_host
     from ._lean import LeanSocketStream as LeanSocketStream
     from ._lean import ReadyStreak as ReadyStreak
     from ._lean import lean as lean
@@ -94,7 +93,6 @@ _EXPORTS: dict[str, str] = {
     "MuxSession": "._mux",
     "MuxStream": "._mux",
     "accept_tls": "._tls",
-    "choose_host": "._hostnames",
     "PrefixedStream": "._streams",
     "BindRequest": "._tunnel",
     "EdgeService": "._tunnel",

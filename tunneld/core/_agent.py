@@ -30,7 +30,7 @@ import socket
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast, final
 
 import attrs
 import trio
@@ -47,7 +47,7 @@ from ._plugins import build_registry, get_plugin_manager
 from ._rpc import call, read_message, reply
 from ._streams import PrefixedStream
 from ._tls import client_context, open_tls_client
-from ._tunnel import TunnelType, TunnelTypeRegistry
+from ._tunnel import AgentTunnelContext, TunnelType, TunnelTypeRegistry
 from ._util import connect_tcp, set_nodelay, split_host_port
 from ._websocket import connect_websocket, is_websocket_url
 
@@ -151,6 +151,55 @@ class AgentTunnel:
     #: The edge's resume token for this tunnel, sent back on rebind to keep the same URL.
     token: str = ""
     metrics: Metrics = attrs.field(factory=Metrics)
+    #: The tunnel as its type's ``agent_handle`` sees it (``tunneld.plugin.AgentTunnelContext``).
+    context: AgentTunnelAdapter = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.context = AgentTunnelAdapter(self)
+
+
+@final
+class AgentTunnelAdapter:
+    """:class:`~tunneld.core._tunnel.AgentTunnelContext` over an :class:`AgentTunnel` (one per tunnel)."""
+
+    __slots__ = ("_tunnel",)
+
+    def __init__(self, tunnel: AgentTunnel) -> None:
+        self._tunnel = tunnel
+
+    def __repr__(self) -> str:
+        return f"<AgentTunnelAdapter {self._tunnel.name}>"
+
+    @property
+    def name(self) -> str:
+        return self._tunnel.name
+
+    @property
+    def config(self) -> TunnelConfig:
+        return self._tunnel.config
+
+    @property
+    def upstream(self) -> str:
+        return self._tunnel.upstream
+
+    @property
+    def public_url(self) -> str:
+        return self._tunnel.public_url
+
+    def request_done(self, seconds: float) -> None:
+        self._tunnel.metrics.request_done(seconds)
+
+    async def open_upstream(self, stream: trio.abc.HalfCloseableStream,
+                            header: proto.ProxyHeader) -> trio.abc.HalfCloseableStream | None:
+        return await open_upstream(self._tunnel, stream, header)
+
+    async def forward_to_upstream(self, stream: trio.abc.HalfCloseableStream,
+                                  header: proto.ProxyHeader) -> None:
+        await forward_to_upstream(self._tunnel, stream, header)
+
+
+if TYPE_CHECKING:  # the adapter satisfies the plugin API's protocol (checked by mypy)
+    _TUNNEL: type[AgentTunnelContext] = AgentTunnelAdapter
 
 
 @attrs.frozen
@@ -347,6 +396,7 @@ class Agent:
                             raise RemoteProtocolError("proxy stream ended inside its header")
                         header = reader.feed(data)
             if stype == proto.StreamType.PROXY:
+                assert header is not None  # the loop above ends with one
                 await self._proxy(stream, header, reader.leftover)
             elif stype == proto.StreamType.HEARTBEAT:
                 while data := await stream.receive_some(64):
@@ -373,7 +423,7 @@ class Agent:
         record = tunnel.metrics.conn_opened(header.client_addr)
         log.debug("tunnel %s: connection from %s", tunnel.name, header.client_addr)
         try:
-            await tunnel.type.agent_handle(tunnel, PrefixedStream(stream, leftover), header)
+            await tunnel.type.agent_handle(tunnel.context, PrefixedStream(stream, leftover), header)
         finally:
             tunnel.metrics.conn_closed(record)
 
@@ -413,7 +463,8 @@ async def open_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStrea
             reset()
         return None
     set_nodelay(upstream)
-    return lean(upstream)
+    # A SocketStream, or its lean twin: both half-closeable (``lean`` is typed for any stream).
+    return cast("trio.abc.HalfCloseableStream", lean(upstream))
 
 
 async def forward_to_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,

@@ -1,4 +1,8 @@
-"""The edge: agent ingress, sessions, the route table, and public services from plugins.
+"""The edge: agent ingress, sessions, and public services from plugins.
+
+Plugins see the edge as :class:`EdgeAdapter` (``Edge.context``, the plugin API's
+``EdgeContext``) and each agent's :class:`AgentSession` as its ``SessionContext``; the names
+they claim are in the :class:`~tunneld.core._routes.RouteTable`.
 
 Theory of operation
 -------------------
@@ -6,7 +10,7 @@ The nursery tree (STYLE.md §2.6)::
 
     Edge.serve(*, task_status)                    root nursery
     ├── edge services from plugins                (http ingress: :80/:443 listeners)
-    │     └── per public connection: route → session.open_proxy_stream() → relay
+    │     └── per public connection: route → session.open_stream() → relay
     └── agent ingress (serve_public)              accept loop + handler nursery
           └── AgentSession.run()                  session nursery, one per agent
                 ├── MuxSession.run()              reader + writer
@@ -28,10 +32,10 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, final
 
 import attrs
 import pluggy
@@ -39,18 +43,21 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from . import proto
+from . import proto as _proto  # where a parameter is named ``proto`` (SessionContext.open_stream)
+from ._access import log_connection
 from ._certs import certificate_names, ensure_dev_host_cert, name_matches
 from ._errors import Code, ConfigError, PluginError, RemoteProtocolError, TunnelRejected, wire_error
-from ._hostnames import AllowedHostname
+from ._hostnames import AllowedHostname, HostChooser, HostPolicy
 from ._mux import MuxSession, MuxStream
 from ._names import NameClaims, Signer, load_secret
 from ._plugins import build_registry, get_plugin_manager
 from ._ratelimit import FailureLimiter
+from ._routes import RouteTable, address_name
 from ._rpc import read_message, reply
 from ._store import Store, is_token_format
 from ._streams import PrefixedStream
 from ._tls import accept_tls, server_context
-from ._tunnel import EdgeTunnel, TlsFront, TunnelInfo, TunnelTypeRegistry
+from ._tunnel import EdgeContext, EdgeTunnel, SessionContext, TlsFront, TunnelInfo, TunnelTypeRegistry
 from ._util import (
     ThrottledLog,
     accept_loop,
@@ -64,7 +71,11 @@ from ._util import (
 )
 from ._websocket import accept_websocket, looks_like_websocket
 
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
 log = logging.getLogger("tunneld.edge")
+access_log = logging.getLogger("tunneld.access")
 
 #: An agent must authenticate within this many seconds of connecting.
 AUTH_TIMEOUT = 10.0
@@ -156,6 +167,8 @@ class EdgeConfig:
     max_tunnels_per_token: int = MAX_TUNNELS_PER_TOKEN
     #: SSH gateway listener (``--ssh-addr``; None: off), served by the ssh plugin.
     ssh_addr: tuple[str, int] | None = None
+    #: Admin REST API and /metrics listener (``--api-addr``; None: off), see ``core/_admin.py``.
+    api_addr: tuple[str, int] | None = None
 
     @property
     def cname(self) -> str:
@@ -173,74 +186,15 @@ class EdgeInfo:
 
 
 @attrs.define(eq=False)
-class RouteTable:
-    """Public names and ports → the edge tunnel serving them.
-
-    Claims go through :class:`NameClaims` too, so a name stays with its owner (authtoken)
-    for the hold period after its tunnel goes away.  ``owner=""`` claims skip ownership
-    (tests, internal services).
-    """
-
-    names: NameClaims = attrs.field(factory=lambda: NameClaims(None))
-    hosts: dict[tuple[str, str], Any] = attrs.field(factory=dict)
-    ports: dict[int, Any] = attrs.field(factory=dict)
-
-    def claim_host(self, scheme: str, host: str, tunnel: Any, owner: str = "") -> None:
-        """Route ``scheme://host`` to ``tunnel``; TunnelRejected if taken or held for another owner."""
-        key = (scheme, host)
-        current = self.hosts.get(key)
-        if current is not None and current is not tunnel:
-            raise TunnelRejected(f"{scheme}://{host} is already in use by another tunnel", Code.ADDRESS_IN_USE)
-        # TLS tunnels and HTTPS share port 443 and are told apart by SNI alone: one name
-        # cannot be both (nor an HTTP tunnel's http twin of it).
-        for rival in (("http", "https") if scheme == "tls" else ("tls",)):
-            if self.hosts.get((rival, host)) not in (None, tunnel):
-                raise TunnelRejected(f"{host} is already in use by another tunnel ({rival}://{host})",
-                                     Code.ADDRESS_IN_USE)
-        if owner:
-            self.names.acquire("host", host, owner, tunnel)
-        self.hosts[key] = tunnel
-
-    def release_host(self, scheme: str, host: str, tunnel: Any) -> None:
-        if self.hosts.get((scheme, host)) is tunnel:
-            del self.hosts[(scheme, host)]
-        self.names.release("host", host, tunnel)
-
-    def host_in_use(self, host: str) -> bool:
-        return any(h == host for (_, h) in self.hosts)
-
-    def host_available(self, host: str, owner: str) -> bool:
-        """Free for a new random pick: not routed, and not held for someone else."""
-        return not self.host_in_use(host) and self.names.available("host", host, owner)
-
-    def lookup(self, scheme: str, host: str) -> Any | None:
-        return self.hosts.get((scheme, host))
-
-    def claim_port(self, port: int, tunnel: Any, owner: str = "") -> None:
-        """Route public TCP ``port`` to ``tunnel`` (the caller has bound it)."""
-        current = self.ports.get(port)
-        if current is not None and current is not tunnel:
-            raise TunnelRejected(f"port {port} is already in use by another tunnel", Code.ADDRESS_IN_USE)
-        if owner:
-            self.names.acquire("port", str(port), owner, tunnel)
-        self.ports[port] = tunnel
-
-    def release_port(self, port: int, tunnel: Any) -> None:
-        if self.ports.get(port) is tunnel:
-            del self.ports[port]
-        self.names.release("port", str(port), tunnel)
-
-    def port_available(self, port: int, owner: str) -> bool:
-        return port not in self.ports and self.names.available("port", str(port), owner)
-
-
-@attrs.define(eq=False)
 class Edge:
     """One edge process.  Build it, then ``await nursery.start(edge.serve)``."""
 
     config: EdgeConfig
     store: Store
     pm: pluggy.PluginManager = attrs.field(factory=get_plugin_manager)
+    #: Builders of core services the caller wants beside the plugins' (the admin API, which
+    #: reads the edge's internals, so it is handed in rather than imported: no import cycle).
+    service_factories: tuple[Callable[[Edge], list[Any]], ...] = ()
     registry: TunnelTypeRegistry = attrs.field(init=False)
     routes: RouteTable = attrs.field(factory=RouteTable, init=False)
     limiter: FailureLimiter = attrs.field(factory=lambda: FailureLimiter(max_delay=MAX_AUTH_DELAY),
@@ -274,11 +228,18 @@ class Edge:
     tls_front: TlsFront | None = attrs.field(default=None, init=False)
     #: Signs session cookies and tunnel resume tokens (key kept in the data dir).
     signer: Signer = attrs.field(init=False)
+    #: The edge as plugins see it (``tunneld.plugin.EdgeContext``): one per edge.
+    context: EdgeAdapter = attrs.field(init=False, repr=False)
+    #: The naming rules of ``SessionContext.choose_host``.
+    host_policy: HostPolicy = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.registry = build_registry(self.pm)
         self.routes.names = NameClaims(self.store, self.config.hold_period)
         self.signer = Signer(load_secret(self.config.data_dir))
+        self.context = EdgeAdapter(self)
+        self.host_policy = HostPolicy(self.config.domain, self.config.reserved_names,
+                                      self.config.allowed_hostnames)
 
     # ---- budgets -----------------------------------------------------------------------------
 
@@ -487,7 +448,8 @@ class Edge:
 
     def _listener_text(self, name: str) -> str:
         addr = {"agent": self.config.agent_addr, "http": self.config.http_addr,
-                "https": self.config.https_addr, "ssh": self.config.ssh_addr}.get(name)
+                "https": self.config.https_addr, "ssh": self.config.ssh_addr,
+                "api": self.config.api_addr}.get(name)
         host = addr[0] if addr else "0.0.0.0"
         return format_host_port(host, self.ports[name])
 
@@ -501,15 +463,15 @@ class Edge:
         return await self.tls_front.route(stream, client_addr)
 
     def _tls_front(self) -> TlsFront | None:
-        fronts = [f for f in self.pm.hook.tunneld_edge_tls_front(edge=self) if f is not None]
+        fronts = [f for f in self.pm.hook.tunneld_edge_tls_front(edge=self.context) if f is not None]
         if len(fronts) > 1:
             names = ", ".join(type(f).__qualname__ for f in fronts)
             raise PluginError(f"more than one plugin wants to front HTTPS: {names}")
         return fronts[0] if fronts else None
 
     def _services(self) -> list[Any]:
-        services: list[Any] = []
-        for result in self.pm.hook.tunneld_edge_services(edge=self):
+        services: list[Any] = [s for make in self.service_factories for s in make(self)]
+        for result in self.pm.hook.tunneld_edge_services(edge=self.context):
             services.extend(result or ())
         return services
 
@@ -624,8 +586,8 @@ class AgentSession:
     tunnel_names: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     #: Set once the session is over and every tunnel has released its address.
     ended: trio.Event = attrs.field(factory=trio.Event)
-    #: HTTP binds without an explicit name share one host across http and https (agent v2).
-    http_hosts: list[tuple[str, set[str], str]] = attrs.field(factory=list)
+    #: Picks the names of the session's name-routed Binds (:meth:`choose_host`).
+    _hosts: HostChooser = attrs.field(init=False, repr=False)
     #: Counted in ``Edge.sessions_by_token`` (to be uncounted when the session ends).
     counted: bool = False
     _nursery: trio.Nursery | None = None
@@ -637,6 +599,7 @@ class AgentSession:
     _last_heartbeat: float = 0.0
 
     def __attrs_post_init__(self) -> None:
+        self._hosts = HostChooser(self.edge.host_policy, self.edge.routes, self)
         self.mux = MuxSession(self.transport, client=False)
         # Until Auth succeeds: few streams, small windows, a byte budget (PREAUTH_*).
         self.mux.max_remote_streams = PREAUTH_MAX_STREAMS
@@ -658,10 +621,21 @@ class AgentSession:
     def remote_host(self) -> str:
         return self.remote_addr.rsplit(":", 1)[0].strip("[]")
 
+    # ---- SessionContext (what tunnel types see of the session) ------------------------------
+
     @property
     def owner(self) -> str:
         """Who this session's names belong to: its authtoken's id."""
         return self.token_id
+
+    @property
+    def client_type(self) -> str:
+        """The Auth message's ClientType (``tunneld``, ``ngrok-rust``...); "" before Auth."""
+        return self.auth.extra.client_type if self.auth is not None else ""
+
+    def choose_host(self, bind: proto.Bind, pair: str) -> str:
+        """The public hostname for a name-routed Bind (see ``SessionContext.choose_host``)."""
+        return self._hosts(bind, pair)
 
     def resumed_name(self, bind: proto.Bind, kind: str) -> str | None:
         """The name a rebinding tunnel had, from its resume token, if it is this owner's."""
@@ -726,9 +700,7 @@ class AgentSession:
                 await read_message(stream, proto.SrvInfo)
                 await reply(stream, proto.SrvInfoResp(region="local"))
             elif stype == proto.StreamType.START_TUNNEL_WITH_LABEL:
-                await read_message(stream, proto.StartTunnelWithLabel)
-                await reply(stream, proto.StartTunnelWithLabelResp(
-                    id="", error=wire_error("labeled tunnels are not served by this edge", Code.PROTO_UNSUPPORTED)))
+                await self._rpc_start_labeled(stream)
             else:
                 stream.reset(proto.ErrorCode.PROTOCOL)
         except RemoteProtocolError as exc:
@@ -875,39 +847,68 @@ class AgentSession:
         tunnel_type = self.edge.registry.for_bind_proto(bind.proto)
         try:
             if tunnel_type is None:
-                raise TunnelRejected(f"protocol {bind.proto!r} is not served by this edge", Code.PROTO_UNSUPPORTED)
-            # Binds still starting count too: the check and the registration are apart by awaits.
-            if len(self.tunnels) + self._pending_binds >= MAX_TUNNELS_PER_SESSION:
-                raise TunnelRejected(f"a session may hold at most {MAX_TUNNELS_PER_SESSION} tunnels",
-                                     Code.OPTION_UNSUPPORTED)
-            per_token = self.edge.config.max_tunnels_per_token
-            if self.edge.tunnels_by_token.get(self.token_id, 0) >= per_token:
-                raise TunnelRejected(f"authtoken {self.token_id} may hold at most {per_token} tunnels "
-                                     "on this edge", Code.OPTION_UNSUPPORTED)
-            tunnel_id = bind.id if bind.id and bind.id not in self.tunnels else "tn_" + secrets.token_hex(12)
-            tunnel = tunnel_type.edge_tunnel(self.edge, self, bind, tunnel_id)
-            assert self._nursery is not None
-            # Reserve a place; _run_tunnel takes it over once the tunnel is registered.
-            reservation = [True]
-            self._pending_binds += 1
-            self.edge._count(self.edge.tunnels_by_token, self.token_id, +1)
-            try:
-                info: TunnelInfo = await self._nursery.start(self._run_tunnel, tunnel_id, tunnel, reservation)
-            finally:
-                if reservation[0]:
-                    self._pending_binds -= 1
-                    self.edge._count(self.edge.tunnels_by_token, self.token_id, -1)
+                raise TunnelRejected(f"protocol {bind.proto!r} is not served by this edge",
+                                     Code.PROTO_UNSUPPORTED)
+            edge = self.edge.context
+            tunnel_id, info = await self._start_tunnel(
+                bind.id, lambda tunnel_id: tunnel_type.edge_tunnel(edge, self, bind, tunnel_id))
         except TunnelRejected as exc:
             log.info("agent %s: bind %s refused: %s", self.remote_addr, bind.proto, exc)
             return proto.BindResp(id=bind.id, proto=bind.proto, opts=bind.opts,
                                   error=wire_error(exc.reason, exc.code))
-        log.info("agent %s: tunnel %s online at %s", self.remote_addr, tunnel_id, info.url)
         token = ""
         if info.name is not None:
-            self.tunnel_names[tunnel_id] = info.name
             token = self.edge.signer.sign("bind", *info.name, self.token_id)
         return proto.BindResp(id=tunnel_id, url=info.url, proto=bind.proto, opts=bind.opts,
                               extra=proto.BindRespExtra(token=token, tunnel_id=tunnel_id))
+
+    async def _rpc_start_labeled(self, stream: MuxStream) -> None:
+        msg = await read_message(stream, proto.StartTunnelWithLabel)
+        await reply(stream, await self.start_labeled(msg))
+
+    async def start_labeled(self, msg: proto.StartTunnelWithLabel) -> proto.StartTunnelWithLabelResp:
+        """Start a labeled tunnel (the registry's ``for_labels`` serves them) and answer with its id."""
+        labeled = self.edge.registry.for_labels()
+        try:
+            if labeled is None:
+                raise TunnelRejected("labeled tunnels are not served by this edge", Code.PROTO_UNSUPPORTED)
+            edge = self.edge.context
+            tunnel_id, _ = await self._start_tunnel(
+                "", lambda tunnel_id: labeled.edge_tunnel(edge, self, msg, tunnel_id))
+        except TunnelRejected as exc:
+            log.info("agent %s: labeled tunnel refused: %s", self.remote_addr, exc)
+            return proto.StartTunnelWithLabelResp(id="", error=wire_error(exc.reason, exc.code))
+        return proto.StartTunnelWithLabelResp(id=tunnel_id)
+
+    async def _start_tunnel(self, requested_id: str,
+                            make: Callable[[str], EdgeTunnel]) -> tuple[str, TunnelInfo]:
+        """Check the session's and the token's limits, make the tunnel and start it; TunnelRejected if not."""
+        # Binds still starting count too: the check and the registration are apart by awaits.
+        if len(self.tunnels) + self._pending_binds >= MAX_TUNNELS_PER_SESSION:
+            raise TunnelRejected(f"a session may hold at most {MAX_TUNNELS_PER_SESSION} tunnels",
+                                 Code.OPTION_UNSUPPORTED)
+        per_token = self.edge.config.max_tunnels_per_token
+        if self.edge.tunnels_by_token.get(self.token_id, 0) >= per_token:
+            raise TunnelRejected(f"authtoken {self.token_id} may hold at most {per_token} tunnels "
+                                 "on this edge", Code.OPTION_UNSUPPORTED)
+        ok = requested_id and requested_id not in self.tunnels
+        tunnel_id = requested_id if ok else "tn_" + secrets.token_hex(12)
+        tunnel = make(tunnel_id)
+        assert self._nursery is not None
+        # Reserve a place; _run_tunnel takes it over once the tunnel is registered.
+        reservation = [True]
+        self._pending_binds += 1
+        self.edge._count(self.edge.tunnels_by_token, self.token_id, +1)
+        try:
+            info: TunnelInfo = await self._nursery.start(self._run_tunnel, tunnel_id, tunnel, reservation)
+        finally:
+            if reservation[0]:
+                self._pending_binds -= 1
+                self.edge._count(self.edge.tunnels_by_token, self.token_id, -1)
+        log.info("agent %s: tunnel %s online at %s", self.remote_addr, tunnel_id, info.url)
+        if info.name is not None:
+            self.tunnel_names[tunnel_id] = info.name
+        return tunnel_id, info
 
     async def _run_tunnel(self, tunnel_id: str, tunnel: EdgeTunnel, reservation: list[bool], *,
                           task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
@@ -944,19 +945,170 @@ class AgentSession:
         log.info("agent %s: tunnel %s unbound", self.remote_addr, msg.id)
         await reply(stream, proto.UnbindResp())
 
-    # ---- for tunnel plugins ----------------------------------------------------------------
+    # ---- for tunnel plugins (SessionContext) ------------------------------------------------
 
-    async def open_proxy_stream(self, tunnel_id: str, client_addr: str, proto_name: str, *,
-                                passthrough_tls: bool = False, first: bytes = b"") -> MuxStream:
-        """Open a proxy stream to the agent for one public connection.
+    async def open_stream(self, tunnel_id: str, client_addr: str, proto: str, *,
+                          passthrough_tls: bool = False, first: bytes = b"") -> MuxStream:
+        """Open a proxy stream to the agent for one public connection (once per connection: keep it lean).
 
         ``passthrough_tls``: the stream carries the client's TLS unterminated (TLS tunnels).
         ``first``: the connection's first bytes, sent with the header in the SYN frame (one
         write and one wakeup of the agent fewer per connection).
         """
-        header = proto.ProxyHeader(id=tunnel_id, client_addr=client_addr, proto=proto_name,
-                                   passthrough_tls=passthrough_tls)
-        return await self.mux.open_stream(proto.encode_proxy_stream_prefix(header) + first)
+        header = _proto.ProxyHeader(id=tunnel_id, client_addr=client_addr, proto=proto,
+                                    passthrough_tls=passthrough_tls)
+        return await self.mux.open_stream(_proto.encode_proxy_stream_prefix(header) + first)
+
+
+@final
+class EdgeAdapter:
+    """:class:`~tunneld.core._tunnel.EdgeContext` over an :class:`Edge`: what plugins see of it.
+
+    One per edge (:attr:`Edge.context`).  Each method is one direct call into the edge or its
+    :class:`~tunneld.core._routes.RouteTable`: ``lookup_host`` runs once per HTTP request.
+    """
+
+    __slots__ = ("_counters", "_edge", "_routes")
+
+    def __init__(self, edge: Edge) -> None:
+        self._edge = edge
+        self._routes = edge.routes
+        #: (metric, sorted labels) → total.
+        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def __repr__(self) -> str:
+        return f"<EdgeAdapter {self._edge.config.domain}>"
+
+    @property
+    def domain(self) -> str:
+        return self._edge.config.domain
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self._edge.config.data_dir)
+
+    @property
+    def store(self) -> Store:
+        return self._edge.store
+
+    @property
+    def registry(self) -> TunnelTypeRegistry:
+        return self._edge.registry
+
+    @property
+    def ports(self) -> Mapping[str, int]:
+        return self._edge.ports
+
+    @property
+    def stopping(self) -> trio.Event:
+        return self._edge.stopping
+
+    @property
+    def ssl_context(self) -> SSL.Context:
+        ctx: SSL.Context = self._edge.ssl_context
+        return ctx
+
+    @property
+    def limiter(self) -> FailureLimiter:
+        return self._edge.limiter
+
+    def ensure_certificate(self, host: str) -> None:
+        self._edge.ensure_certificate(host)
+
+    def listen_addr(self, name: str) -> tuple[str, int] | None:
+        cfg = self._edge.config
+        return {"agent": cfg.agent_addr, "http": cfg.http_addr, "https": cfg.https_addr,
+                "ssh": cfg.ssh_addr}.get(name)
+
+    def port_range(self, transport: str) -> tuple[str, int, int] | None:
+        if transport != "tcp":
+            return None  # the edge has no port range for other transports yet
+        cfg = self._edge.config
+        low, high = cfg.tcp_ports
+        return cfg.tcp_host, low, high
+
+    def public_url(self, scheme: str, host: str) -> str:
+        return self._edge.public_url(scheme, host)
+
+    async def open_public_listeners(self, name: str, flag: str,
+                                    addr: tuple[str, int]) -> list[trio.SocketListener]:
+        return await self._edge.open_public_listeners(name, flag, addr)
+
+    async def serve_public(self, handler: Callable[[trio.SocketStream], Awaitable[None]],
+                           listeners: list[trio.SocketListener], *, pool: str = "public",
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._edge.serve_public(handler, listeners, pool=pool, task_status=task_status)
+
+    def count_listener_fds(self, delta: int) -> None:
+        self._edge.listener_fds += delta
+
+    async def route_tls(self, stream: trio.SocketStream, client_addr: str) -> trio.abc.Stream | None:
+        return await self._edge.route_tls(stream, client_addr)
+
+    def host_chooser(self, session: SessionContext) -> Callable[[proto.Bind, str], str]:
+        return HostChooser(self._edge.host_policy, self._routes, session)
+
+    # ---- hostnames ---------------------------------------------------------------------------
+
+    def claim_host(self, route: str, host: str, holder: object, owner: str) -> None:
+        self._routes.claim_host(route, host, holder, owner)
+
+    def release_host(self, route: str, host: str, holder: object) -> None:
+        self._routes.release_host(route, host, holder)
+
+    def lookup_host(self, route: str, host: str) -> Any:
+        return self._routes.hosts.get((route, host))  # inlined: once per HTTP request
+
+    def host_available(self, host: str, owner: str) -> bool:
+        return self._routes.host_available(host, owner)
+
+    # ---- transport addresses -----------------------------------------------------------------
+
+    def claim_address(self, transport: str, port: int, holder: object, owner: str) -> None:
+        self._routes.claim_address(transport, port, holder, owner)
+
+    def release_address(self, transport: str, port: int, holder: object) -> None:
+        self._routes.release_address(transport, port, holder)
+
+    def lookup_address(self, transport: str, port: int) -> Any:
+        return self._routes.lookup_address(transport, port)
+
+    def address_available(self, transport: str, port: int, owner: str) -> bool:
+        return self._routes.address_available(transport, port, owner)
+
+    def address_owner(self, transport: str, port: int) -> str | None:
+        return self._routes.address_owner(transport, port)
+
+    def address_name(self, transport: str, port: int) -> tuple[str, str]:
+        return address_name(transport, port)
+
+    # ---- observability -----------------------------------------------------------------------
+
+    # The access module's function itself: no extra call per public connection.
+    log_connection = staticmethod(log_connection)
+
+    def log_request(self, *, client: str, host: str, tunnel_id: str, method: str, path: str, status: int,
+                    started: float) -> None:
+        # Same shape as TCP/TLS connection lines (core/_access.py): client= first, "-" for none.
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                'client=%s host=%s tunnel=%s method=%s path="%s" status=%d duration_ms=%.1f',
+                client, host or "-", tunnel_id or "-", method, path.replace('"', "%22")[:512], status,
+                (time.monotonic() - started) * 1000,
+            )
+
+    def count(self, metric: str, value: float = 1, **labels: str) -> None:
+        key = (metric, tuple(sorted(labels.items())))
+        self._counters[key] = self._counters.get(key, 0) + value
+
+    def counted(self, metric: str, **labels: str) -> float:
+        """The total :meth:`count` has added to ``metric`` with exactly ``labels`` (for tests)."""
+        return self._counters.get((metric, tuple(sorted(labels.items()))), 0)
+
+
+if TYPE_CHECKING:  # the implementation satisfies the plugin API's protocols (checked by mypy)
+    _EDGE: type[EdgeContext] = EdgeAdapter
+    _SESSION: type[SessionContext] = AgentSession
 
 
 def _pick_version(offered: list[str]) -> str:

@@ -46,6 +46,16 @@ class Code(enum.IntEnum):
     NO_FREE_PORT = 337
     #: The requested TCP address is not available (outside the range, or not allowed).
     ADDRESS_NOT_ALLOWED = 338
+    #: The credential's ACL does not allow binding this TCP address (ngrok's 308).
+    BIND_ADDR_FORBIDDEN = 308
+    #: The TCP address is reserved by another account (ngrok's 309).
+    ADDR_RESERVED = 309
+    #: The credential's ACL does not allow binding this name or these labels (ngrok's 316).
+    BIND_NAME_FORBIDDEN = 316
+    #: The domain is reserved by another account (ngrok's 320).
+    DOMAIN_RESERVED = 320
+    #: Malformed ACL rule (``bind:...``) for a credential (ngrok's 600).
+    ACL_MALFORMED = 600
     #: The edge is shutting down.
     SHUTTING_DOWN = 803
     #: Public client: no tunnel serves this host.
@@ -66,6 +76,21 @@ class Code(enum.IntEnum):
     BAD_UPSTREAM_RESPONSE = 3004
     #: The agent could not reach its upstream service.
     UPSTREAM_UNREACHABLE = 8012
+    # Admin API (``tunneld/core/_admin.py``): 4xxx, the HTTP status in the last three digits.
+    #: Admin API: malformed request (bad JSON, wrong type, unknown field, bad value or parameter).
+    API_BAD_REQUEST = 4400
+    #: Admin API: missing or invalid API key (``Authorization: Bearer KEY``).
+    API_UNAUTHORIZED = 4401
+    #: Admin API: this API key may not do that (e.g. /metrics needs the default account's key).
+    API_FORBIDDEN = 4403
+    #: Admin API: no such resource (or one of another account).
+    API_NOT_FOUND = 4404
+    #: Admin API: method not allowed on this path.
+    API_METHOD_NOT_ALLOWED = 4405
+    #: Admin API: a unique value (reserved domain or address, SSH key) is taken.
+    API_CONFLICT = 4409
+    #: Admin API: request body over 64 KiB.
+    API_BODY_TOO_LARGE = 4413
 
     @property
     def label(self) -> str:
@@ -151,7 +176,3 @@ class AuthFailed(TunneldError):
     def __str__(self) -> str:
         suffix = f" (ERR_TUNNELD_{self.code})" if self.code is not None else ""
         return f"{self.reason}{suffix}"
-
-
-class SessionClosed(TunneldError):
-    """An operation on a session that is gone."""

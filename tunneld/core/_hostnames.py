@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import secrets
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -24,7 +25,8 @@ from ._certs import name_matches
 from ._errors import Code, TunnelRejected
 
 if TYPE_CHECKING:
-    from ._edge import AgentSession, Edge
+    from ._routes import RouteTable
+    from ._tunnel import SessionContext
     from .proto import Bind
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -73,64 +75,84 @@ def requested_hostname(opts: dict[str, Any]) -> str:
     return ""
 
 
-def custom_hostname_allowed(edge: Edge, host: str, token_id: str) -> bool:
-    return any(a.matches(host) and a.token_id in ("", token_id) for a in edge.config.allowed_hostnames)
+def custom_hostname_allowed(allowed: Iterable[AllowedHostname], host: str, token_id: str) -> bool:
+    return any(a.matches(host) and a.token_id in ("", token_id) for a in allowed)
 
 
-def choose_host(edge: Edge, session: AgentSession, bind: Bind, pair: str) -> str:
-    """The public hostname for a name-routed Bind; TunnelRejected if it cannot be had.
+@attrs.frozen
+class HostPolicy:
+    """The edge's naming rules: its domain, the labels nobody may claim, the custom hostnames allowed."""
 
-    ``pair`` groups binds that share one name when none is asked for: ngrok's v2 agent binds
-    ``https`` and ``http`` separately for one tunnel and both must get the same host.  Binds
-    with identical options and different ``pair`` values are twins.
+    domain: str
+    reserved: frozenset[str] = frozenset()
+    allowed: tuple[AllowedHostname, ...] = ()
+
+
+@attrs.define(eq=False)
+class HostChooser:
+    """Picks the public hostnames of one session's name-routed Binds (``SessionContext.choose_host``).
+
+    It remembers the names it gave, so that Binds with the same options and another ``pair``
+    (ngrok's v2 agent binds ``https`` and ``http`` separately for one tunnel) get the same
+    host.  A session that wants a fresh memory (the ssh gateway, per forward) takes a new one.
     """
-    domain = edge.config.domain
-    opts = bind.opts
-    label = _opt(opts, "subdomain").lower()
-    host = requested_hostname(opts)
-    if host:
-        if host.endswith("." + domain) and "." not in host[: -len(domain) - 1]:
-            label = host[: -len(domain) - 1]
-        elif not custom_hostname_allowed(edge, host, session.owner):
-            raise TunnelRejected(
-                f"hostname {host!r} is not reserved for your account on this edge (names under {domain} "
-                f"are free; the operator can allow others with --allow-hostname)", Code.ADDRESS_NOT_ALLOWED)
-        else:
-            return host
-    if label:
-        if not _LABEL.match(label):
-            raise TunnelRejected(f"subdomain {label!r} is not a valid DNS label (letters, digits and '-', "
-                                 "at most 63)", Code.ADDRESS_NOT_ALLOWED)
-        if label in edge.config.reserved_names:
-            raise TunnelRejected(f"subdomain {label!r} is reserved on this edge", Code.ADDRESS_NOT_ALLOWED)
-        return f"{label}.{domain}"
-    # A digest, not the options themselves: they may hold basic-auth passwords.
-    key = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()
-    # A reconnecting agent gets the name it had (the resume token proves it was its own).
-    resumed = session.resumed_name(bind, "host")
-    if resumed and edge.routes.names.available("host", resumed, session.owner) \
-            and edge.routes.lookup(pair, resumed) is None:
-        _remember_pair(session, key, pair, resumed)
-        return resumed
-    # Only agents bind twins (ngrok's v2 agent and ours); an SDK's separate listeners with the
-    # same options are separate tunnels and get names of their own.
-    client_type = session.auth.extra.client_type if session.auth else ""
-    if not client_type.startswith("ngrok-"):
-        for opts_key, pairs, known in session.http_hosts:
-            if opts_key == key and pair not in pairs:
+
+    policy: HostPolicy
+    routes: RouteTable
+    session: SessionContext
+    #: (digest of the Bind options, pairs given the name, the name).
+    _given: list[tuple[str, set[str], str]] = attrs.field(factory=list)
+
+    def __call__(self, bind: Bind, pair: str) -> str:
+        """The public hostname for a name-routed Bind; TunnelRejected if it cannot be had."""
+        policy, routes, session = self.policy, self.routes, self.session
+        domain = policy.domain
+        opts = bind.opts
+        label = _opt(opts, "subdomain").lower()
+        host = requested_hostname(opts)
+        if host:
+            if host.endswith("." + domain) and "." not in host[: -len(domain) - 1]:
+                label = host[: -len(domain) - 1]
+            elif not custom_hostname_allowed(policy.allowed, host, session.owner):
+                raise TunnelRejected(
+                    f"hostname {host!r} is not reserved for your account on this edge (names under {domain} "
+                    f"are free; the operator can allow others with --allow-hostname)",
+                    Code.ADDRESS_NOT_ALLOWED)
+            else:
+                return host
+        if label:
+            if not _LABEL.match(label):
+                raise TunnelRejected(f"subdomain {label!r} is not a valid DNS label (letters, digits and "
+                                     "'-', at most 63)", Code.ADDRESS_NOT_ALLOWED)
+            if label in policy.reserved:
+                raise TunnelRejected(f"subdomain {label!r} is reserved on this edge",
+                                     Code.ADDRESS_NOT_ALLOWED)
+            return f"{label}.{domain}"
+        # A digest, not the options themselves: they may hold basic-auth passwords.
+        key = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()
+        # A reconnecting agent gets the name it had (the resume token proves it was its own).
+        resumed = session.resumed_name(bind, "host")
+        if resumed and routes.names.available("host", resumed, session.owner) \
+                and routes.lookup_host(pair, resumed) is None:
+            self._remember_pair(key, pair, resumed)
+            return resumed
+        # Only agents bind twins (ngrok's v2 agent and ours); an SDK's separate listeners with the
+        # same options are separate tunnels and get names of their own.
+        if not session.client_type.startswith("ngrok-"):
+            for opts_key, pairs, known in self._given:
+                if opts_key == key and pair not in pairs:
+                    pairs.add(pair)
+                    return known
+        while True:
+            host = f"{secrets.token_hex(4)}.{domain}"
+            if routes.host_available(host, session.owner):
+                break
+        self._given.append((key, {pair}, host))
+        return host
+
+    def _remember_pair(self, key: str, pair: str, host: str) -> None:
+        for opts_key, pairs, known in self._given:
+            if opts_key == key and known == host:
                 pairs.add(pair)
-                return known
-    while True:
-        host = f"{secrets.token_hex(4)}.{domain}"
-        if edge.routes.host_available(host, session.owner):
-            break
-    session.http_hosts.append((key, {pair}, host))
-    return host
-
-
-def _remember_pair(session: AgentSession, key: str, pair: str, host: str) -> None:
-    for opts_key, pairs, known in session.http_hosts:
-        if opts_key == key and known == host:
-            pairs.add(pair)
-            return
-    session.http_hosts.append((key, {pair}, host))
+                return
+        self._given.append((key, {pair}, host))

@@ -1,4 +1,4 @@
-"""Who owns a public name (hostname, TCP port), across reconnects and edge restarts.
+"""Who owns a public name (hostname, transport address), across reconnects and edge restarts.
 
 A name in use belongs to the authtoken (the account) whose tunnel holds it.  When the tunnel
 goes away the name is *held* for that owner for ``hold_period`` seconds: the owner's agent gets
@@ -106,7 +106,11 @@ class _Claim:
 
 @attrs.define(eq=False)
 class NameClaims:
-    """Live names and held names, by ``(kind, name)``; kinds are ``host`` and ``port``."""
+    """Live names and held names, by ``(kind, name)``.
+
+    Kinds are ``host``, ``port`` (TCP ports) and the name of any other transport (``udp``);
+    see :func:`tunneld.core._routes.address_kind`.
+    """
 
     store: Store | None
     hold_period: float = 60.0
@@ -155,10 +159,11 @@ class NameClaims:
         if current is not None and current != owner:
             claim = self._claims[(kind, name)]
             if claim.holders:
-                raise TunnelRejected(f"{_what(kind, name)} is already in use by another account", Code.ADDRESS_IN_USE)
+                raise TunnelRejected(f"{_what(kind, name)} is already in use by another account",
+                                     Code.ADDRESS_IN_USE)
             left = max(1, int(claim.until - self.clock()))
-            raise TunnelRejected(f"{_what(kind, name)} is held for its previous owner for {left} more seconds",
-                                 Code.ADDRESS_IN_USE)
+            raise TunnelRejected(f"{_what(kind, name)} is held for its previous owner for {left} more "
+                                 "seconds", Code.ADDRESS_IN_USE)
         claim = self._claims.setdefault((kind, name), _Claim(owner))
         claim.holders.add(holder)
         self._mark((kind, name))
@@ -255,4 +260,8 @@ class NameClaims:
 
 
 def _what(kind: str, name: str) -> str:
-    return f"port {name}" if kind == "port" else f"hostname {name}"
+    """How messages name ``name`` of ``kind``: ``hostname a.example``, ``port 20001`` (TCP's kind),
+    ``udp port 20001`` (any other transport's kind is the transport)."""
+    if kind == "host":
+        return f"hostname {name}"
+    return f"port {name}" if kind == "port" else f"{kind} port {name}"

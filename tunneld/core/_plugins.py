@@ -18,6 +18,7 @@ BUILTIN_PLUGINS = (
     "tunneld.plugins.tls",
     "tunneld.plugins.file",
     "tunneld.plugins.ssh",
+    "tunneld.plugins.labeled",
 )
 
 #: Comma-separated plugin names to skip (built-in module names or entry-point names).

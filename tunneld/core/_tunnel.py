@@ -13,7 +13,8 @@ and ``session`` rather than its internals: :class:`EdgeContext` (the edge proces
 :class:`SessionContext` (one connected agent, on the edge) and :class:`AgentTunnelContext`
 (one configured tunnel, on the agent).  They live here, below the implementation
 (``_edge``/``_agent`` import this module, never the reverse), and are published by
-:mod:`tunneld.plugin`; ``_context`` adapts the implementation to them.
+:mod:`tunneld.plugin`; the edge (``_edge.EdgeAdapter``, ``AgentSession``) and the agent
+(``_agent.AgentTunnelAdapter``) implement them.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ if TYPE_CHECKING:
 
     from OpenSSL import SSL
 
-    from ._config import TunnelConfig
     from ._forward import ByteCounts
+    from ._ratelimit import FailureLimiter
     from ._store import Store
-    from .proto import Bind, ProxyHeader
+    from .proto import Bind, ProxyHeader, StartTunnelWithLabel
 
 
 @attrs.frozen
@@ -115,6 +116,148 @@ class BindRequest:
     bind: Bind
 
 
+# ---- tunnel options and configuration ----------------------------------------------------------
+
+
+@attrs.frozen
+class TunnelOption:
+    """One setting of a tunnel type: a config-file key and (optionally) an agent command flag.
+
+    Declared in :attr:`TunnelType.options`.  The config loader checks each tunnel's keys against
+    its type's options, and :func:`tunneld.plugin.tunnel_command` makes a flag of each ``flag``.
+    The value lands in :attr:`TunnelConfig.options` under ``key``; read it with
+    :meth:`TunnelConfig.option`, which gives ``default`` when it was not set.
+
+    ``parse`` validates and normalises the value (the whole list when ``multiple``) and raises
+    ``ValueError(message)``: the loader reports ``FILE line N: tunnels.NAME.KEY: message``
+    (for a list, at the first item that fails on its own), the command a usage error naming the
+    flag.  It receives a ``str`` for ``kind=str``; for other kinds, the value as YAML typed it or
+    the flag's text, so it can accept both (``proxy_proto: 2``, ``--proxy-proto 2``).  Without
+    ``parse`` the loader and click check the ``kind``.
+    """
+
+    #: Config-file key (snake_case); also the key in :attr:`TunnelConfig.options`.
+    key: str
+    #: Agent command flag (``--basic-auth``); None: config file only.
+    flag: str | None
+    help: str
+    #: ``str``, ``int``, ``float`` or ``bool`` (a ``--flag/--no-flag`` pair on the command).
+    kind: type = str
+    #: A list in the file, a repeatable flag.
+    multiple: bool = False
+    #: What :meth:`TunnelConfig.option` gives when the option is not set (a list copy if ``multiple``).
+    default: Any = None
+    parse: Callable[[Any], Any] | None = None
+    #: Other config keys with the same meaning and shape (ngrok v3's ``domain`` for ``hostname``).
+    aliases: tuple[str, ...] = ()
+    # -- additions --
+    #: Other spellings of the flag (``--domain``, ``--url`` for ``--hostname``).
+    flag_aliases: tuple[str, ...] = ()
+    #: For a spelling that needs converting (ngrok v2's ``bind_tls: false`` is ``schemes: [http]``):
+    #: declare it as its own option whose ``parse`` converts, with ``into`` the key it fills.
+    #: A ``multiple`` target collects the values of both spellings.
+    into: str | None = None
+    #: Keys of options that must be set (truthy) whenever this one is (``crt`` needs ``key``).
+    requires: tuple[str, ...] = ()
+    #: Never shown in reprs (passwords).
+    secret: bool = False
+    metavar: str | None = None
+
+    @property
+    def target(self) -> str:
+        """The key in :attr:`TunnelConfig.options` this option fills."""
+        return self.into or self.key
+
+
+def declared_option(type_name: str, key: str) -> TunnelOption | None:
+    """The option ``key`` (its own key, not an alias) declared by a tunnel type named ``type_name``.
+
+    Found on the :class:`TunnelType` classes themselves, so configs built in code (tests, the
+    demo) get defaults without a registry.
+    """
+    todo = list(TunnelType.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        if getattr(cls, "name", None) == type_name:
+            for option in cls.options:
+                if option.key == key:
+                    return option
+    return None
+
+
+def _any_declared(key: str) -> TunnelOption | None:
+    todo = list(TunnelType.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        for option in cls.options:
+            if option.key == key:
+                return option
+    return None
+
+
+@attrs.define(init=False, repr=False)
+class TunnelConfig:
+    """One tunnel definition (the ``tunnels:`` map of the config file, or the command line).
+
+    Only what every tunnel type shares is an attribute; the type's own settings are in
+    :attr:`options`, read with :meth:`option`.  Keyword arguments the constructor does not
+    know are options too (``TunnelConfig("w", "http", "8080", schemes=["http"])``), taken as
+    given: the loader and the commands validate, code is trusted.
+    """
+
+    name: str
+    proto: str
+    addr: str
+    #: Record requests for the local inspector (types that inspect, see :attr:`TunnelType.inspects`).
+    inspect: bool
+    #: Free text for the API (ngrok's ``metadata``).
+    metadata: str
+    #: The type's options that were set, by :attr:`TunnelOption.key`.
+    options: dict[str, Any]
+
+    def __init__(self, name: str, proto: str, addr: str, inspect: bool = True, metadata: str = "",
+                 options: dict[str, Any] | None = None, **more: Any) -> None:
+        self.__attrs_init__(name, proto, addr, inspect, metadata, {**(options or {}), **more})
+
+    def option(self, key: str) -> Any:
+        """The value of option ``key``, or its default; KeyError if the type declares no such option."""
+        if key in self.options:
+            return self.options[key]
+        declared = declared_option(self.proto, key)
+        if declared is None:
+            raise KeyError(f"tunnel type {self.proto!r} has no option {key!r}")
+        return _default(declared)
+
+    def __getattr__(self, name: str) -> Any:
+        # Transitional (issue 12): reading an option as an attribute (``config.basic_auth``), as
+        # before options moved into the types.  An option of another type reads as its default.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self.options:
+            return self.options[name]
+        declared = declared_option(self.proto, name) or _any_declared(name)
+        if declared is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return _default(declared)
+
+    def __repr__(self) -> str:
+        def shown(key: str, value: Any) -> str:
+            declared = declared_option(self.proto, key) or _any_declared(key)
+            return "'***'" if declared is None or declared.secret else repr(value)
+
+        options = ", ".join(f"{k!r}: {shown(k, v)}" for k, v in self.options.items())
+        return (f"TunnelConfig(name={self.name!r}, proto={self.proto!r}, addr={self.addr!r}, "
+                f"inspect={self.inspect!r}, metadata={self.metadata!r}, options={{{options}}})")
+
+
+def _default(option: TunnelOption) -> Any:
+    if option.multiple:
+        return list(option.default or ())
+    return option.default
+
+
 # ---- what the core hands plugins ---------------------------------------------------------------
 
 
@@ -173,12 +316,19 @@ class EdgeContext(Protocol):
         """The pyOpenSSL server context for public HTTPS; it picks custom hostnames' certificates by SNI."""
         ...
 
+    @property
+    def limiter(self) -> FailureLimiter:
+        """The edge's failure limiter for logins by address (agents' Auth, the ssh gateway):
+        ``attempt(addr, time.monotonic())`` before checking credentials gives the delay to put on a
+        failure's answer; ``refund(addr)`` after a success."""
+        ...
+
     def ensure_certificate(self, host: str) -> None:
         """Make HTTPS for ``host`` show a valid certificate; TunnelRejected if none (blocking: file I/O)."""
         ...
 
     def listen_addr(self, name: str) -> tuple[str, int] | None:
-        """The configured address of public listener ``name`` (``http``, ``https``); None: turned off."""
+        """The configured address of public listener ``name`` (``http``, ``https``, ``ssh``); None: off."""
         ...
 
     def port_range(self, transport: str) -> tuple[str, int, int] | None:
@@ -221,6 +371,14 @@ class EdgeContext(Protocol):
         ...
 
     # -- hostnames --
+
+    def host_chooser(self, session: SessionContext) -> Callable[[Bind, str], str]:
+        """A fresh :meth:`SessionContext.choose_host` for ``session``: the edge's naming rules.
+
+        A session implemented by a plugin (the ssh gateway's) answers ``choose_host`` with it; it
+        remembers the names it gave (twins of one tunnel get one name): take a new one to forget.
+        """
+        ...
 
     def claim_host(self, route: str, host: str, holder: object, owner: str) -> None:
         """Route ``host`` on ``route`` to ``holder``; TunnelRejected if taken or held for another owner."""
@@ -373,6 +531,19 @@ class AgentTunnelContext(Protocol):
         ...
 
 
+class LabeledTunnels(Protocol):
+    """Serves labeled tunnels (``StartTunnelWithLabel``: routed by labels, not by a public name).
+
+    Registered with :meth:`TunnelTypeRegistry.add_labeled`; the built-in ``labeled`` plugin's
+    refuses them until this edge has a control plane to route them.
+    """
+
+    def edge_tunnel(self, edge: EdgeContext, session: SessionContext, request: StartTunnelWithLabel,
+                    tunnel_id: str) -> EdgeTunnel:
+        """Validate ``request`` and return the tunnel to start; raise TunnelRejected to refuse."""
+        ...
+
+
 class TunnelType(abc.ABC):
     """A kind of tunnel, registered by a plugin through ``tunneld_register_tunnel_types``."""
 
@@ -380,6 +551,13 @@ class TunnelType(abc.ABC):
     name: ClassVar[str]
     #: ``Bind.Proto`` values the edge serves with this type.
     bind_protos: ClassVar[tuple[str, ...]]
+    #: The type's own settings: config keys and command flags (:func:`tunneld.plugin.tunnel_command`).
+    options: ClassVar[tuple[TunnelOption, ...]] = ()
+    #: Help of the type's agent command (``tunneld NAME --help``), with an example.
+    help: ClassVar[str] = ""
+    #: Whether the type records requests for the local inspector: its command gets
+    #: ``--inspect/--no-inspect`` and :meth:`api_config` shows :attr:`TunnelConfig.inspect`.
+    inspects: ClassVar[bool] = False
 
     # ---- edge ----
 
@@ -407,6 +585,13 @@ class TunnelType(abc.ABC):
                            header: ProxyHeader) -> None:
         """Serve one proxied stream; the caller closes ``stream`` afterwards."""
 
+    def api_config(self, config: TunnelConfig, upstream: str) -> dict[str, Any]:
+        """The tunnel's ``config`` object in the agent's local API (``/api/tunnels``, ngrok's shape).
+
+        ``upstream`` is the normalised forwarding address.  Override to add the type's own keys.
+        """
+        return {"addr": upstream, "inspect": config.inspect if self.inspects else False}
+
 
 @attrs.define
 class TunnelTypeRegistry:
@@ -414,6 +599,8 @@ class TunnelTypeRegistry:
 
     _types: dict[str, TunnelType] = attrs.field(factory=dict)
     _by_proto: dict[str, TunnelType] = attrs.field(factory=dict)
+    #: What serves labeled tunnels (:meth:`add_labeled`).
+    _labeled: LabeledTunnels | None = attrs.field(default=None, kw_only=True)
     #: The ``tunneld_agent_upstream`` hook, set by ``build_registry``.
     _upstream_hook: Callable[..., UpstreamHandler | None] | None = None
 
@@ -453,6 +640,17 @@ class TunnelTypeRegistry:
 
     def for_bind_proto(self, proto: str) -> TunnelType | None:
         return self._by_proto.get(proto)
+
+    def add_labeled(self, labeled: LabeledTunnels) -> None:
+        """Register what serves labeled tunnels; a second one is a PluginError."""
+        if self._labeled is not None:
+            raise PluginError(f"labeled tunnels are served by {type(self._labeled).__qualname__!r} "
+                              f"and {type(labeled).__qualname__!r}")
+        self._labeled = labeled
+
+    def for_labels(self) -> LabeledTunnels | None:
+        """What serves labeled tunnels, or None."""
+        return self._labeled
 
 
 def _is_empty(value: Any) -> bool:

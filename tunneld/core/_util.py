@@ -118,10 +118,6 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
     return await trio.open_tcp_listeners(port, host=host or None, backlog=LISTEN_BACKLOG)
 
 
-def listener_port(listeners: list[trio.SocketListener]) -> int:
-    return int(listeners[0].socket.getsockname()[1])
-
-
 def freeze_startup_objects() -> None:
     """Exempt everything alive once a process has started (modules, classes, config) from GC.
 

@@ -26,14 +26,14 @@ _LOCAL_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 def tunnel_json(t: AgentTunnel) -> dict[str, Any]:
     """One tunnel in ngrok's ``/api/tunnels`` shape."""
-    addr = t.upstream
     return {
         "ID": t.tunnel_id,
         "name": t.name,
         "uri": f"/api/tunnels/{quote(t.name)}",
         "public_url": t.public_url,
         "proto": t.proto,
-        "config": {"addr": addr, "inspect": t.config.inspect if t.proto in ("http", "https") else False},
+        # Each type says what its config looks like (ngrok's shapes: addr, inspect, ...).
+        "config": t.type.api_config(t.config, t.upstream),
         "metrics": t.metrics.as_json(),
         # tunneld's addition: who is connected (public client addresses), newest last.
         "connections": [c.as_json() for c in t.metrics.recent],

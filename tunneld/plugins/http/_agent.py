@@ -10,22 +10,26 @@ from urllib.parse import urlsplit
 
 import trio
 
-from tunneld.core import ERROR_HEADER, AgentTunnel, Code, connect_tcp, lean, proto, set_nodelay
-
-from ._relay import Outcome, Reader, ResponseFilter, UpstreamFailed, abort, exchange
-from ._wire import (
+from tunneld.http1 import (
     MAX_FORWARDED_HEAD,
     BadMessage,
     BodyKind,
+    Outcome,
+    Reader,
     RequestHead,
+    ResponseFilter,
     ResponseHead,
+    UpstreamFailed,
+    abort,
     error_response,
+    exchange,
     header_value,
     parse_request_head,
     rewrite_head,
     set_header,
     wants_json,
 )
+from tunneld.plugin import ERROR_HEADER, AgentTunnelContext, Code, connect_tcp, lean, proto, set_nodelay
 
 log = logging.getLogger("tunneld.http")
 
@@ -102,7 +106,7 @@ def upstream_authority(url: str) -> str:
     return host if parts.port in (None, default) else f"{host}:{parts.port}"
 
 
-def host_header_for(tunnel: AgentTunnel) -> bytes | None:
+def host_header_for(tunnel: AgentTunnelContext) -> bytes | None:
     """The Host to send upstream for ``tunnel``'s ``--host-header``, None to pass it unchanged."""
     value = getattr(tunnel.config, "host_header", "")
     if not value:
@@ -191,7 +195,7 @@ class _Upstream:
             self.reader = None
 
 
-async def _relay_request(tunnel: AgentTunnel, client: Reader, upstream: _Upstream, req: RequestHead,
+async def _relay_request(tunnel: AgentTunnelContext, client: Reader, upstream: _Upstream, req: RequestHead,
                          raw: bytes, response_filter: ResponseFilter = strip_error_header) -> Outcome:
     """One request/response through the upstream; answers 502 itself when that fails."""
     head_only = req.method == b"HEAD"
@@ -237,7 +241,7 @@ async def _relay_request(tunnel: AgentTunnel, client: Reader, upstream: _Upstrea
     raise AssertionError("unreachable: the second attempt always returns")
 
 
-async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+async def serve_http_stream(tunnel: AgentTunnelContext, stream: trio.abc.HalfCloseableStream,
                             header: proto.ProxyHeader) -> None:
     """Relay the requests of one proxied public connection to the upstream."""
     client = Reader(stream)
@@ -262,7 +266,7 @@ async def serve_http_stream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableS
             try:
                 outcome = await _relay_request(tunnel, client, upstream, req, raw, response_filter)
             finally:
-                tunnel.metrics.request_done(time.monotonic() - started)
+                tunnel.request_done(time.monotonic() - started)
             if outcome is not Outcome.KEEP:
                 return
     except BadMessage as exc:

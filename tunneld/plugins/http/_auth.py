@@ -35,7 +35,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from tunneld.core import Code, TunnelRejected, split_basic_auth
+from tunneld.plugin import Code, TunnelRejected, split_basic_auth
 
 #: Realm announced in the 401's ``WWW-Authenticate`` (ngrok announces its own name).
 REALM = "tunneld"
@@ -140,17 +140,6 @@ def basic_auth_from_opts(opts: dict[str, Any]) -> BasicAuth | None:
                                      Code.BIND_MALFORMED)
             credentials.append(_checked(user, password or ""))
     return BasicAuth(credentials) if credentials else None
-
-
-def bind_opts(credentials: list[str]) -> dict[str, Any]:
-    """Bind options carrying ``credentials`` (``user:password`` strings) in ngrok's wire shape."""
-    if len(credentials) == 1:
-        return {"Auth": credentials[0]}
-    listed = []
-    for credential in credentials:
-        user, _, password = credential.partition(":")
-        listed.append({"username": user, "cleartext_password": password})
-    return {"BasicAuth": {"credentials": listed}}
 
 
 def challenge_headers() -> list[tuple[str, str]]:

@@ -10,28 +10,27 @@ from typing import Any
 import attrs
 import trio
 
-from tunneld.core import (
-    AgentSession,
-    Code,
-    Edge,
-    TunnelInfo,
-    TunnelRejected,
-    accept_tls,
-    lean,
-    peer_addr,
-)
-
-from ._auth import BasicAuth, challenge_headers
-from ._relay import HEAD_READ, HeadBudget, Outcome, Progress, Reader, UpstreamFailed, abort, exchange
-from ._wire import (
+from tunneld.http1 import (
+    HEAD_READ,
     BadMessage,
+    HeadBudget,
+    Outcome,
+    Progress,
+    Reader,
     RequestHead,
+    UpstreamFailed,
+    abort,
     error_response,
+    exchange,
     parse_request_head,
     rewrite_head,
     set_header,
     wants_json,
 )
+from tunneld.plugin import Code, EdgeContext, SessionContext, TunnelInfo, TunnelRejected, lean, peer_addr
+from tunneld.tlsutil import accept_tls
+
+from ._auth import BasicAuth, challenge_headers
 
 log = logging.getLogger("tunneld.http")
 access_log = logging.getLogger("tunneld.access")
@@ -62,15 +61,14 @@ HANDLED_OPTS = {"hostname", "subdomain", "domain", "url", "hostheaderrewrite", "
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 
 
-def refuse_sdk_host_rewrite(session: AgentSession, opts: dict[str, Any]) -> None:
+def refuse_sdk_host_rewrite(session: SessionContext, opts: dict[str, Any]) -> None:
     """Refuse ``HostHeaderRewrite`` from an SDK client: the edge cannot carry it out.
 
     ngrok's v2 agent (and ours) rewrites Host itself and sends the option for information only;
     the SDKs (``ClientType: ngrok-*``) forward bytes unchanged and expect the edge to do it,
     which needs the upstream address only the client knows.
     """
-    client_type = session.auth.extra.client_type if session.auth is not None else ""
-    if not client_type.startswith("ngrok-"):
+    if not session.client_type.startswith("ngrok-"):
         return
     if any(key.lower() == "hostheaderrewrite" and value for key, value in opts.items()):
         raise TunnelRejected("HostHeaderRewrite is not supported by this edge for SDK clients; "
@@ -81,8 +79,8 @@ def refuse_sdk_host_rewrite(session: AgentSession, opts: dict[str, Any]) -> None
 class HttpEdgeTunnel:
     """A hostname route on the public HTTP or HTTPS listener."""
 
-    edge: Edge
-    session: AgentSession
+    edge: EdgeContext
+    session: SessionContext
     tunnel_id: str
     scheme: str
     host: str
@@ -92,19 +90,19 @@ class HttpEdgeTunnel:
     async def run(self, *, task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
         if self.scheme not in self.edge.ports:
             raise TunnelRejected(f"this edge has no public {self.scheme} listener", Code.PROTO_UNSUPPORTED)
-        if self.scheme == "https" and not self.host.endswith("." + self.edge.config.domain):
+        if self.scheme == "https" and not self.host.endswith("." + self.edge.domain):
             # A custom hostname needs a certificate of its own.
             await trio.to_thread.run_sync(self.edge.ensure_certificate, self.host)
-        self.edge.routes.claim_host(self.scheme, self.host, self, self.session.owner)
+        self.edge.claim_host(self.scheme, self.host, self, self.session.owner)
         try:
             task_status.started(TunnelInfo(self.edge.public_url(self.scheme, self.host), self.scheme,
                                            ("host", self.host)))
             await trio.sleep_forever()
         finally:
-            self.edge.routes.release_host(self.scheme, self.host, self)
+            self.edge.release_host(self.scheme, self.host, self)
 
     async def open_stream(self, client_addr: str, first: bytes = b"") -> trio.abc.HalfCloseableStream:
-        return await self.session.open_proxy_stream(self.tunnel_id, client_addr, self.scheme, first=first)
+        return await self.session.open_stream(self.tunnel_id, client_addr, self.scheme, first=first)
 
 
 def forwarded_head(raw: bytes, req: RequestHead, client_ip: str, scheme: str) -> bytes:
@@ -139,16 +137,17 @@ def normalise_host(host: str) -> str:
 class HttpIngress:
     """The edge's public HTTP and HTTPS listeners."""
 
-    edge: Edge
+    edge: EdgeContext
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        cfg = self.edge.config
+        edge = self.edge
+        http_addr, https_addr = edge.listen_addr("http"), edge.listen_addr("https")
         async with trio.open_nursery() as nursery:
-            if cfg.http_addr is not None:
-                listeners = await self.edge.open_public_listeners("http", "--http-addr", cfg.http_addr)
+            if http_addr is not None:
+                listeners = await self.edge.open_public_listeners("http", "--http-addr", http_addr)
                 await nursery.start(self.edge.serve_public, self._serve_http, listeners)
-            if cfg.https_addr is not None:
-                listeners = await self.edge.open_public_listeners("https", "--https-addr", cfg.https_addr)
+            if https_addr is not None:
+                listeners = await self.edge.open_public_listeners("https", "--https-addr", https_addr)
                 await nursery.start(self.edge.serve_public, self._serve_https, listeners)
             task_status.started()
 
@@ -225,7 +224,7 @@ class HttpIngress:
                                           "CONNECT is not allowed: this is not an open proxy", req=req)
                         return
                     host = normalise_host(req.host)
-                    tunnel = self.edge.routes.lookup(scheme, host)
+                    tunnel = self.edge.lookup_host(scheme, host)
                     if tunnel is None:
                         await _send_error(client, 404, Code.TUNNEL_NOT_FOUND,
                                           f"Tunnel {host or '(no Host header)'} not found", req=req)
@@ -308,15 +307,11 @@ class HttpIngress:
 
     def _access(self, client_addr: str, host: str, req: RequestHead, status: int, started: float,
                 tunnel: HttpEdgeTunnel | None = None) -> None:
-        # Same shape as TCP/TLS connection lines (core/_access.py): client= first, "-" for none.
+        # Checked here too: no decoding for a line nobody writes (the edge's check is the same logger's).
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                'client=%s host=%s tunnel=%s method=%s path="%s" status=%d duration_ms=%.1f',
-                client_addr, host or "-", tunnel.tunnel_id if tunnel is not None else "-",
-                req.method.decode("latin-1"),
-                req.target.decode("latin-1").replace('"', "%22")[:512], status,
-                (time.monotonic() - started) * 1000,
-            )
+            self.edge.log_request(client=client_addr, host=host, tunnel_id=tunnel.tunnel_id if tunnel else "",
+                                  method=req.method.decode("latin-1"), path=req.target.decode("latin-1"),
+                                  status=status, started=started)
 
 
 def _ended(upstream: Reader) -> bool:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tunneld import hookimpl
-from tunneld.core import Edge, EdgeService
+from tunneld.plugin import EdgeContext, EdgeService, hookimpl
 
 
 @hookimpl
-def tunneld_edge_services(edge: Edge) -> Iterable[EdgeService]:
-    addr = edge.config.ssh_addr
+def tunneld_edge_services(edge: EdgeContext) -> Iterable[EdgeService]:
+    addr = edge.listen_addr("ssh")
     if addr is None:
         return []
     # Imported here: asyncssh takes ~0.1 s to import, which agents and gateway-less edges skip.

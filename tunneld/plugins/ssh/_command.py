@@ -13,8 +13,8 @@ import shlex
 
 import attrs
 
-from tunneld.core import proto, split_basic_auth
-from tunneld.plugins.http._auth import bind_opts
+from tunneld.http1 import basic_auth_bind_opts
+from tunneld.plugin import proto, split_basic_auth
 
 #: The user name selecting this command syntax (ngrok's ``v2@connect.ngrok-agent.com``).
 SYNTAX_USER = "v2"
@@ -166,7 +166,7 @@ def binds_for(cmd: SshCommand, listen_host: str, listen_port: int, ports: dict[s
     schemes = cmd.schemes or _schemes_for_port(listen_port, ports, forward)
     opts = dict(host_opts)
     if cmd.basic_auth:
-        opts.update(bind_opts(list(cmd.basic_auth)))
+        opts.update(basic_auth_bind_opts(list(cmd.basic_auth)))
     return [proto.Bind(proto=scheme, forwards_to=cmd.addr, opts=dict(opts)) for scheme in schemes]
 
 

@@ -17,7 +17,7 @@ A connection is accepted by Trio (so the edge's connection budgets and shutdown 
 a duplicate of its socket is handed to asyncssh.  asyncssh's callbacks post events (forward
 requested, command received, Ctrl-C, closed); :class:`SshSession` turns them into Binds and
 runs the ordinary edge tunnels with itself as their session.  Each public connection asks
-:meth:`SshSession.open_proxy_stream` for a stream, which opens a ``forwarded-tcpip`` channel
+:meth:`SshSession.open_stream` for a stream, which opens a ``forwarded-tcpip`` channel
 back to the ssh client and hands Trio one end of a socketpair.
 
 Forward requests are answered only once the command is known, so a ``-R 0`` forward of a
@@ -33,6 +33,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,16 @@ import asyncssh
 import attrs
 import trio
 
-from tunneld.core import Code, Edge, TunnelInfo, TunnelRejected, choose_host, peer_addr, proto
-from tunneld.core._util import format_host_port
-from tunneld.plugins.http._wire import error_response
+from tunneld.http1 import error_response
+from tunneld.plugin import (
+    Code,
+    EdgeContext,
+    TunnelInfo,
+    TunnelRejected,
+    format_host_port,
+    peer_addr,
+    proto,
+)
 
 from . import _server
 from ._bridge import AsyncioThread
@@ -87,7 +95,7 @@ def load_host_key(data_dir: Path) -> asyncssh.SSHKey:
 class SshGateway:
     """The edge service serving ``ssh -R ... v2@EDGE http``; started with ``nursery.start(gw.run)``."""
 
-    edge: Edge
+    edge: EdgeContext
     addr: tuple[str, int]
     #: Who may log in (default: ``DATA_DIR/authorized_keys``).
     keys: KeyLookup | None = None
@@ -102,7 +110,7 @@ class SshGateway:
         The asyncio thread lives exactly as long as this call.
         """
         if self.keys is None:
-            authorized = self.edge.config.data_dir / "authorized_keys"
+            authorized = self.edge.data_dir / "authorized_keys"
             if not authorized.exists():
                 log.warning("SSH gateway: %s does not exist yet: no key can log in until it does", authorized)
             self.keys = AuthorizedKeysFile(authorized)
@@ -110,7 +118,7 @@ class SshGateway:
         asyncssh_log = logging.getLogger("asyncssh")
         if asyncssh_log.level == logging.NOTSET:
             asyncssh_log.setLevel(logging.WARNING)
-        self.host_key = await trio.to_thread.run_sync(load_host_key, self.edge.config.data_dir)
+        self.host_key = await trio.to_thread.run_sync(load_host_key, self.edge.data_dir)
         listeners = await self.edge.open_public_listeners("ssh", "--ssh-addr", self.addr)
         self.port = self.edge.ports["ssh"]
         self.bridge.start()
@@ -183,20 +191,15 @@ class _Target:
 class SshSession:
     """One logged-in SSH connection: its command, its forwards and their tunnels.
 
-    Edge tunnels see it as their session; what they use of one (the duck-typed session
-    interface) is ``owner``, ``auth``, ``remote_addr``, ``http_hosts``, ``resumed_name()``
-    and ``open_proxy_stream()``; ``client_type``, ``choose_host()`` and ``open_stream()``
-    are there for the ``SessionContext`` protocol that will replace the duck typing.
+    Edge tunnels see it as their session: it implements ``tunneld.plugin.SessionContext``.
     """
 
     gateway: SshGateway
     link: Link
     remote_addr: str
     credential: SshCredential
-    #: Never an agent's Auth: the SDK-only rules of the http plugin do not apply.
-    auth: proto.Auth | None = None
-    #: HTTP binds without an explicit name share one host across http and https (see choose_host).
-    http_hosts: list[tuple[str, set[str], str]] = attrs.field(factory=list)
+    #: The edge's naming rules, remembering this session's names (see :meth:`choose_host`).
+    _hosts: Callable[[proto.Bind, str], str] | None = None
     command: SshCommand | None = None
     _pending: list[ForwardRequested] = attrs.field(factory=list)
     _targets: dict[str, _Target] = attrs.field(factory=dict)
@@ -226,17 +229,13 @@ class SshSession:
         return None
 
     def choose_host(self, bind: proto.Bind, pair: str) -> str:
-        """The public hostname for a name-routed Bind (core ``choose_host``, this session's owner)."""
-        return choose_host(self.gateway.edge, self, bind, pair)  # type: ignore[arg-type]
+        """The public hostname for a name-routed Bind (the edge's naming rules, this session's owner)."""
+        if self._hosts is None:
+            self._hosts = self.gateway.edge.host_chooser(self)
+        return self._hosts(bind, pair)
 
     async def open_stream(self, tunnel_id: str, client_addr: str, proto: str, *,
-                          passthrough_tls: bool = False, first: bytes = b"") -> trio.SocketStream:
-        """The same as :meth:`open_proxy_stream`, under the name of the coming ``SessionContext``."""
-        return await self.open_proxy_stream(tunnel_id, client_addr, proto, passthrough_tls=passthrough_tls,
-                                            first=first)
-
-    async def open_proxy_stream(self, tunnel_id: str, client_addr: str, proto_name: str, *,
-                                passthrough_tls: bool = False, first: bytes = b"") -> trio.SocketStream:
+                          passthrough_tls: bool = False, first: bytes = b"") -> trio.abc.HalfCloseableStream:
         """Open a ``forwarded-tcpip`` channel to the ssh client for one public connection.
 
         Raises BrokenResourceError when the session is gone or the client refuses the channel
@@ -254,7 +253,7 @@ class SshSession:
                 discard=socket.socket.close)
         except (asyncssh.Error, OSError) as exc:
             reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
-            if proto_name in ("http", "https") and self._nursery is not None:
+            if proto in ("http", "https") and self._nursery is not None:
                 # What the agent does when its upstream is down: a 502 with ERR_TUNNELD_8012.
                 return await self._answer_502(reason)
             raise trio.BrokenResourceError(f"the ssh client refused the connection: {reason}") from exc
@@ -324,8 +323,8 @@ class SshSession:
     def _on_command(self, text: str | None) -> None:
         if self._ending or self.command is not None:
             return
-        usage = USAGE.format(host=self.gateway.edge.config.domain, port=self.gateway.port,
-                             domain=self.gateway.edge.config.domain)
+        usage = USAGE.format(host=self.gateway.edge.domain, port=self.gateway.port,
+                             domain=self.gateway.edge.domain)
         if self.link.username != SYNTAX_USER:
             self._end(2, f"Error: log in as {SYNTAX_USER}@... (the user name selects the command syntax; "
                       f"got {self.link.username!r})\n", "wrong user name")
@@ -363,10 +362,10 @@ class SshSession:
             if (event.host, event.port) in self._forward_keys:
                 # The client tells its forwards apart by (name, port) alone.
                 raise UsageError("given twice: each -R needs its own remote port or name")
-            binds = binds_for(self.command, event.host, event.port, dict(edge.ports), edge.config.domain)
+            binds = binds_for(self.command, event.host, event.port, dict(edge.ports), edge.domain)
             target = _Target(event.host)
             # Only the binds of one forward share a random name (https and http of -R 0).
-            self.http_hosts = []
+            self._hosts = edge.host_chooser(self)
             infos = [await self._start_tunnel(bind, target) for bind in binds]
         except (UsageError, TunnelRejected) as exc:
             bridge.call_soon(_server.resolve, event.reply, False)
@@ -397,7 +396,7 @@ class SshSession:
             raise TunnelRejected(f"protocol {bind.proto!r} is not served by this edge",
                                  Code.PROTO_UNSUPPORTED)
         tunnel_id = "tn_" + secrets.token_hex(12)
-        tunnel = tunnel_type.edge_tunnel(edge, self, bind, tunnel_id)  # type: ignore[arg-type]
+        tunnel = tunnel_type.edge_tunnel(edge, self, bind, tunnel_id)
         self._targets[tunnel_id] = target
         assert self._nursery is not None
         try:
@@ -438,14 +437,14 @@ class SshSession:
         await trio.sleep(COMMAND_TIMEOUT)
         if self.command is None and not self._ending:
             self._end(2, f"Error: no command within {COMMAND_TIMEOUT:g}s: run e.g. "
-                      f"ssh -R 443:localhost:80 {SYNTAX_USER}@{self.gateway.edge.config.domain} "
+                      f"ssh -R 443:localhost:80 {SYNTAX_USER}@{self.gateway.edge.domain} "
                       f"-p {self.gateway.port} http\n", "no command")
 
     async def _forward_deadline(self) -> None:
         await trio.sleep(FORWARD_TIMEOUT)
         if not self._forwarded and not self._pending and not self._ending:
             self._end(2, "Error: no -R forward was requested: add one, e.g. "
-                      f"ssh -R 443:localhost:80 {SYNTAX_USER}@{self.gateway.edge.config.domain} "
+                      f"ssh -R 443:localhost:80 {SYNTAX_USER}@{self.gateway.edge.domain} "
                       f"-p {self.gateway.port} http\n", "no forward")
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 
-from tunneld import hookimpl
-from tunneld.core import (
-    AgentSession,
-    AgentTunnel,
+from tunneld.plugin import (
+    AgentTunnelContext,
     BindRequest,
-    Edge,
+    EdgeContext,
+    SessionContext,
     TunnelConfig,
     TunnelType,
     TunnelTypeRegistry,
-    forward_to_upstream,
+    hookimpl,
     parse_local_addr,
     proto,
     proxy_proto_option,
@@ -21,6 +22,10 @@ from tunneld.core import (
 )
 
 from ._edge import TcpEdgeTunnel, requested_port
+from ._options import TCP_HELP, TCP_OPTIONS
+
+if TYPE_CHECKING:
+    import click
 
 
 def parse_tcp_addr(addr: str) -> str:
@@ -31,10 +36,14 @@ def parse_tcp_addr(addr: str) -> str:
 class TcpTunnelType(TunnelType):
     name = "tcp"
     bind_protos = ("tcp",)
+    options = TCP_OPTIONS
+    help = TCP_HELP
 
-    def edge_tunnel(self, edge: Edge, session: AgentSession, bind: proto.Bind, tunnel_id: str) -> TcpEdgeTunnel:
+    def edge_tunnel(self, edge: EdgeContext, session: SessionContext, bind: proto.Bind,
+                    tunnel_id: str) -> TcpEdgeTunnel:
         refuse_unenforced(bind.opts, {"addr", "url", "proxyproto"})
-        resumed = session.resumed_name(bind, "port")
+        # Resume tokens name a TCP port as ("port", "20001"): the kind is address_name's first.
+        resumed = session.resumed_name(bind, edge.address_name("tcp", 0)[0])
         return TcpEdgeTunnel(edge, session, tunnel_id, requested_port(bind.opts),
                              int(resumed) if resumed and resumed.isdigit() else None,
                              proxy_proto=proxy_proto_option(bind.opts))
@@ -44,16 +53,24 @@ class TcpTunnelType(TunnelType):
 
     def agent_binds(self, config: TunnelConfig) -> list[BindRequest]:
         upstream = parse_tcp_addr(config.addr)
-        opts: dict[str, object] = {"Addr": config.remote_addr, "ProxyProto": config.proxy_proto}
+        opts: dict[str, object] = {"Addr": config.option("remote_addr"),
+                                   "ProxyProto": config.option("proxy_proto")}
         return [BindRequest(config.name, proto.Bind(proto="tcp", forwards_to=upstream, opts=opts,
                                                     extra=proto.BindExtra(name=config.name)))]
 
-    async def agent_handle(self, tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStream,
+    async def agent_handle(self, tunnel: AgentTunnelContext, stream: trio.abc.HalfCloseableStream,
                            header: proto.ProxyHeader) -> None:
         # A PROXY header, if the tunnel asked for one, is already in the stream: passed on as is.
-        await forward_to_upstream(tunnel, stream, header)
+        await tunnel.forward_to_upstream(stream, header)
 
 
 @hookimpl
 def tunneld_register_tunnel_types(registry: TunnelTypeRegistry) -> None:
     registry.add(TcpTunnelType())
+
+
+@hookimpl
+def tunneld_add_commands(cli: click.Group) -> None:
+    from tunneld.plugin import tunnel_command
+
+    cli.add_command(tunnel_command(TcpTunnelType()))

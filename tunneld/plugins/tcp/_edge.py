@@ -11,17 +11,16 @@ from typing import Any
 import attrs
 import trio
 
-from tunneld.core import (
-    AgentSession,
+from tunneld.plugin import (
     ByteCounts,
     Code,
-    Edge,
+    EdgeContext,
+    SessionContext,
     TunnelInfo,
     TunnelRejected,
     forward,
     lean,
     local_addr,
-    log_connection,
     open_listeners,
     peer_addr,
     proto,
@@ -30,6 +29,8 @@ from tunneld.core import (
 
 log = logging.getLogger("tunneld.tcp")
 
+#: The transport of this plugin's addresses (``EdgeContext.claim_address`` and friends).
+TCP = "tcp"
 #: Random ports tried before the range is declared full.
 PORT_ATTEMPTS = 64
 
@@ -47,8 +48,8 @@ def requested_port(opts: dict[str, Any]) -> int | None:
 
 @attrs.define(eq=False)
 class TcpEdgeTunnel:
-    edge: Edge
-    session: AgentSession
+    edge: EdgeContext
+    session: SessionContext
     tunnel_id: str
     port: int | None
     #: The port this tunnel had before its agent reconnected (from the resume token).
@@ -57,15 +58,18 @@ class TcpEdgeTunnel:
     proxy_proto: int = 0
 
     async def _bind(self) -> list[trio.SocketListener]:
-        cfg = self.edge.config
-        low, high = cfg.tcp_ports
+        edge = self.edge
+        span = edge.port_range(TCP)
+        if span is None:
+            raise TunnelRejected("this edge has no TCP ports for tunnels", Code.PROTO_UNSUPPORTED)
+        tcp_host, low, high = span
         owner = self.session.owner
         if self.port is not None:
             if not low <= self.port <= high:
                 raise TunnelRejected(f"port {self.port} is outside this edge's range {low}-{high}",
                                      Code.ADDRESS_NOT_ALLOWED)
-            owner_now = self.edge.routes.names.owner_of("port", str(self.port))
-            if self.port not in self.edge.routes.ports and owner_now not in (None, owner):
+            owner_now = edge.address_owner(TCP, self.port)
+            if edge.lookup_address(TCP, self.port) is None and owner_now not in (None, owner):
                 raise TunnelRejected(f"port {self.port} is held for its previous owner", Code.ADDRESS_IN_USE)
             candidates = [self.port]
         else:
@@ -74,13 +78,14 @@ class TcpEdgeTunnel:
             if self.resumed is not None and low <= self.resumed <= high:
                 candidates.insert(0, self.resumed)
         for port in candidates:
-            if not self.edge.routes.port_available(port, owner):
+            if not edge.address_available(TCP, port, owner):
                 continue
             try:
-                return await open_listeners(cfg.tcp_host, port)
+                return await open_listeners(tcp_host, port)
             except OSError as exc:
                 if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
-                    raise TunnelRejected(f"cannot listen on port {port}: {exc.strerror}", Code.NO_FREE_PORT) from exc
+                    raise TunnelRejected(f"cannot listen on port {port}: {exc.strerror}",
+                                         Code.NO_FREE_PORT) from exc
         if self.port is not None:
             raise TunnelRejected(f"port {self.port} is in use", Code.ADDRESS_IN_USE)
         raise TunnelRejected(f"no free TCP port in {low}-{high}", Code.NO_FREE_PORT)
@@ -88,26 +93,26 @@ class TcpEdgeTunnel:
     async def run(self, *, task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await self._bind()
         port = int(listeners[0].socket.getsockname()[1])
-        routes = self.edge.routes
+        edge = self.edge
         try:
-            routes.claim_port(port, self, self.session.owner)
+            edge.claim_address(TCP, port, self, self.session.owner)
         except BaseException:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             raise
         # Its listeners' descriptors come out of the public connections' budget.
-        self.edge.listener_fds += len(listeners)
+        edge.count_listener_fds(len(listeners))
         try:
             async with trio.open_nursery() as nursery:
                 # The edge's accept loop: connections beyond the descriptor budget are reset at
                 # once, and running out of descriptors is logged once per interval, not per accept.
-                await nursery.start(self.edge.serve_public, self._handle, listeners)
-                task_status.started(TunnelInfo(f"tcp://{self.edge.config.domain}:{port}", "tcp",
-                                               ("port", str(port))))
+                await nursery.start(edge.serve_public, self._handle, listeners)
+                task_status.started(TunnelInfo(f"tcp://{edge.domain}:{port}", "tcp",
+                                               edge.address_name(TCP, port)))
         finally:
             # The listeners close with their accept loops; the port is free again right now.
-            self.edge.listener_fds -= len(listeners)
-            routes.release_port(port, self)
+            edge.count_listener_fds(-len(listeners))
+            edge.release_address(TCP, port, self)
 
     async def _handle(self, public: trio.SocketStream) -> None:
         set_nodelay(public)
@@ -120,8 +125,10 @@ class TcpEdgeTunnel:
             try:
                 # The edge writes the PROXY header, as official SDKs expect (ngrok-protocol.md
                 # §3.5), in the stream's SYN frame.
-                head = proto.encode_proxy_header(self.proxy_proto, client, server) if self.proxy_proto else b""
-                stream = await self.session.open_proxy_stream(self.tunnel_id, client, "tcp", first=head)
+                head = b""
+                if self.proxy_proto:
+                    head = proto.encode_proxy_header(self.proxy_proto, client, server)
+                stream = await self.session.open_stream(self.tunnel_id, client, "tcp", first=head)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             try:
@@ -132,6 +139,6 @@ class TcpEdgeTunnel:
         finally:
             await trio.aclose_forcefully(public)
             port = server.rsplit(":", 1)[-1]
-            log_connection(client=client, proto="tcp", tunnel_id=self.tunnel_id,
-                           url=f"tcp://{self.edge.config.domain}:{port}", result=result, started=started,
-                           counts=counts)
+            self.edge.log_connection(client=client, proto="tcp", tunnel_id=self.tunnel_id,
+                                     url=f"tcp://{self.edge.domain}:{port}", result=result, started=started,
+                                     counts=counts)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 from OpenSSL import SSL
 
-# Transitional (issue 12): the edge and the agent still hand plugins their own objects; these
-# wrap them in the plugin API's contexts (idempotent).  Dropped once they pass contexts.
-from tunneld.core._context import as_edge_context, as_session_context, as_tunnel_context
 from tunneld.plugin import (
     AgentTunnelContext,
     BindRequest,
@@ -25,11 +24,17 @@ from tunneld.plugin import (
 
 from ._agent import parse_tls_addr, serve_tls_stream, termination_context
 from ._edge import HANDLED_OPTS, SniFront, TlsEdgeTunnel
+from ._options import TLS_HELP, TLS_OPTIONS
+
+if TYPE_CHECKING:
+    import click
 
 
 class TlsTunnelType(TunnelType):
     name = "tls"
     bind_protos = ("tls",)
+    options = TLS_OPTIONS
+    help = TLS_HELP
 
     def __init__(self) -> None:
         # Agent-side termination contexts by (crt, key): built once, when the agent starts.
@@ -37,7 +42,6 @@ class TlsTunnelType(TunnelType):
 
     def edge_tunnel(self, edge: EdgeContext, session: SessionContext, bind: proto.Bind,
                     tunnel_id: str) -> TlsEdgeTunnel:
-        edge, session = as_edge_context(edge), as_session_context(session)
         refuse_unenforced(bind.opts, HANDLED_OPTS)
         version = proxy_proto_option(bind.opts)
         # Names are shared with HTTP tunnels (one namespace on port 443); "tls" pairs with nothing.
@@ -47,27 +51,27 @@ class TlsTunnelType(TunnelType):
         return parse_tls_addr(addr)
 
     def _context(self, config: TunnelConfig) -> SSL.Context | None:
-        if not config.crt and not config.key:
+        crt, key = config.option("crt"), config.option("key")
+        if not crt and not key:
             return None
-        found = self._contexts.get((config.crt, config.key))
+        found = self._contexts.get((crt, key))
         if found is None:
             # Raises ConfigError for a bad pair; called from agent_binds, i.e. before connecting.
             prefix = "--" if config.name == "command_line" else f"tunnels.{config.name}."
-            found = termination_context(config.crt, config.key, crt_name=f"{prefix}crt",
-                                        key_name=f"{prefix}key")
-            self._contexts[(config.crt, config.key)] = found
+            found = termination_context(crt, key, crt_name=f"{prefix}crt", key_name=f"{prefix}key")
+            self._contexts[(crt, key)] = found
         return found
 
     def agent_binds(self, config: TunnelConfig) -> list[BindRequest]:
         upstream = parse_tls_addr(config.addr)
         self._context(config)
-        opts = {"Hostname": config.hostname, "Subdomain": config.subdomain, "ProxyProto": config.proxy_proto}
+        opts = {"Hostname": config.option("hostname"), "Subdomain": config.option("subdomain"),
+                "ProxyProto": config.option("proxy_proto")}
         return [BindRequest(config.name, proto.Bind(proto="tls", forwards_to=upstream, opts=opts,
                                                     extra=proto.BindExtra(name=config.name)))]
 
     async def agent_handle(self, tunnel: AgentTunnelContext, stream: trio.abc.HalfCloseableStream,
                            header: proto.ProxyHeader) -> None:
-        tunnel = as_tunnel_context(tunnel)
         await serve_tls_stream(tunnel, stream, header, self._context(tunnel.config))
 
 
@@ -77,5 +81,12 @@ def tunneld_register_tunnel_types(registry: TunnelTypeRegistry) -> None:
 
 
 @hookimpl
+def tunneld_add_commands(cli: click.Group) -> None:
+    from tunneld.plugin import tunnel_command
+
+    cli.add_command(tunnel_command(TlsTunnelType()))
+
+
+@hookimpl
 def tunneld_edge_tls_front(edge: EdgeContext) -> TlsFront:
-    return SniFront(as_edge_context(edge))
+    return SniFront(edge)

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import httptools
 
-from tunneld.core import ERROR_HEADER, Code
+from tunneld.plugin import ERROR_HEADER, Code
 
 __all__ = [
     "BadMessage",
@@ -88,7 +88,8 @@ class _Head:
         """Header lines as (name, value), names in their original case, in order."""
         if self._headers is None:
             lines = self.raw[:-4].split(b"\r\n")
-            self._headers = [(name, value.lstrip(b" \t"))
+            # The slot is the subclasses' (attrs), which mypy cannot see from here.
+            self._headers = [(name, value.lstrip(b" \t"))  # type: ignore[misc]
                              for name, _, value in (line.partition(b":") for line in lines[1:])]
         return self._headers
 

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from tunneld.core import CHUNK, forward
+from tunneld.plugin import CHUNK, forward
 
 from ._wire import (
     MAX_HEAD,
@@ -190,7 +190,8 @@ class Reader(trio.abc.HalfCloseableStream):
             del self.buf[:n]
             await trio.lowlevel.checkpoint()
             return data
-        return await self.stream.receive_some(max_bytes)
+        # Trio's streams give bytes; their ABC also allows bytearray, which no stream here returns.
+        return await self.stream.receive_some(max_bytes)  # type: ignore[return-value]
 
     def unread(self, data: bytes) -> None:
         self.buf[0:0] = data

@@ -1,0 +1,129 @@
+"""The edge's route table: public hostnames and transport-keyed addresses → the tunnel serving them.
+
+Two kinds of public names:
+
+* a *hostname* is routed per route (``http``, ``https``, ``tls``: the public listener serving
+  it) and owned as one name (kind ``host`` in :class:`NameClaims`);
+* an *address* is a port of a transport: ``("tcp", 20001)`` and ``("udp", 20001)`` are
+  different.  TCP ports keep their own table (:attr:`RouteTable.ports`) and the name kind
+  ``port``, as resume tokens already in agents' hands say; every other transport's names are
+  of the transport's own kind (``udp``).
+
+Claims go through :class:`NameClaims` too, so a name stays with its owner (authtoken) for the
+hold period after its tunnel goes away.  ``owner=""`` claims skip ownership (tests, internal
+services).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ._errors import Code, TunnelRejected
+from ._names import NameClaims
+
+#: The transport whose ports are :attr:`RouteTable.ports` (and names of kind ``port``).
+TCP = "tcp"
+
+
+def address_kind(transport: str) -> str:
+    """The :class:`NameClaims` kind of ``transport``'s ports: ``port`` for TCP, else the transport."""
+    if transport == TCP:
+        return "port"
+    if not transport or transport in ("host", "port"):
+        # Those kinds are hostnames' and TCP's: a transport named so would share their claims.
+        raise ValueError(f"{transport!r} cannot name a transport")
+    return transport
+
+
+@attrs.define(eq=False)
+class RouteTable:
+    """Public hostnames and transport addresses → the edge tunnel serving them."""
+
+    names: NameClaims = attrs.field(factory=lambda: NameClaims(None))
+    #: (route, host) → holder.
+    hosts: dict[tuple[str, str], Any] = attrs.field(factory=dict)
+    #: TCP port → holder (also ``addresses["tcp"]``).
+    ports: dict[int, Any] = attrs.field(factory=dict)
+    #: Transport → port → holder.
+    addresses: dict[str, dict[int, Any]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.addresses = {TCP: self.ports}
+
+    # ---- hostnames ---------------------------------------------------------------------------
+
+    def claim_host(self, route: str, host: str, holder: Any, owner: str = "") -> None:
+        """Route ``route://host`` to ``holder``; TunnelRejected if taken or held for another owner."""
+        key = (route, host)
+        current = self.hosts.get(key)
+        if current is not None and current is not holder:
+            raise TunnelRejected(f"{route}://{host} is already in use by another tunnel", Code.ADDRESS_IN_USE)
+        # TLS tunnels and HTTPS share port 443 and are told apart by SNI alone: one name
+        # cannot be both (nor an HTTP tunnel's http twin of it).
+        for rival in (("http", "https") if route == "tls" else ("tls",)):
+            if self.hosts.get((rival, host)) not in (None, holder):
+                raise TunnelRejected(f"{host} is already in use by another tunnel ({rival}://{host})",
+                                     Code.ADDRESS_IN_USE)
+        if owner:
+            self.names.acquire("host", host, owner, holder)
+        self.hosts[key] = holder
+
+    def release_host(self, route: str, host: str, holder: Any) -> None:
+        if self.hosts.get((route, host)) is holder:
+            del self.hosts[(route, host)]
+        self.names.release("host", host, holder)
+
+    def host_in_use(self, host: str) -> bool:
+        return any(h == host for (_, h) in self.hosts)
+
+    def host_available(self, host: str, owner: str) -> bool:
+        """Free for a new random pick: not routed, and not held for someone else."""
+        return not self.host_in_use(host) and self.names.available("host", host, owner)
+
+    def lookup_host(self, route: str, host: str) -> Any | None:
+        return self.hosts.get((route, host))
+
+    # ---- transport addresses -----------------------------------------------------------------
+
+    def claim_address(self, transport: str, port: int, holder: Any, owner: str = "") -> None:
+        """Route ``port`` of ``transport`` to ``holder`` (the caller has bound it)."""
+        kind = address_kind(transport)
+        table = self.addresses.setdefault(transport, {})
+        current = table.get(port)
+        if current is not None and current is not holder:
+            raise TunnelRejected(f"{_port(transport, port)} is already in use by another tunnel",
+                                 Code.ADDRESS_IN_USE)
+        if owner:
+            self.names.acquire(kind, str(port), owner, holder)
+        table[port] = holder
+
+    def release_address(self, transport: str, port: int, holder: Any) -> None:
+        table = self.addresses.get(transport)
+        if table is not None and table.get(port) is holder:
+            del table[port]
+        self.names.release(address_kind(transport), str(port), holder)
+
+    def lookup_address(self, transport: str, port: int) -> Any | None:
+        table = self.addresses.get(transport)
+        return None if table is None else table.get(port)
+
+    def address_available(self, transport: str, port: int, owner: str) -> bool:
+        """Free to claim for ``owner``: not routed, and not held for someone else."""
+        return (self.lookup_address(transport, port) is None
+                and self.names.available(address_kind(transport), str(port), owner))
+
+    def address_owner(self, transport: str, port: int) -> str | None:
+        """Who the address is claimed or held for right now (None: nobody)."""
+        return self.names.owner_of(address_kind(transport), str(port))
+
+
+def address_name(transport: str, port: int) -> tuple[str, str]:
+    """``(kind, port)`` as :attr:`TunnelInfo.name` and resume tokens spell an address."""
+    return address_kind(transport), str(port)
+
+
+def _port(transport: str, port: int) -> str:
+    # TCP's messages stay as they always were ("port 20001").
+    return f"port {port}" if transport == TCP else f"{transport} port {port}"
