@@ -619,6 +619,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_INF = float("inf")
+
+
+def _finite_float(text: str) -> float:
+    # "1e999" parses as inf, which json.dumps(allow_nan=False) then refuses: a Bind whose Opts
+    # we must echo could never be answered.  Go's decoder rejects it as out of range too.
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
 def _loads(data: bytes | bytearray | memoryview | str) -> Any:
     """Parse one JSON document from the peer; every failure is a RemoteProtocolError."""
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -632,7 +644,7 @@ def _loads(data: bytes | bytearray | memoryview | str) -> Any:
     else:
         raise LocalProtocolError(f"cannot decode a message from {type(data).__name__}")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise RemoteProtocolError("message is not valid JSON: nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, NaN/Infinity, over-long integers

@@ -61,14 +61,20 @@ class ProxyProtocolInfo:
 def _endpoint(addr: str) -> tuple[_IP, int] | None:
     """``1.2.3.4:5`` / ``[::1]:5`` → (address, port); None if it is no IP endpoint."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    # ASCII digits only: str.isdigit() also admits "²" (int() refuses it) and 5000-digit ports.
+    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
         return None
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # a dual-stack listener's view of an IPv4 client
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped, int(port)  # a dual-stack listener's view of an IPv4 client
+        if ip.scope_id is not None:
+            # A zone ("fe80::1%eth0") means nothing to the upstream and may hold any text,
+            # spaces and CR LF included, which would break (or inject into) a v1 line.
+            ip = ipaddress.IPv6Address(ip.packed)
     return ip, int(port)
 
 

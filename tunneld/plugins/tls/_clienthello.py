@@ -53,7 +53,8 @@ _HANDSHAKE_CLIENT_HELLO = 1
 _EXT_SERVER_NAME = 0
 _NAME_TYPE_HOST = 0
 #: What a server name may look like: DNS labels (A-labels for IDNs), underscores tolerated.
-_NAME = re.compile(rb"^[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?$")
+#: Used with fullmatch: "$" alone would also accept a trailing newline ("a.example\n").
+_NAME = re.compile(rb"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?")
 
 
 class Alert(enum.IntEnum):
@@ -148,7 +149,7 @@ def _server_name(data: memoryview) -> str | None:
         text = name.lower()
         if text.endswith(b"."):
             text = text[:-1]
-        if not _NAME.match(text) or b".." in text:
+        if not _NAME.fullmatch(text) or b".." in text:
             raise _Malformed(f"server name {name[:64]!r} is not a DNS name")
         host = text.decode("ascii")
     return host
