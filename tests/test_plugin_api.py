@@ -472,12 +472,13 @@ async def test_agent_tunnel_context(edge_env: EdgeEnv) -> None:
     assert raw.metrics.http_count == 1
 
 
-async def test_labeled_tunnels_are_refused_through_the_registry(edge_env: EdgeEnv) -> None:
+async def test_labeled_tunnels_are_served_through_the_registry(edge_env: EdgeEnv) -> None:
     echo = await start_echo_server(edge_env.nursery)
     await edge_env.start_agent(TunnelConfig("c", "tcp", str(echo)))
     [session] = edge_env.edge.sessions
+    # The built-in labeled plugin serves them (issue 13); malformed labels are its to refuse.
     resp = await session.start_labeled(plugin.proto.StartTunnelWithLabel(labels={"edge": "edghts_x"}))
-    assert resp.id == ""
-    assert "labeled tunnels are not served by this edge" in resp.error
-    assert resp.error.endswith(f"ERR_NGROK_{int(plugin.Code.PROTO_UNSUPPORTED)}")
-    assert len(session.tunnels) == 1  # the tcp tunnel only
+    assert resp.error == "" and resp.id.startswith("tn_")
+    resp = await session.start_labeled(plugin.proto.StartTunnelWithLabel(labels={"bad key": "x"}))
+    assert resp.id == "" and resp.error.endswith(f"ERR_NGROK_{int(plugin.Code.BIND_MALFORMED)}")
+    assert len(session.tunnels) == 2  # the tcp tunnel and the labeled one

@@ -146,10 +146,10 @@ def test_builtin_plugins_are_registered() -> None:
 
 
 def test_labeled_tunnels_go_through_the_registry() -> None:
-    """StartTunnelWithLabel is dispatched like every other kind; the built-in refuses them."""
+    """StartTunnelWithLabel is dispatched like every other kind; the built-in plugin serves them."""
     registry = build_registry(get_plugin_manager(entry_points=False))
     labeled = registry.for_labels()
-    assert type(labeled).__module__ == "tunneld.plugins.labeled"
+    assert type(labeled).__module__.startswith("tunneld.plugins.labeled")
     with pytest.raises(PluginError, match="labeled tunnels are served by"):
         registry.add_labeled(labeled)
     pm = get_plugin_manager(entry_points=False, blocked=["tunneld.plugins.labeled"])
@@ -164,7 +164,7 @@ def test_each_call_builds_a_fresh_manager() -> None:
 
 def test_builtin_registry() -> None:
     registry = build_registry(get_plugin_manager(entry_points=False))
-    assert registry.names() == ["http", "tcp", "tls"]
+    assert registry.names() == ["http", "tcp", "tls", "tunnel"]  # "tunnel": the labeled plugin's
     assert "http" in registry and "tcp" in registry and "quic" not in registry
     http = registry["http"]
     assert http.name == "http"
@@ -189,7 +189,7 @@ def test_third_party_plugin_object_adds_a_type() -> None:
     quic = make_type("quic", ("quic", "quic+h3"))
     pm.register(TypesPlugin(quic), name="quic-plugin")
     registry = build_registry(pm)
-    assert registry.names() == ["http", "quic", "tcp", "tls"]
+    assert registry.names() == ["http", "quic", "tcp", "tls", "tunnel"]
     assert registry["quic"] is quic
     assert registry.for_bind_proto("quic+h3") is quic
 
@@ -256,24 +256,25 @@ def test_disable_env_blocks_a_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pm.get_plugin("tunneld.plugins.tcp") is None
     assert pm.get_plugin("tunneld.plugins.http") is not None
     registry = build_registry(pm)
-    assert registry.names() == ["http", "tls"]
+    assert registry.names() == ["http", "tls", "tunnel"]
     assert registry.for_bind_proto("tcp") is None
 
 
 def test_disable_env_takes_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(DISABLE_ENV, " tunneld.plugins.http , tunneld.plugins.tcp ,tunneld.plugins.tls")
+    monkeypatch.setenv(DISABLE_ENV, " tunneld.plugins.http , tunneld.plugins.tcp ,tunneld.plugins.tls,"
+                       "tunneld.plugins.labeled")
     assert build_registry(get_plugin_manager(entry_points=False)).names() == []
 
 
 def test_blocked_argument() -> None:
     pm = get_plugin_manager(entry_points=False, blocked=["tunneld.plugins.http"])
-    assert build_registry(pm).names() == ["tcp", "tls"]
+    assert build_registry(pm).names() == ["tcp", "tls", "tunnel"]
 
 
 def test_entry_point_plugin_is_loaded(third_party: Path) -> None:
     pm = get_plugin_manager()
     assert pm.get_plugin("quic") is not None
-    assert build_registry(pm).names() == ["http", "quic", "tcp", "tls"]
+    assert build_registry(pm).names() == ["http", "quic", "tcp", "tls", "tunnel"]
     # and never without entry points
     assert "quic" not in build_registry(get_plugin_manager(entry_points=False))
 
@@ -282,7 +283,7 @@ def test_disable_env_blocks_an_entry_point_plugin(third_party: Path, monkeypatch
     monkeypatch.setenv(DISABLE_ENV, "quic")
     pm = get_plugin_manager()
     assert pm.get_plugin("quic") is None
-    assert build_registry(pm).names() == ["http", "tcp", "tls"]
+    assert build_registry(pm).names() == ["http", "tcp", "tls", "tunnel"]
 
 
 # ---- one test per hook -------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_hook_tunneld_register_tunnel_types(third_party: Path) -> None:
     registry = TunnelTypeRegistry()
     results = pm.hook.tunneld_register_tunnel_types(registry=registry)
     assert results == []  # the hook returns nothing; it adds to the registry
-    assert registry.names() == ["http", "quic", "tcp", "tls"]
+    assert registry.names() == ["http", "quic", "tcp", "tls", "tunnel"]
     assert registry.for_bind_proto("quic").name == "quic"  # type: ignore[union-attr]
 
 

@@ -228,6 +228,8 @@ class Agent:
     _cookie: str = attrs.field(default="", init=False)
     _online_since: float | None = attrs.field(default=None, init=False)
     _by_id: dict[str, AgentTunnel] = attrs.field(factory=dict, init=False)
+    #: The current connection's session (for :meth:`stop_tunnels`).
+    _mux: MuxSession | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         for tc in self.tunnel_configs:
@@ -278,7 +280,8 @@ class Agent:
                         reason, delay)
             await trio.sleep(delay)
 
-    async def _connection(self, *, task_status: trio.TaskStatus[AgentInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _connection(self, *,
+                          task_status: trio.TaskStatus[AgentInfo] = trio.TASK_STATUS_IGNORED) -> None:
         root = self.config.root_cas
         ctx = client_context(None if root in ("", "host", "trusted") else _path(root))
         async with trio.open_nursery() as nursery:
@@ -287,7 +290,7 @@ class Agent:
             else:
                 host, port = split_host_port(self.config.server_addr, default_port=443)
                 carrier = await open_tls_client(host.strip("[]"), port, ctx)
-            mux = MuxSession(carrier, client=True)
+            mux = self._mux = MuxSession(carrier, client=True)
             await nursery.start(mux.run)
             nursery.start_soon(self._heartbeat, mux)
             await self._auth(mux)
@@ -327,9 +330,15 @@ class Agent:
         self.client_id = resp.client_id
         self._cookie = resp.extra.cookie
         log.info("client session established: id=%s", self.client_id,
-                 extra={"event": "client session established", "fields": {"obj": "csess", "id": self.client_id}})
+                 extra={"event": "client session established",
+                        "fields": {"obj": "csess", "id": self.client_id}})
 
     async def _bind(self, mux: MuxSession, tunnel: AgentTunnel) -> None:
+        # A type with ``agent_start_labeled`` (the labeled plugin's) starts its tunnels by labels.
+        start_labeled = getattr(tunnel.type, "agent_start_labeled", None)
+        if start_labeled is not None:
+            await self._start_labeled(mux, tunnel, start_labeled(tunnel.config))
+            return
         bind = attrs.evolve(tunnel.bind, id=tunnel.tunnel_id,
                             extra=attrs.evolve(tunnel.bind.extra, token=tunnel.token))
         resp = await call(mux, proto.StreamType.BIND, bind, proto.BindResp)
@@ -352,7 +361,52 @@ class Agent:
         self._by_id[resp.id] = tunnel
         log.info("started tunnel %s: %s -> %s", tunnel.name, resp.url, tunnel.upstream,
                  extra={"event": "started tunnel",
-                        "fields": {"obj": "tunnels", "name": tunnel.name, "addr": tunnel.upstream, "url": resp.url}})
+                        "fields": {"obj": "tunnels", "name": tunnel.name, "addr": tunnel.upstream,
+                                   "url": resp.url}})
+
+    async def _start_labeled(self, mux: MuxSession, tunnel: AgentTunnel,
+                             msg: proto.StartTunnelWithLabel) -> None:
+        """StartTunnelWithLabel for ``tunnel``: no public URL, the edges selecting its labels route to it."""
+        resp = await call(mux, proto.StreamType.START_TUNNEL_WITH_LABEL, msg, proto.StartTunnelWithLabelResp)
+        if resp.error or not resp.id:
+            message, code = parse_wire_error(resp.error or "the edge gave the labeled tunnel no id")
+            try:
+                ecode = Code(code) if code is not None else Code.BIND_MALFORMED
+            except ValueError:
+                ecode = Code.BIND_MALFORMED
+            raise TunnelRejected(f"tunnel {tunnel.name}: {message}", ecode)
+        if tunnel.tunnel_id and tunnel.tunnel_id != resp.id:
+            self._by_id.pop(tunnel.tunnel_id, None)
+        tunnel.tunnel_id = resp.id
+        self._by_id[resp.id] = tunnel
+        labels = ",".join(f"{k}={v}" for k, v in msg.labels.items())
+        log.info("started tunnel %s: labels %s -> %s", tunnel.name, labels, tunnel.upstream,
+                 extra={"event": "started tunnel", "fields": {"obj": "tunnels", "name": tunnel.name,
+                                                              "addr": tunnel.upstream, "labels": labels}})
+
+    async def stop_tunnels(self, timeout: float = 10.0) -> None:
+        """Leave gracefully: unbind every tunnel, then let the proxied connections under way finish.
+
+        The edge sends no new connections once a tunnel is unbound (a labeled tunnel's group
+        moves them to its other members), so cancelling :meth:`run` afterwards fails none.
+        Gives up waiting after ``timeout`` seconds.
+        """
+        mux = self._mux
+        with trio.move_on_after(timeout):
+            if mux is not None and self.online.is_set():
+                for tunnel in self.tunnels:
+                    if tunnel.tunnel_id:
+                        try:
+                            await call(mux, proto.StreamType.UNBIND, proto.Unbind(id=tunnel.tunnel_id),
+                                       proto.UnbindResp)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError):
+                            return
+            # Streams the edge opened just before the unbind may not have been counted yet.
+            quiet = 0
+            while quiet < 3:
+                await trio.sleep(0.05)
+                busy = any(t.metrics.conns_gauge for t in self.tunnels)
+                quiet = 0 if busy else quiet + 1
 
     async def _heartbeat(self, mux: MuxSession) -> None:
         """Send 4 random bytes every interval; silence for interval + tolerance ends the session.
@@ -451,7 +505,8 @@ async def open_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStrea
     """
     log.info("tunnel %s: connection from %s", tunnel.name, header.client_addr,
              extra={"event": "join connections",
-                    "fields": {"obj": "join", "name": tunnel.name, "l": tunnel.upstream, "r": header.client_addr}})
+                    "fields": {"obj": "join", "name": tunnel.name, "l": tunnel.upstream,
+                               "r": header.client_addr}})
     host, port = split_host_port(tunnel.upstream)
     try:
         with trio.fail_after(UPSTREAM_CONNECT_TIMEOUT):

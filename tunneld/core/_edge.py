@@ -45,6 +45,7 @@ from trio_websocket import ConnectionClosed, HandshakeError
 from . import proto
 from . import proto as _proto  # where a parameter is named ``proto`` (SessionContext.open_stream)
 from ._access import log_connection
+from ._acl import LABELS, allows_bind
 from ._certs import certificate_names, ensure_dev_host_cert, name_matches
 from ._errors import Code, ConfigError, PluginError, RemoteProtocolError, TunnelRejected, wire_error
 from ._hostnames import AllowedHostname, HostChooser, HostPolicy
@@ -313,7 +314,8 @@ class Edge:
                                      f"chain in {cert} and the key in {key}", Code.ADDRESS_NOT_ALLOWED)
             self._host_contexts[host] = server_context(cert, key)
         except (ConfigError, OSError, ValueError) as exc:
-            raise TunnelRejected(f"the certificate for {host} cannot be used: {exc}", Code.ADDRESS_NOT_ALLOWED) from exc
+            raise TunnelRejected(f"the certificate for {host} cannot be used: {exc}",
+                                 Code.ADDRESS_NOT_ALLOWED) from exc
 
     def public_url(self, scheme: str, host: str) -> str:
         """URL for ``host`` on the public listener of ``scheme`` (port shown when not default)."""
@@ -323,12 +325,14 @@ class Edge:
             return f"{scheme}://{host}"
         return f"{scheme}://{host}:{port}"
 
-    async def open_public_listeners(self, name: str, flag: str, addr: tuple[str, int]) -> list[trio.SocketListener]:
+    async def open_public_listeners(self, name: str, flag: str,
+                                    addr: tuple[str, int]) -> list[trio.SocketListener]:
         """Bind a public listener, turning OSError into a one-line error naming ``flag``."""
         try:
             listeners = await open_listeners(*addr)
         except OSError as exc:
-            raise ConfigError(f"{flag} {format_host_port(*addr)}: cannot listen: {exc.strerror or exc}") from exc
+            raise ConfigError(
+                f"{flag} {format_host_port(*addr)}: cannot listen: {exc.strerror or exc}") from exc
         self.ports[name] = int(listeners[0].socket.getsockname()[1])
         return listeners
 
@@ -676,7 +680,8 @@ class AgentSession:
         drop their in-flight streams at once.
         """
         with trio.move_on_at(deadline):
-            while self.mux.local_stream_count:
+            # The mux has no "streams drained" event to wait on; poll its count.
+            while self.mux.local_stream_count:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         await self.mux.aclose()
 
@@ -872,6 +877,12 @@ class AgentSession:
         try:
             if labeled is None:
                 raise TunnelRejected("labeled tunnels are not served by this edge", Code.PROTO_UNSUPPORTED)
+            # Read now, so an ACL changed through the admin API applies to the next start.
+            acl = await trio.to_thread.run_sync(self.edge.store.token_acl, self.token_id)
+            if acl is None or not allows_bind(acl, LABELS, msg.labels):
+                text = ",".join(f"{k}={v}" for k, v in msg.labels.items())
+                raise TunnelRejected(f"the authtoken's ACL does not allow the labels {text}",
+                                     Code.BIND_NAME_FORBIDDEN)
             edge = self.edge.context
             tunnel_id, _ = await self._start_tunnel(
                 "", lambda tunnel_id: labeled.edge_tunnel(edge, self, msg, tunnel_id))
@@ -931,7 +942,8 @@ class AgentSession:
         msg = await read_message(stream, proto.Unbind)
         entry = self.tunnels.pop(msg.id, None)
         if entry is None:
-            await reply(stream, proto.UnbindResp(error=wire_error(f"no tunnel {msg.id!r}", Code.NO_SUCH_TUNNEL)))
+            await reply(stream, proto.UnbindResp(
+                error=wire_error(f"no tunnel {msg.id!r}", Code.NO_SUCH_TUNNEL)))
             return
         scope, done = entry
         scope.cancel()

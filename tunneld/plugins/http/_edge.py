@@ -239,7 +239,10 @@ class HttpIngress:
                         self._access(client_addr, host, req, 401, started, tunnel)
                         return
                     head = forwarded_head(raw, req, client_ip, scheme)
-                    if upstream is None or tunnel is not current or _ended(upstream):
+                    # A holder with ``per_request`` (a labeled edge's tunnel group) picks an agent for
+                    # every request: a stream per request, not one per connection.
+                    if (upstream is None or tunnel is not current or _ended(upstream)
+                            or getattr(tunnel, "per_request", False)):
                         if upstream is not None:
                             await upstream.aclose()
                             upstream = None
