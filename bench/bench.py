@@ -373,7 +373,8 @@ def http_download(port: int, host: str, n: int, timeout: float) -> float:
 
 
 def get_request(host: str, path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tunneld-bench\r\nConnection: close\r\n\r\n".encode()
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tunneld-bench\r\n"
+            "Connection: close\r\n\r\n").encode()
 
 
 def ttfb_once(port: int, request: bytes, body_len: int, timeout: float) -> float:
@@ -1103,7 +1104,8 @@ def scenario_wrk(env: Env) -> None:
                 p99 = env.results.row("wrk", f"p99 ms c={c}", route.name, "ms", ".2f", show_res=False)
                 try:
                     out, ecpu, acpu, erss, arss = measured(
-                        route, lambda r=route, c=c: run_wrk(env.wrk_script, r.port, r.host, path, c, a.wrk_duration))
+                        route,
+                        lambda r=route, c=c: run_wrk(env.wrk_script, r.port, r.host, path, c, a.wrk_duration))
                 except (OSError, TransferError, subprocess.TimeoutExpired) as exc:
                     rps.errors.append(f"round {rnd + 1}: {exc}")
                     say(f"  round {rnd + 1} c={c:<3} {route.name:<13} FAILED {exc}")
@@ -1116,8 +1118,9 @@ def scenario_wrk(env: Env) -> None:
                 p99.values.append(out["p99_us"] / 1000)
                 record_res(rps, route, ecpu, acpu, erss, arss)
                 if route.edge_pid is not None and out["requests"]:
-                    env.results.row("wrk", f"CPU us/req c={c}", route.name, "us", ".0f", show_res=False).values.append(
-                        1e6 * (ecpu + acpu) / out["requests"])
+                    env.results.row(
+                        "wrk", f"CPU us/req c={c}", route.name, "us", ".0f", show_res=False
+                    ).values.append(1e6 * (ecpu + acpu) / out["requests"])
                 errs = {k[4:]: int(v) for k, v in out.items() if k.startswith("err_") and v}
                 if errs:
                     rps.notes.append(f"round {rnd + 1}: wrk errors {errs}")
@@ -1150,7 +1153,8 @@ def scenario_ttfb(env: Env) -> None:
             p99 = env.results.row("ttfb", "p99 ms", route.name, "ms", ".3f", show_res=False)
             errors: Counter[str] = Counter()
 
-            def run(route: Route = route, request: bytes = request, errors: Counter[str] = errors) -> list[float]:
+            def run(route: Route = route, request: bytes = request,
+                    errors: Counter[str] = errors) -> list[float]:
                 out = []
                 for _ in range(a.ttfb_requests):
                     try:
@@ -1272,7 +1276,8 @@ def check_targets(results: Results, args: argparse.Namespace) -> list[tuple[str,
         for proto in ("TCP", "HTTP"):
             for d in ("up", "down"):
                 path = TUN_TCP if proto == "TCP" else TUN_HTTP
-                add(f"bulk {proto} {d}: tunneld >= 1.0x OpenSSH", results.ratio("bulk", f"{proto} {d} MB/s", path, SSH),
+                add(f"bulk {proto} {d}: tunneld >= 1.0x OpenSSH",
+                    results.ratio("bulk", f"{proto} {d} MB/s", path, SSH),
                     lambda v: v >= 1.0, ".2f")
     if any(r.scenario == "wrk" for r in results.rows.values()):
         for c in (16, 64):
@@ -1416,7 +1421,8 @@ def main() -> int:
         if args.no_ssh:
             ssh_note = "OpenSSH paths skipped (--no-ssh)."
         elif not Path("/usr/sbin/sshd").exists() or shutil.which("ssh") is None:
-            ssh_note = "OpenSSH paths skipped: /usr/sbin/sshd or ssh missing (apt-get install openssh-server)."
+            ssh_note = ("OpenSSH paths skipped: /usr/sbin/sshd or ssh missing "
+                        "(apt-get install openssh-server).")
         else:
             targets = {"tcp": up_tcp, "http": up_http}
             if needs_nginx:
@@ -1451,7 +1457,8 @@ def main() -> int:
         env = Env(args, tmp, procs, results, bulk_tcp, bulk_http, nginx_http, nginx_tcp, wrk_script)
 
         # Per-scenario totals for every process tree we started, plus foreign CPU.
-        watched = [("tunneld edge", ep)] + [(n.replace("agent-", "agent "), p.pid) for n, (p, _u) in agents.items()]
+        watched = [("tunneld edge", ep)] + [
+            (n.replace("agent-", "agent "), p.pid) for n, (p, _u) in agents.items()]
         if sshd is not None and ssh is not None:
             watched += [("sshd (tree)", sshd.pid), ("ssh client", ssh.pid)]
         if nginx is not None:
@@ -1483,8 +1490,10 @@ def main() -> int:
         say("")
         say("=" * 100)
         say(f"Host: {os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().release}, Python "
-            f"{sys.version.split()[0]}; load average at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f}.")
-        say(f"Every figure: median of {args.rounds} interleaved rounds; 'x direct' / 'x ssh' = median / median "
+            f"{sys.version.split()[0]}; load average at start {load0[0]:.2f}, "
+            f"at end {os.getloadavg()[0]:.2f}.")
+        say(f"Every figure: median of {args.rounds} interleaved rounds; "
+            "'x direct' / 'x ssh' = median / median "
             "of the direct / OpenSSH path in this run (for ms and s lower is better).")
         say("edge/agent CPU = CPU seconds (user+sys) per run of the edge-side (tunneld edge, sshd tree) and "
             "agent-side (tunneld agent, ssh client) process; MiB = their peak RSS during the run"
@@ -1514,7 +1523,8 @@ def main() -> int:
         say(f"{'wall / foreign CPU':<22}" + "".join(
             f"{foreign[n][0]:>12.0f} s {foreign[n][1]:>5.2f} cpu" for n in scenarios))
         if GATE.runs:
-            say(f"quiet gate: waited {GATE.waited:.0f} s in all (budget {GATE.budget:g} s) before {GATE.runs} runs "
+            say(f"quiet gate: waited {GATE.waited:.0f} s in all (budget {GATE.budget:g} s) "
+                f"before {GATE.runs} runs "
                 f"for foreign load < {GATE.threshold:g} cores; {GATE.gave_up} run(s) started anyway after "
                 f"{GATE.max_wait:g} s" + ("; budget used up" if GATE.waited >= GATE.budget else ""))
         print_errors(results)
@@ -1525,7 +1535,8 @@ def main() -> int:
         for tname, value, ok in targets:
             say(f"  {'met    ' if ok else 'MISSED '} {tname}: {value}")
         errors = any(r.errors for r in results.rows.values())
-        say(f"total time {time.monotonic() - started:.0f} s; logs in {tmp}" + ("" if args.keep_tmp else " (removed)"))
+        say(f"total time {time.monotonic() - started:.0f} s; logs in {tmp}"
+            + ("" if args.keep_tmp else " (removed)"))
         return 0 if not errors and all(ok for _n, _v, ok in targets) else 1
     finally:
         procs.stop_all()

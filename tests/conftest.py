@@ -75,7 +75,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-async def edge_env(request: pytest.FixtureRequest, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[EdgeEnv]:
+async def edge_env(request: pytest.FixtureRequest, tmp_path: Path,
+                   nursery: trio.Nursery) -> AsyncIterator[EdgeEnv]:
     config = make_edge_config(tmp_path)
     store = Store.open(tmp_path)
     _rec, token = store.create_token("test")

@@ -144,7 +144,7 @@ class Proc:
             found = [line for line in self.lines[stream] if pred(line)]
             if len(found) >= count:
                 return found[:count]
-            self.wait_line(lambda line: pred(line) and line not in found,
+            self.wait_line(lambda line, found=found: pred(line) and line not in found,
                            max(0.01, deadline - time.monotonic()), stream)
 
     def wait_exit(self, timeout: float) -> int:

@@ -78,7 +78,8 @@ async def _main(agent: Agent, console: bool) -> None:
                     if console:
                         print_console(agent, web)
                     event = agent.online
-                    while agent.online is event:
+                    # The agent swaps in a new Event when it goes offline; nothing signals the swap.
+                    while agent.online is event:  # noqa: ASYNC110
                         await trio.sleep(0.2)
 
             nursery.start_soon(console_task)

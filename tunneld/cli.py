@@ -133,7 +133,8 @@ class _TunneldGroup(click.Group):
 
 
 @click.group(cls=_TunneldGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "-v", "--version", prog_name="tunneld", message="tunneld version %(version)s")
+@click.version_option(__version__, "-v", "--version", prog_name="tunneld",
+                      message="tunneld version %(version)s")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """tunneld: self-hosted secure tunnels (edge and agent).
@@ -167,7 +168,8 @@ def cli(ctx: click.Context) -> None:
               "[default 0.0.0.0:10000-10999; --dev 127.0.0.1:20000-20999].")
 @click.option("--tls-cert", type=click.Path(path_type=Path), default=None,
               help="Certificate chain (PEM) for agents and HTTPS; required without --dev.")
-@click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="Private key (PEM) of --tls-cert.")
+@click.option("--tls-key", type=click.Path(path_type=Path), default=None,
+              help="Private key (PEM) of --tls-cert.")
 @click.option("--grace-period", type=float, default=10.0, show_default=True,
               help="Seconds in-flight connections get after SIGTERM.")
 @click.option("--allow-hostname", "allow_hostnames", multiple=True, metavar="HOST[=TOKEN_ID]",
@@ -196,8 +198,9 @@ def cli(ctx: click.Context) -> None:
 @click.pass_context
 def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | None, http_addr: str | None,
          https_addr: str | None, agent_addr: str | None, tcp_ports: str | None, tls_cert: Path | None,
-         tls_key: Path | None, grace_period: float, allow_hostnames: tuple[str, ...], cname_target: str | None,
-         reserved_names: str | None, hold_period: float, max_sessions: int, max_sessions_per_token: int,
+         tls_key: Path | None, grace_period: float, allow_hostnames: tuple[str, ...],
+         cname_target: str | None, reserved_names: str | None, hold_period: float, max_sessions: int,
+         max_sessions_per_token: int,
          max_tunnels_per_token: int, api_addr: str | None, ssh_addr: str | None, log_target: str | None,
          log_format: str | None, log_level: str | None) -> None:
     """Run the edge: public listeners, agent ingress and the store."""
@@ -214,8 +217,10 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
     if not domain:
         raise click.UsageError("--domain is required without --dev")
     agent = _addr("--agent-addr", agent_addr or f"{loop}:4443")
-    http = _optional_addr("--http-addr", http_addr if http_addr is not None else f"{loop}:{8080 if dev else 80}")
-    https = _optional_addr("--https-addr", https_addr if https_addr is not None else f"{loop}:{8443 if dev else 443}")
+    http = _optional_addr("--http-addr",
+                          http_addr if http_addr is not None else f"{loop}:{8080 if dev else 80}")
+    https = _optional_addr("--https-addr",
+                           https_addr if https_addr is not None else f"{loop}:{8443 if dev else 443}")
     ssh = _optional_addr("--ssh-addr", ssh_addr)
     api = _optional_addr("--api-addr", api_addr)
     tcp_host, tcp_range = _tcp_ports(tcp_ports or ('20000-20999' if dev else '10000-10999'), loop)
@@ -245,10 +250,11 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
             raise click.BadParameter(str(exc), param_hint="--allow-hostname") from None
     reserved = DEFAULT_RESERVED if reserved_names is None else \
         frozenset(n.strip().lower() for n in reserved_names.split(",") if n.strip())
-    config = EdgeConfig(data_dir=data_dir, domain=domain, tls_cert=tls_cert, tls_key=tls_key, agent_addr=agent,
-                        http_addr=http, https_addr=https, tcp_host=tcp_host, tcp_ports=tcp_range,
-                        grace_period=grace_period, hold_period=hold_period, reserved_names=reserved,
-                        allowed_hostnames=tuple(allowed), cname_target=(cname_target or "").lower().rstrip("."),
+    config = EdgeConfig(data_dir=data_dir, domain=domain, tls_cert=tls_cert, tls_key=tls_key,
+                        agent_addr=agent, http_addr=http, https_addr=https, tcp_host=tcp_host,
+                        tcp_ports=tcp_range, grace_period=grace_period, hold_period=hold_period,
+                        reserved_names=reserved, allowed_hostnames=tuple(allowed),
+                        cname_target=(cname_target or "").lower().rstrip("."),
                         dev=dev, max_sessions=max_sessions, max_sessions_per_token=max_sessions_per_token,
                         max_tunnels_per_token=max_tunnels_per_token, ssh_addr=ssh, api_addr=api)
     from ._edge_main import run_edge
@@ -288,7 +294,8 @@ def token_list(ctx: click.Context, data_dir: Path | None) -> None:
             return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
         status = "revoked" if rec.revoked_at else "active"
-        click.echo(f"{rec.id:<14} {fmt(rec.created_at):<20} {fmt(rec.last_used_at):<20} {status:<8} {rec.description}")
+        click.echo(f"{rec.id:<14} {fmt(rec.created_at):<20} {fmt(rec.last_used_at):<20} "
+                   f"{status:<8} {rec.description}")
     store.close()
 
 

@@ -217,7 +217,7 @@ def test_regenerated_when_expiring(dev: DevCerts, tmp_path: Path) -> None:
     # Re-sign the current leaf with a 10-day lifetime, as if it were old.
     leaf, ca = _chain(dev.cert)
     ca_key = serialization.load_pem_private_key(dev.ca_key.read_bytes(), None)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(leaf.subject)

@@ -92,7 +92,8 @@ async def test_custom_hostname_http_and_https(custom_env: EdgeEnv, nursery: trio
         assert code == 0 and out.startswith("hello"), out
     # Tunnel names under the edge's domain still get the edge's own certificate.
     agent = await custom_env.start_agent(TunnelConfig("s", "http", str(up), subdomain="plain"))
-    code, out = await curl(agent.tunnels[0].public_url + "/", custom_env.https_port, "--cacert", str(custom_env.ca))
+    code, out = await curl(agent.tunnels[0].public_url + "/", custom_env.https_port,
+                           "--cacert", str(custom_env.ca))
     assert code == 0, out
 
 
@@ -107,7 +108,8 @@ async def test_custom_hostname_refused(custom_env: EdgeEnv, nursery: trio.Nurser
     up = await start_hello_upstream(nursery)
     authtoken = custom_env.token if token == "mine" else OTHER_TOKEN[custom_env.edge]
     with pytest.RaisesGroup(pytest.RaisesExc(TunnelRejected, match=why), flatten_subgroups=True):
-        await custom_env.start_agent(TunnelConfig("x", "http", str(up), hostname=hostname), authtoken=authtoken)
+        await custom_env.start_agent(TunnelConfig("x", "http", str(up), hostname=hostname),
+                                     authtoken=authtoken)
 
 
 @pytest.mark.parametrize("spelling", ["Hostname", "Domain", "URL"])
@@ -120,14 +122,16 @@ async def test_ngrok_spellings_of_hostname(custom_env: EdgeEnv, nursery: trio.Nu
         authtoken=custom_env.token)), proto.AuthResp)
     assert not auth.error
     value = "https://app.example.org" if spelling == "URL" else "app.example.org"
-    resp = await call(mux, proto.StreamType.BIND, proto.Bind(proto="https", opts={spelling: value}), proto.BindResp)
+    resp = await call(mux, proto.StreamType.BIND, proto.Bind(proto="https", opts={spelling: value}),
+                      proto.BindResp)
     assert not resp.error, resp.error
     assert resp.url == f"https://app.example.org:{custom_env.https_port}"
     await mux.aclose()
 
 
 @pytest.mark.parametrize(("subdomain", "why"), [
-    ("www", "reserved"), ("Admin", "reserved"), ("-bad", "not a valid DNS label"), ("a_b", "not a valid DNS label"),
+    ("www", "reserved"), ("Admin", "reserved"), ("-bad", "not a valid DNS label"),
+    ("a_b", "not a valid DNS label"),
     ("x" * 64, "not a valid DNS label"), ("a.b", "not a valid DNS label"),
 ])
 async def test_subdomain_rules(edge_env: EdgeEnv, nursery: trio.Nursery, subdomain: str, why: str) -> None:
@@ -171,7 +175,8 @@ async def test_custom_hostname_needs_a_certificate_outside_dev(tmp_path: Path, n
                             flatten_subgroups=True):
         await env.start_agent(TunnelConfig("x", "http", str(up), hostname="a.example.org"))
     # http only needs no certificate.
-    agent = await env.start_agent(TunnelConfig("x", "http", str(up), hostname="a.example.org", schemes=["http"]))
+    agent = await env.start_agent(TunnelConfig("x", "http", str(up), hostname="a.example.org",
+                                               schemes=["http"]))
     assert agent.tunnels[0].public_url == f"http://a.example.org:{env.http_port}"
     # The operator drops in a certificate (here from another CA): HTTPS works and shows it.
     ca = trustme.CA()
@@ -191,7 +196,8 @@ def test_cli_allow_hostname_and_cname(tmp_path: Path) -> None:
     """A malformed --allow-hostname is a usage error; valid ones are announced with the CNAME target."""
     from ..test_cli import TUNNELD, Proc, base_env, start_edge
 
-    bad = subprocess.run([*TUNNELD, "edge", "--dev", "--data-dir", str(tmp_path), "--allow-hostname", "not a host"],
+    bad = subprocess.run([*TUNNELD, "edge", "--dev", "--data-dir", str(tmp_path),
+                          "--allow-hostname", "not a host"],
                          capture_output=True, text=True, env=base_env(tmp_path), timeout=20)
     assert bad.returncode == 2 and "--allow-hostname" in bad.stderr
     procs: list[Proc] = []

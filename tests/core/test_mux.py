@@ -418,7 +418,7 @@ async def test_carrier_death_breaks_every_stream(side: str) -> None:
         assert await pairs[2][0].receive_some() == b""
         with pytest.raises(trio.BrokenResourceError):
             await pairs[2][1].receive_some()
-        for c, s in pairs[:2]:
+        for c, _s in pairs[:2]:
             with pytest.raises(trio.BrokenResourceError):
                 await c.receive_some()
         # data that arrived before the carrier died is still delivered, then the break

@@ -92,7 +92,8 @@ def test_invalid_parameters(kwargs: dict[str, float]) -> None:
     threshold=st.integers(0, 4),
 )
 # Ties in failure time: eviction takes the least recently failed (found by CI).
-@example(events=[("a", False, 0.0), ("b", False, 0.0), ("d", False, 0.0), ("a", False, 0.0), ("c", False, 0.0)],
+@example(events=[("a", False, 0.0), ("b", False, 0.0), ("d", False, 0.0), ("a", False, 0.0),
+                 ("c", False, 0.0)],
          threshold=0)
 def test_model(events: list[tuple[str, bool, float]], threshold: int) -> None:
     """Compare with a naive model that keeps every failure forever."""

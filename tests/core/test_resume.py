@@ -53,7 +53,8 @@ async def http_get(port: int, host: str, path: str = "/") -> bytes:
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             got = b""
             while data := await stream.receive_some():
                 got += data
@@ -174,7 +175,8 @@ async def test_edge_restart_gives_back_same_urls(restartable: RestartableEdge, n
     web = await start_hello_upstream(nursery)
     cfg = AgentConfig(authtoken=token, server_addr=f"127.0.0.1:{restartable.ports['agent']}",
                       root_cas=str(restartable.tmp / "ca.pem"), web_addr=None)
-    agent = Agent(cfg, [TunnelConfig("t", "tcp", str(echo)), TunnelConfig("w", "http", str(web), schemes=["http"])])
+    agent = Agent(cfg, [TunnelConfig("t", "tcp", str(echo)),
+                        TunnelConfig("w", "http", str(web), schemes=["http"])])
     await nursery.start(agent.run)
     urls = {t.name: t.public_url for t in agent.tunnels}
     await trio.sleep(2.1)  # online long enough to reset the agent's backoff
@@ -200,8 +202,8 @@ async def test_names_held_across_restart_for_owner_only(restartable: Restartable
     owner, other = _token(restartable.store), _token(restartable.store)
     await restartable.start(nursery)
     echo = await start_echo_server(nursery)
-    base = dict(server_addr=f"127.0.0.1:{restartable.ports['agent']}", root_cas=str(restartable.tmp / "ca.pem"),
-                web_addr=None)
+    base = dict(server_addr=f"127.0.0.1:{restartable.ports['agent']}",
+                root_cas=str(restartable.tmp / "ca.pem"), web_addr=None)
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as inner:
             agent = Agent(AgentConfig(authtoken=owner, **base),
@@ -228,7 +230,8 @@ async def test_names_held_across_restart_for_owner_only(restartable: Restartable
                             flatten_subgroups=True):
         async with trio.open_nursery() as inner:
             await inner.start(Agent(AgentConfig(authtoken=other, **base),
-                                    [TunnelConfig("t", "tcp", str(echo), remote_addr=f"127.0.0.1:{port}")]).run)
+                                    [TunnelConfig("t", "tcp", str(echo),
+                                                  remote_addr=f"127.0.0.1:{port}")]).run)
 
     await trio.sleep(1.6)  # the hold ends
     late = Agent(AgentConfig(authtoken=other, **base),
@@ -251,7 +254,8 @@ async def test_owner_gets_held_subdomain_back_at_once(edge_env: EdgeEnv, nursery
 # ---- the resume credentials ------------------------------------------------------------------
 
 
-async def _raw_session(env: EdgeEnv, nursery: trio.Nursery, auth: proto.Auth) -> tuple[MuxSession, proto.AuthResp]:
+async def _raw_session(env: EdgeEnv, nursery: trio.Nursery,
+                       auth: proto.Auth) -> tuple[MuxSession, proto.AuthResp]:
     tls = await open_tls_client("127.0.0.1", env.info.ports["agent"], client_context(env.ca))
     mux = MuxSession(tls, client=True)
     await nursery.start(mux.run)

@@ -129,7 +129,8 @@ class ClientProcess:
                 if line.startswith("{"):
                     return dict(json.loads(line))
         raise AssertionError(f"no message from the client within {timeout} s (exit status "
-                             f"{self.proc.returncode}); stderr: {self.stderr.decode(errors='replace')[-2000:]}")
+                             f"{self.proc.returncode}); "
+                             f"stderr: {self.stderr.decode(errors='replace')[-2000:]}")
 
     async def stop(self, grace: float) -> None:
         """Close stdin (the SDK scripts then disconnect); after ``grace`` s terminate, then kill."""
@@ -263,7 +264,8 @@ async def test_agent_2_3_41_http_tunnels(agent_bin: Path, edge_env: EdgeEnv, ups
                                          tmp_path: Path) -> None:
     """`ngrok http` binds https and http, serves GETs and 3 MB bodies through both, lists the
     edge's URLs in its own API, and keeps its one session through ~27 s of heartbeats."""
-    argv, env, web_port, log = agent_command(agent_bin, tmp_path, edge_env.agent_addr, edge_env, upstream.port)
+    argv, env, web_port, log = agent_command(agent_bin, tmp_path, edge_env.agent_addr, edge_env,
+                                             upstream.port)
     async with run_client(argv, env=env, grace=0) as client:
         started = trio.current_time()
         # Its local API lists both tunnels once the edge has answered both Binds.
@@ -467,14 +469,17 @@ async def test_py_sdk_more_concurrent_connections_than_it_accepts(py_sdk: list[s
         assert statuses.count(b"200") == n, {s: statuses.count(s) for s in set(statuses)}
 
 
-async def test_py_sdk_back_on_its_url_after_an_edge_restart(py_sdk: list[str], restartable: RestartableEdge,
-                                                            upstream: Upstream, nursery: trio.Nursery) -> None:
+async def test_py_sdk_back_on_its_url_after_an_edge_restart(py_sdk: list[str],
+                                                            restartable: RestartableEdge,
+                                                            upstream: Upstream,
+                                                            nursery: trio.Nursery) -> None:
     """The edge dies and comes back on the same data dir: the SDK reconnects by itself and its
     URL serves again (the name was held for it, and its resume token is still valid)."""
     token = restartable.store.create_token("sdk")[1]
     await restartable.start(nursery)
     config = {"addr": f"127.0.0.1:{upstream.port}", "authtoken": token, "schemes": ["HTTP"],
-              "server_addr": f"127.0.0.1:{restartable.ports['agent']}", "root_cas": str(restartable.tmp / "ca.pem")}
+              "server_addr": f"127.0.0.1:{restartable.ports['agent']}",
+              "root_cas": str(restartable.tmp / "ca.pem")}
     async with run_client([*py_sdk, json.dumps(config)]) as client:
         url = (await client.message())["url"]
         host = urlsplit(url).hostname
@@ -494,7 +499,8 @@ async def test_py_sdk_back_on_its_url_after_an_edge_restart(py_sdk: list[str], r
         print(f"the SDK's URL served again {trio.current_time() - back:.2f}s after the edge came back")
 
 
-async def test_agent_2_3_41_back_on_its_urls_after_an_edge_restart(agent_bin: Path, restartable: RestartableEdge,
+async def test_agent_2_3_41_back_on_its_urls_after_an_edge_restart(agent_bin: Path,
+                                                                   restartable: RestartableEdge,
                                                                    upstream: Upstream, tmp_path: Path,
                                                                    nursery: trio.Nursery) -> None:
     """ngrok's own agent reconnects by itself when the edge restarts on the same data dir, and
@@ -502,9 +508,11 @@ async def test_agent_2_3_41_back_on_its_urls_after_an_edge_restart(agent_bin: Pa
     token = restartable.store.create_token("agent")[1]
     await restartable.start(nursery)
     # What agent_command and httpx_for read of an EdgeEnv.
-    env_like: Any = SimpleNamespace(ca=restartable.tmp / "ca.pem", token=token, http_port=restartable.ports["http"],
+    env_like: Any = SimpleNamespace(ca=restartable.tmp / "ca.pem", token=token,
+                                    http_port=restartable.ports["http"],
                                     https_port=restartable.ports["https"])
-    argv, environ, web_port, log = agent_command(agent_bin, tmp_path, f"127.0.0.1:{restartable.ports['agent']}",
+    argv, environ, web_port, log = agent_command(agent_bin, tmp_path,
+                                                 f"127.0.0.1:{restartable.ports['agent']}",
                                                  env_like, upstream.port)
     async with run_client(argv, env=environ, grace=0) as client:
         urls = await agent_urls(client, web_port, log)

@@ -308,7 +308,7 @@ def _write_leaf(
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _spki(public_key: object) -> bytes:

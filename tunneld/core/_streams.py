@@ -30,7 +30,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
             data, self.prefix = self.prefix[:n], self.prefix[n:]
             await trio.lowlevel.checkpoint()
             return data
-        return await self.transport_stream.receive_some(max_bytes)
+        return bytes(await self.transport_stream.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.transport_stream.send_all(data)

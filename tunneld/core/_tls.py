@@ -34,6 +34,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import service_identity
 import trio
@@ -126,7 +127,7 @@ def server_context(cert_chain: Path, key: Path, *, alpn: Sequence[bytes] = ()) -
     if alpn:
         ours = [bytes(p) for p in alpn]
 
-        def _select(_conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+        def _select(_conn: SSL.Connection, offered: list[bytes]) -> Any:
             for proto in ours:
                 if proto in offered:
                     return proto

@@ -12,6 +12,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -70,7 +71,7 @@ def local_addr(stream: trio.abc.Stream) -> str:
 
 
 def _sock_addr(stream: trio.abc.Stream, *, peer: bool) -> str:
-    inner = stream
+    inner: Any = stream  # then whatever wrapper's transport_stream is next
     for _ in range(4):
         sock = getattr(inner, "socket", None)
         if sock is not None:

@@ -107,7 +107,8 @@ def build_app(agent: Agent) -> Any:
                     host = value.decode("latin-1").lower()
             hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if host and hostname not in _LOCAL_HOSTS and not hostname.endswith(".localhost"):
-                await error(403, "the agent API only answers localhost Host headers", 403)(scope, receive, send)
+                await error(403, "the agent API only answers localhost Host headers", 403)(
+                    scope, receive, send)
                 return
         await app(scope, receive, send)
 
@@ -132,7 +133,8 @@ def _free_port(host: str, start: int) -> int:
     raise OSError(f"no free port for the web interface from {start}")
 
 
-async def serve_web(agent: Agent, addr: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_web(agent: Agent, addr: str, *,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the local API until cancelled; ``started()`` reports the bound ``host:port``."""
     from hypercorn.config import Config
     from hypercorn.trio import serve

@@ -188,7 +188,7 @@ class FrameDecoder:
         #: Set once a GOAWAY was decoded; later bytes are ignored (reference: do not resync).
         self.closed = False
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Consume ``data`` and return the events it completes, in order."""
         events: list[Event] = []
         if self.closed:

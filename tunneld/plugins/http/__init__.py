@@ -80,7 +80,8 @@ class HttpTunnelType(TunnelType):
         for scheme in ("https", "http"):
             if scheme in schemes:
                 name = config.name if scheme == "https" or "https" not in schemes else f"{config.name} (http)"
-                requests.append(BindRequest(name, proto.Bind(proto=scheme, forwards_to=upstream, opts=dict(opts),
+                requests.append(BindRequest(name, proto.Bind(proto=scheme, forwards_to=upstream,
+                                                             opts=dict(opts),
                                                              extra=proto.BindExtra(name=config.name))))
         return requests
 
