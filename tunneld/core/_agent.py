@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The nursery tree (STYLE.md §2.6)::
+The nursery tree (../shared/STYLE.md §2.6)::
 
     Agent.run(*, task_status)                 reconnect loop: backoff with jitter
     └── Agent._connection()                   one nursery per connection

@@ -6,7 +6,7 @@ they claim are in the :class:`~tunneld.core._routes.RouteTable`.
 
 Theory of operation
 -------------------
-The nursery tree (STYLE.md §2.6)::
+The nursery tree (../shared/STYLE.md §2.6)::
 
     Edge.serve(*, task_status)                    root nursery
     ├── edge services from plugins                (http ingress: :80/:443 listeners)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import trio
 
-#: 256 KiB reads: 1.8-2.5 GB/s through a Trio relay against 1.3 GB/s at 64 KiB (perf-notes Q1).
+#: 256 KiB reads: 1.8-2.5 GB/s through a Trio relay against 1.3 GB/s at 64 KiB (../shared/perf-notes.md Q1).
 CHUNK = 256 * 1024
 
 _ENDED = (trio.BrokenResourceError, trio.ClosedResourceError)

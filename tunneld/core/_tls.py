@@ -2,8 +2,8 @@
 
 Why not :class:`trio.SSLStream`?  The stdlib ``SSLObject.read()`` returns at most one 16 KiB TLS
 record per call, so every ``receive_some`` yields ≤ 16 KiB and goes through SSLStream's retry
-machinery; on loopback that costs ~75 % of the throughput (perf-notes Q2).  :class:`BulkTLSStream`
-drives a pyOpenSSL ``Connection(ctx, None)`` (memory BIOs) and
+machinery; on loopback that costs ~75 % of the throughput (../shared/perf-notes.md Q2).
+:class:`BulkTLSStream` drives a pyOpenSSL ``Connection(ctx, None)`` (memory BIOs) and
 
 * on receive, drains *every* decrypted record that is already buffered (up to ``max_bytes``) and
   only touches the transport when nothing is buffered, refilling with 256 KiB reads;

@@ -4,7 +4,7 @@ Every stream starts with a 4-byte big-endian :class:`StreamType`.  RPC streams t
 JSON object each way; proxy streams (type 3) carry an int64 little-endian length-prefixed JSON
 :class:`ProxyHeader` followed by raw bytes.
 
-Wire rules (see ngrok-protocol.md §3.1):
+Wire rules (see ../shared/reference/ngrok-protocol.md §3.1):
 
 * Field names are PascalCase as Go's encoding/json writes them.  A field's wire name is derived
   from its snake_case attribute (``user_agent`` -> ``UserAgent``) unless the field carries

@@ -2,9 +2,9 @@
 
 When a TCP or TLS Bind asks for ``ProxyProto`` 1 or 2, the edge writes one of these headers at
 the start of every proxy stream, before the public client's first byte; the agent passes it on
-to the upstream unchanged, so the upstream learns the real client address (ngrok-protocol.md
-§3.5: official SDKs expect the *edge* to write it).  Spec: haproxy.org/download/2.9/doc/
-proxy-protocol.txt.
+to the upstream unchanged, so the upstream learns the real client address
+(../shared/reference/ngrok-protocol.md §3.5: official SDKs expect the *edge* to write it).
+Spec: haproxy.org/download/2.9/doc/proxy-protocol.txt.
 
 :func:`encode_proxy_header` builds a header; :func:`parse_proxy_header` reads one back (the agent
 uses it to find where the header ends when it terminates TLS itself, tests use it to check

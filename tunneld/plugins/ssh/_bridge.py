@@ -1,4 +1,4 @@
-"""A private asyncio loop in a thread of its own, callable from Trio (perf-notes Q5 (b)).
+"""A private asyncio loop in a thread of its own, callable from Trio (../shared/perf-notes.md Q5 (b)).
 
 asyncssh runs on its own native loop, so the gateway needs no trio-asyncio.  Control crosses
 the boundary in two ways: Trio runs coroutines on the loop with :meth:`AsyncioThread.call`

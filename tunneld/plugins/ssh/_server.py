@@ -97,7 +97,7 @@ class VirtualListener(asyncssh.SSHListener):
         return self._port
 
     def close(self) -> None:
-        # The base class closes the whole *connection* (perf-notes Q5 pitfalls): a cancelled
+        # The base class closes the whole *connection* (../shared/perf-notes.md Q5 pitfalls): a cancelled
         # forward only stops routing, which the Trio side handles.
         pass
 

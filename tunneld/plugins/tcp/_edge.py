@@ -123,8 +123,8 @@ class TcpEdgeTunnel:
         result = "agent_unreachable"
         try:
             try:
-                # The edge writes the PROXY header, as official SDKs expect (ngrok-protocol.md
-                # §3.5), in the stream's SYN frame.
+                # The edge writes the PROXY header, as official SDKs expect
+                # (../shared/reference/ngrok-protocol.md §3.5), in the stream's SYN frame.
                 head = b""
                 if self.proxy_proto:
                     head = proto.encode_proxy_header(self.proxy_proto, client, server)

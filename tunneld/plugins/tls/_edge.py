@@ -88,7 +88,7 @@ class TlsEdgeTunnel:
         try:
             head = b""
             if self.proxy_proto:
-                # Written by the edge, as ngrok's SDKs expect (ngrok-protocol.md §3.5).
+                # Written by the edge, as ngrok's SDKs expect (../shared/reference/ngrok-protocol.md §3.5).
                 head = proto.encode_proxy_header(self.proxy_proto, client_addr, local_addr(public))
             # The ClientHello rides in the stream's SYN frame.
             stream = await self.session.open_stream(self.tunnel_id, client_addr, "tls",
