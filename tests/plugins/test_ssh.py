@@ -379,6 +379,25 @@ async def test_unknown_key_refused(ssh_env: SshEnv, upstream: Upstream) -> None:
     assert ssh_env.edge.limiter.delay("127.0.0.1", time.monotonic()) > 0
 
 
+async def test_key_registered_through_the_control_plane(ssh_env: SshEnv, upstream: Upstream) -> None:
+    """A key in the store's ssh_credentials logs in (no authorized_keys line), and only while it is there."""
+    other = keygen(ssh_env.data_dir / "registered")
+    store = ssh_env.edge.store
+    record = store.create_ssh_credential("default", other.with_suffix(".pub").read_text(), description="ci")
+    with trio.fail_after(20):
+        client = await ssh_env.ssh("http", forwards=(f"443:localhost:{upstream.port}",), key=other)
+        (url,) = await client.urls(1)
+        http, base, ext = ssh_env.http_client("https", url)
+        async with http:
+            assert (await http.get(f"{base}/hello", extensions=ext)).text == "hello from A\n"
+        client.proc.terminate()
+        await client.finished()
+        assert store.delete_ssh_credential("default", record.id)
+        client = await ssh_env.ssh("http", forwards=(f"443:localhost:{upstream.port}",), key=other)
+        assert await client.finished() == 255
+        assert "Permission denied (publickey)" in client.output()
+
+
 @pytest.mark.parametrize(("command", "message"), [
     (("ftp",), "unknown command 'ftp'"),
     (("http", "--bogus"), "unknown flag '--bogus'"),

@@ -56,7 +56,7 @@ from tunneld.plugin import (
 from . import _server
 from ._bridge import AsyncioThread
 from ._command import SYNTAX_USER, USAGE, SshCommand, UsageError, binds_for, parse_command
-from ._keys import AuthorizedKeysFile, KeyLookup, SshCredential
+from ._keys import AuthorizedKeysFile, KeyLookup, RegisteredKeys, SshCredential
 from ._server import Closed, CommandReceived, Event, ForwardRequested, Interrupted, Link, VirtualListener
 
 log = logging.getLogger("tunneld.ssh")
@@ -112,8 +112,9 @@ class SshGateway:
         if self.keys is None:
             authorized = self.edge.data_dir / "authorized_keys"
             if not authorized.exists():
-                log.warning("SSH gateway: %s does not exist yet: no key can log in until it does", authorized)
-            self.keys = AuthorizedKeysFile(authorized)
+                log.info("SSH gateway: %s does not exist yet: only keys registered through the admin API "
+                         "(ssh_credentials) can log in until it does", authorized)
+            self.keys = RegisteredKeys(AuthorizedKeysFile(authorized), self.edge.store)
         # asyncssh logs every connection and channel at INFO: ours are the session log lines.
         asyncssh_log = logging.getLogger("asyncssh")
         if asyncssh_log.level == logging.NOTSET:

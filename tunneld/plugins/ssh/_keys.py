@@ -1,8 +1,8 @@
 """Who may use the SSH gateway: public keys, and the owner each one maps to.
 
-The gateway asks a :class:`KeyLookup` about every key a client offers.  For now the only
-implementation reads ``DATA_DIR/authorized_keys`` (OpenSSH format); a control plane with
-per-account ``ssh_credentials`` will plug in behind the same one-method interface.
+The gateway asks a :class:`KeyLookup` about every key a client offers: the operator's
+``DATA_DIR/authorized_keys`` (OpenSSH format), then the keys accounts registered through the
+admin API (``ssh_credentials`` in the store).
 
 Nothing here imports trio or asyncio: lookups are cheap and run on the SSH thread.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncssh
 import attrs
@@ -122,3 +122,30 @@ def parse_authorized_keys(text: str, source: str = "authorized_keys") -> dict[by
         keys[key.public_data] = SshCredential(owner_of(key), key.get_fingerprint("sha256"),
                                               fields[2] if len(fields) > 2 else "")
     return keys
+
+
+class _CredentialStore(Protocol):
+    def ssh_credential_for_key(self, public_key: str) -> Any: ...
+
+
+@attrs.define(eq=False)
+class RegisteredKeys:
+    """``authorized_keys`` first, then the ``ssh_credentials`` accounts registered in the store.
+
+    The store is asked on the SSH thread (one indexed SELECT per offered key; SQLite serialises
+    access from several threads itself).
+    """
+
+    file: KeyLookup
+    store: _CredentialStore
+
+    def lookup(self, key: asyncssh.SSHKey) -> SshCredential | None:
+        found = self.file.lookup(key)
+        if found is not None:
+            return found
+        line = key.export_public_key("openssh").decode("ascii", "replace")
+        record = self.store.ssh_credential_for_key(line)
+        if record is None or key_refusal(key) is not None:
+            return None
+        return SshCredential(owner_of(key), key.get_fingerprint("sha256"),
+                             f"{record.id} ({record.account_id})")
