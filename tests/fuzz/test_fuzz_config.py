@@ -65,7 +65,8 @@ def load(src: str | bytes) -> AgentConfig | str:
         assert isinstance(getattr(cfg, field), str)
     for name, t in cfg.tunnels.items():
         assert isinstance(name, str) and isinstance(t.proto, str) and isinstance(t.addr, str)
-        assert t.proxy_proto in (0, 1, 2)
+        if t.proto in ("tcp", "tls"):
+            assert t.option("proxy_proto") in (0, 1, 2)
     return cfg
 
 

@@ -60,6 +60,10 @@ ALICE = "alice:correct horse"
 BOB = "bob:battery staple"
 
 
+def options(tunnel: TunnelConfig, *keys: str) -> tuple[object, ...]:
+    return tuple(tunnel.option(key) for key in keys)
+
+
 def basic(credential: str) -> str:
     return "Basic " + base64.b64encode(credential.encode()).decode()
 
@@ -301,11 +305,11 @@ def test_cli_http_options(captured_tunnels: list[TunnelConfig], tmp_path: Path) 
                                  "--host-header=rewrite", "--scheme", "https"])
     assert result.exit_code == 0, result.output
     (t,) = captured_tunnels
-    assert (t.basic_auth, t.host_header, t.schemes) == ([ALICE, BOB], "rewrite", ["https"])
+    assert options(t, "basic_auth", "host_header", "schemes") == ([ALICE, BOB], "rewrite", ["https"])
     result = runner.invoke(cli, ["http", "8080", *cfg, "--host-header", "example.test:8080",
                                  "--schemes", "http"])
     assert result.exit_code == 0, result.output
-    assert (captured_tunnels[1].host_header, captured_tunnels[1].schemes) == ("example.test:8080", ["http"])
+    assert options(captured_tunnels[1], "host_header", "schemes") == ("example.test:8080", ["http"])
 
     for bad, code in [("alice:short", "ERR_TUNNELD_360"), ("alice", "ERR_TUNNELD_359"),
                       (":longenough", "ERR_TUNNELD_359")]:
@@ -339,9 +343,9 @@ def test_config_keys_v2_and_v3() -> None:
         "    addr: 8082\n"
         "    host_header: preserve\n")
     v3, v2, plain = cfg.tunnels["v3"], cfg.tunnels["v2"], cfg.tunnels["plain"]
-    assert (v3.basic_auth, v3.host_header, v3.schemes) == ([ALICE, BOB], "rewrite", ["https"])
-    assert (v2.basic_auth, v2.host_header, v2.schemes) == ([ALICE], "example.test", ["http"])
-    assert (plain.basic_auth, plain.host_header) == ([], "")
+    assert options(v3, "basic_auth", "host_header", "schemes") == ([ALICE, BOB], "rewrite", ["https"])
+    assert options(v2, "basic_auth", "host_header", "schemes") == ([ALICE], "example.test", ["http"])
+    assert options(plain, "basic_auth", "host_header") == ([], "")
 
 
 @pytest.mark.parametrize(("snippet", "line", "message"), [

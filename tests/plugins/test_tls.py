@@ -533,8 +533,9 @@ async def test_proxy_proto_config_and_cli_keys() -> None:
     cfg = parse_agent_config("tunnels:\n  a:\n    proto: tls\n    addr: 443\n    proxy_proto: 2\n"
                              "    crt: c.pem\n    key: k.pem\n"
                              "  b:\n    proto: tcp\n    addr: 22\n    proxy_proto: '1'\n")
-    assert (cfg.tunnels["a"].proxy_proto, cfg.tunnels["a"].crt, cfg.tunnels["a"].key) == (2, "c.pem", "k.pem")
-    assert cfg.tunnels["b"].proxy_proto == 1
+    a = cfg.tunnels["a"]
+    assert (a.option("proxy_proto"), a.option("crt"), a.option("key")) == (2, "c.pem", "k.pem")
+    assert cfg.tunnels["b"].option("proxy_proto") == 1
     for body, message in [
         ("    proto: tls\n    addr: 1\n    proxy_proto: 3\n", "line 5: tunnels.a.proxy_proto: expected 1 or"),
         ("    proto: http\n    addr: 1\n    proxy_proto: 1\n", "line 5: tunnels.a.proxy_proto: tunneld sup"),

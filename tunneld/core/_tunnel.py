@@ -230,18 +230,6 @@ class TunnelConfig:
             raise KeyError(f"tunnel type {self.proto!r} has no option {key!r}")
         return _default(declared)
 
-    def __getattr__(self, name: str) -> Any:
-        # Transitional (issue 12): reading an option as an attribute (``config.basic_auth``), as
-        # before options moved into the types.  An option of another type reads as its default.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if name in self.options:
-            return self.options[name]
-        declared = declared_option(self.proto, name) or _any_declared(name)
-        if declared is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return _default(declared)
-
     def __repr__(self) -> str:
         def shown(key: str, value: Any) -> str:
             declared = declared_option(self.proto, key) or _any_declared(key)

@@ -108,7 +108,8 @@ def upstream_authority(url: str) -> str:
 
 def host_header_for(tunnel: AgentTunnelContext) -> bytes | None:
     """The Host to send upstream for ``tunnel``'s ``--host-header``, None to pass it unchanged."""
-    value = getattr(tunnel.config, "host_header", "")
+    # Read from the options as set: other types relay HTTP too (labeled tunnels) without the key.
+    value = tunnel.config.options.get("host_header", "")
     if not value:
         return None
     return (upstream_authority(tunnel.upstream) if value == "rewrite" else value).encode("ascii")

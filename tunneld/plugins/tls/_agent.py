@@ -73,7 +73,7 @@ async def serve_tls_stream(tunnel: AgentTunnelContext, stream: trio.abc.HalfClos
         return
     prefix = b""
     transport: trio.abc.HalfCloseableStream = stream
-    if tunnel.config.proxy_proto:
+    if tunnel.config.option("proxy_proto"):
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             prefix, rest = await _take_proxy_header(stream)
         transport = PrefixedStream(stream, rest)
