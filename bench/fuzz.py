@@ -150,7 +150,7 @@ class MessagesTarget:
 
     def __init__(self) -> None:
         from tunneld.core import _errors
-        from tunneld.core.proto import _messages as m
+        from tunneld.core import proto as m
 
         self.m = m
         self.errors = _errors

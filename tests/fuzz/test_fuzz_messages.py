@@ -1,4 +1,5 @@
-"""Fuzz tests of the JSON message codec and its incremental readers (tunneld.core.proto._messages).
+"""Fuzz tests of the JSON message codec and its incremental readers
+(tunneld.core.proto: _messages, _codec, _readers).
 
 Properties: decoding any bytes as any message class gives the message or RemoteProtocolError
 (never another exception, never a message that cannot be re-encoded: decode(encode(m)) == m);
@@ -25,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunneld.core._errors import LocalProtocolError, RemoteProtocolError
-from tunneld.core.proto._messages import (
+from tunneld.core.proto import (
     MAX_MESSAGE_SIZE,
     MESSAGE_CLASSES,
     Auth,

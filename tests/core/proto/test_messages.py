@@ -1,4 +1,4 @@
-"""Tests of the JSON control messages and their framing (tunneld.core.proto._messages)."""
+"""Tests of the JSON control messages and their framing (tunneld.core.proto: _messages, _codec, _readers)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunneld.core._errors import LocalProtocolError, RemoteProtocolError
-from tunneld.core.proto._messages import (
+from tunneld.core.proto import (
     MESSAGE_CLASSES,
     Auth,
     AuthExtra,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from .._errors import LocalProtocolError as LocalProtocolError
 from .._errors import ProtocolError as ProtocolError
 from .._errors import RemoteProtocolError as RemoteProtocolError
+from ._codec import decode_message as decode_message
+from ._codec import encode_message as encode_message
 from ._flow import DEFAULT_WINDOW as DEFAULT_WINDOW
 from ._flow import MAX_DATA_FRAME as MAX_DATA_FRAME
 from ._flow import ReceiveWindow as ReceiveWindow
@@ -33,6 +35,9 @@ from ._proxyproto import PROXY_V2_SIGNATURE as PROXY_V2_SIGNATURE
 from ._proxyproto import ProxyProtocolInfo as ProxyProtocolInfo
 from ._proxyproto import encode_proxy_header as encode_proxy_header
 from ._proxyproto import parse_proxy_header as parse_proxy_header
+from ._readers import JsonObjectReader as JsonObjectReader
+from ._readers import ProxyHeaderReader as ProxyHeaderReader
+from ._readers import encode_proxy_stream_prefix as encode_proxy_stream_prefix
 
 __all__ = [
     "LocalProtocolError",
@@ -60,5 +65,10 @@ __all__ = [
     "ProxyProtocolInfo",
     "encode_proxy_header",
     "parse_proxy_header",
+    "decode_message",
+    "encode_message",
+    "JsonObjectReader",
+    "ProxyHeaderReader",
+    "encode_proxy_stream_prefix",
     *_messages_all,
 ]
