@@ -42,10 +42,13 @@ from .proto import (
     RemoteProtocolError,
     Reset,
     WindowUpdate,
+    admit_syn,
+    check_data_after_fin,
     data_header,
     encode_goaway,
     encode_rst,
     encode_wndinc,
+    orphan_frame_reply,
 )
 
 log = logging.getLogger("tunneld.mux")
@@ -178,8 +181,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
     # called by the session's reader
     def _on_data(self, data: bytes, fin: bool) -> None:
         if data:
-            if self._eof_received:
-                raise RemoteProtocolError(f"DATA after FIN on stream {self.id}", code=ErrorCode.PROTOCOL)
+            check_data_after_fin(self.id, self._eof_received, True)
             self._window.on_data(len(data))
             self._chunks.append(data)
             if self._metered:
@@ -467,16 +469,14 @@ class MuxSession:
         sid = event.stream_id
         stream = self._streams.get(sid)
         if event.syn:
-            if stream is not None:
-                raise RemoteProtocolError(f"SYN for open stream {sid}")
-            if (sid % 2 == 1) == self.client:
-                raise RemoteProtocolError(f"peer opened stream {sid} with our parity")
+            refusal = admit_syn(sid, we_are_client=self.client, already_open=stream is not None,
+                                goaway_sent=self._goaway_sent, remote_open=self._remote_open,
+                                max_remote_open=self.max_remote_streams, open_total=len(self._streams),
+                                max_open_total=MAX_REMOTE_STREAMS, pending_accept=self._pending_accept,
+                                accept_backlog=ACCEPT_BACKLOG)
             self._last_remote_id = max(self._last_remote_id, sid)
-            if (self._goaway_sent or self._remote_open >= self.max_remote_streams
-                    or len(self._streams) >= MAX_REMOTE_STREAMS or self._pending_accept >= ACCEPT_BACKLOG):
-                full = self._pending_accept >= ACCEPT_BACKLOG
-                code = ErrorCode.ACCEPT_QUEUE_FULL if full else ErrorCode.STREAM_REFUSED
-                self._queue_control(encode_rst(sid, code))
+            if refusal is not None:
+                self._queue_control(encode_rst(sid, refusal))
                 return
             stream = MuxStream(self, sid, self.window, ReceiveWindow(self.remote_window or self.window),
                                remote=True, metered=self.max_remote_buffered is not None)
@@ -485,9 +485,9 @@ class MuxSession:
             self._pending_accept += 1
             self._accept_send.send_nowait(stream)
         elif stream is None:
-            # Go ignores a late FIN for a stream it forgot; data gets StreamClosed.
-            if event.data:
-                self._queue_control(encode_rst(sid, ErrorCode.STREAM_CLOSED))
+            reply = orphan_frame_reply(bool(event.data))
+            if reply is not None:
+                self._queue_control(encode_rst(sid, reply))
             return
         stream._on_data(event.data, event.fin)
         if event.fin:

@@ -38,6 +38,9 @@ from ._proxyproto import parse_proxy_header as parse_proxy_header
 from ._readers import JsonObjectReader as JsonObjectReader
 from ._readers import ProxyHeaderReader as ProxyHeaderReader
 from ._readers import encode_proxy_stream_prefix as encode_proxy_stream_prefix
+from ._streamrules import admit_syn as admit_syn
+from ._streamrules import check_data_after_fin as check_data_after_fin
+from ._streamrules import orphan_frame_reply as orphan_frame_reply
 
 __all__ = [
     "LocalProtocolError",
@@ -70,5 +73,8 @@ __all__ = [
     "JsonObjectReader",
     "ProxyHeaderReader",
     "encode_proxy_stream_prefix",
+    "admit_syn",
+    "check_data_after_fin",
+    "orphan_frame_reply",
     *_messages_all,
 ]
