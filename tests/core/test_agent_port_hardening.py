@@ -113,7 +113,7 @@ async def test_preauth_flood_is_bounded_and_dropped(edge_env: EdgeEnv, nursery: 
     stop.set()
     assert peak["streams"] <= edge_mod.PREAUTH_MAX_STREAMS
     assert peak["buffered"] <= edge_mod.PREAUTH_MAX_STREAMS * edge_mod.PREAUTH_WINDOW
-    with trio.fail_after(2):
+    with trio.fail_after(5):  # generous: a loaded CI machine, not the edge, sets this pace
         while attacker_sessions(edge_env):
             await trio.sleep(0.01)
     assert rtts and max(rtts) < 2, rtts
