@@ -10,15 +10,11 @@ handshake bytes; every call answers within the time budget.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
 import struct
-import time
-from collections.abc import Iterator
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tunneld.plugins.tls._clienthello import (
@@ -30,34 +26,10 @@ from tunneld.plugins.tls._clienthello import (
     Error,
 )
 
-FUZZ = settings(max_examples=120, derandomize=True, database=None, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-BUDGET = 1.0
+from ._limits import budget, fuzz_settings, split
+
+FUZZ = fuzz_settings(120)
 NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")
-
-
-@contextlib.contextmanager
-def budget(seconds: float = BUDGET) -> Iterator[None]:
-    """Fail if the block takes ``seconds`` or more; an alarm also ends a loop that never returns."""
-
-    def on_alarm(_signum: int, _frame: Any) -> None:
-        raise AssertionError(f"hang: no answer within {2 * seconds:.1f}s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 2 * seconds)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-    took = time.perf_counter() - start
-    assert took < seconds, f"one input took {took:.2f}s"
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)] or [b""]
 
 
 def parse(chunks: list[bytes], max_size: int) -> Any:

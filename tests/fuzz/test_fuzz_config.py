@@ -8,47 +8,24 @@ string fields are strings).
 
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tunneld.core._config import AgentConfig, load_agent_config, parse_agent_config
 from tunneld.core._errors import ConfigError
 
-FUZZ = settings(max_examples=100, derandomize=True, database=None, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-BUDGET = 1.0
+from ._limits import budget, fuzz_settings
+
+FUZZ = fuzz_settings(100)
 # Warm up outside any time budget: the first tunnel definition loads the plugins' tunnel types.
 parse_agent_config("tunnels: {t: {proto: tcp, addr: 1}}\n")
 WHERE = re.compile(r"(config|[\w.-]+\.yml) line \d+: \S[^\n]*\Z")  # file, line, one line of text
-
-
-@contextlib.contextmanager
-def budget(seconds: float = BUDGET) -> Iterator[None]:
-    """Fail if the block takes ``seconds`` or more; an alarm also ends a loop that never returns."""
-
-    def on_alarm(_signum: int, _frame: Any) -> None:
-        raise AssertionError(f"hang: no answer within {2 * seconds:.1f}s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 2 * seconds)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-    took = time.perf_counter() - start
-    assert took < seconds, f"one input took {took:.2f}s"
 
 
 def load(src: str | bytes) -> AgentConfig | str:

@@ -10,14 +10,8 @@ within the time budget.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import time
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tunneld.http1._wire import (
@@ -30,33 +24,9 @@ from tunneld.http1._wire import (
     parse_response_head,
 )
 
-FUZZ = settings(max_examples=1000, derandomize=True, database=None, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-BUDGET = 1.0
+from ._limits import budget, fuzz_settings, split
 
-
-@contextlib.contextmanager
-def budget(seconds: float = BUDGET) -> Iterator[None]:
-    """Fail if the block takes ``seconds`` or more; an alarm also ends a loop that never returns."""
-
-    def on_alarm(_signum: int, _frame: Any) -> None:
-        raise AssertionError(f"hang: no answer within {2 * seconds:.1f}s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 2 * seconds)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-    took = time.perf_counter() - start
-    assert took < seconds, f"one input took {took:.2f}s"
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)] or [b""]
+FUZZ = fuzz_settings(1000)
 
 
 # --- inputs ----------------------------------------------------------------------------------

@@ -9,15 +9,11 @@ incomplete.  Every call answers within the time budget.  The long run is bench/f
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import signal
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tunneld.core._errors import LocalProtocolError, RemoteProtocolError
@@ -29,28 +25,9 @@ from tunneld.core.proto._proxyproto import (
     parse_proxy_header,
 )
 
-FUZZ = settings(max_examples=120, derandomize=True, database=None, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-BUDGET = 1.0
+from ._limits import budget, fuzz_settings
 
-
-@contextlib.contextmanager
-def budget(seconds: float = BUDGET) -> Iterator[None]:
-    """Fail if the block takes ``seconds`` or more; an alarm also ends a loop that never returns."""
-
-    def on_alarm(_signum: int, _frame: Any) -> None:
-        raise AssertionError(f"hang: no answer within {2 * seconds:.1f}s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 2 * seconds)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-    took = time.perf_counter() - start
-    assert took < seconds, f"one input took {took:.2f}s"
+FUZZ = fuzz_settings(120)
 
 
 def read(data: bytes) -> ProxyProtocolInfo | None | str:
