@@ -17,20 +17,9 @@ from tunneld.core._rpc import call
 from tunneld.core._tls import client_context, open_tls_client
 
 from ..conftest import EdgeEnv, start_echo_server
+from .test_resume import tcp_echo
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-async def tcp_echo(port: int, payload: bytes = b"ping") -> bytes:
-    with trio.fail_after(10):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(payload)
-            await stream.send_eof()
-            got = b""
-            while data := await stream.receive_some():
-                got += data
-            return got
 
 
 async def working_tunnel(env: EdgeEnv, nursery: trio.Nursery) -> int:
