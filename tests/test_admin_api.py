@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import EdgeEnv, start_hello_upstream
+from tests.conftest import DOMAIN, EdgeEnv, start_hello_upstream
 from tunneld.core import TunnelConfig
 from tunneld.core._admin import RESOURCES, AdminApi
 from tunneld.core._store import DEFAULT_ACCOUNT
@@ -44,6 +44,9 @@ async def api(edge_env: EdgeEnv) -> AsyncIterator[Api]:
     bound = await edge_env.nursery.start(admin.run)
     url = f"http://{bound}"
     _, key = edge_env.store.create_api_key(DEFAULT_ACCOUNT, "test")
+    # TCP edges serve only addresses their account reserved.
+    for addr in ("tcp.example.com:20002", "1.2.3.4:5"):
+        edge_env.store.create_reserved_addr(DEFAULT_ACCOUNT, addr)
     async with httpx.AsyncClient(base_url=url, timeout=10,
                                  headers={"Authorization": f"Bearer {key}", "Ngrok-Version": "2"}) as client:
         yield Api(edge_env, url, key, client, admin)
@@ -55,9 +58,9 @@ CREATE_BODIES: dict[str, dict[str, Any]] = {
     "reserved_domains": {"domain": "app.example.com", "description": "app"},
     "reserved_addrs": {"addr": "tcp.example.com:20001"},
     "ssh_credentials": {"public_key": ssh_key(1), "acl": ["bind:a=b"]},
-    "edges/https": {"hostname": "web.example.com", "labels": {"app": "web"}},
+    "edges/https": {"hostname": f"web.{DOMAIN}", "labels": {"app": "web"}},
     "edges/tcp": {"addr": "tcp.example.com:20002"},
-    "edges/tls": {"hostname": "tls.example.com"},
+    "edges/tls": {"hostname": f"tls.{DOMAIN}"},
 }
 
 
@@ -107,9 +110,18 @@ async def test_resource_shapes(api: Api) -> None:
     assert api.env.store.verify_token(cred["token"]) is not None
     rd = (await c.post("/reserved_domains", json={"domain": "Bücher.Example."})).json()
     assert rd["domain"] == "xn--bcher-kva.example" and rd["cname_target"] == api.env.edge.config.cname
-    edge = (await c.post("/edges/https", json={"hostname": "w.example.com"})).json()
+    edge = (await c.post("/edges/https", json={"hostname": f"w.{DOMAIN}"})).json()
     assert edge["id"].startswith("edghts_") and edge["backend"]["labels"] == {"edge": edge["id"]}
-    assert edge["hostports"] == [f"w.example.com:{api.env.https_port}"]
+    assert edge["hostports"] == [f"w.{DOMAIN}:{api.env.https_port}"]
+    # An edge on a reserved domain of the account; names it may not serve are refused.
+    rd_edge = (await c.post("/edges/https", json={"hostname": "xn--bcher-kva.example"})).json()
+    assert rd_edge["hostname"] == "xn--bcher-kva.example"
+    check_error(await c.post("/edges/https", json={"hostname": "elsewhere.example"}), 400)
+    check_error(await c.post("/edges/https", json={"hostname": f"a.b.{DOMAIN}"}), 400)
+    check_error(await c.post("/edges/tcp", json={"addr": "1.2.3.4:6"}), 400)
+    other = api.env.store.ensure_account("other").id
+    api.env.store.create_reserved_domain(other, f"theirs.{DOMAIN}")
+    check_error(await c.post("/edges/tls", json={"hostname": f"theirs.{DOMAIN}"}), 409)
     tcp = (await c.post("/edges/tcp", json={"addr": "1.2.3.4:5"})).json()
     assert tcp["id"].startswith("edgtcp_") and tcp["hostports"] == ["1.2.3.4:5"]
     # An edge of one proto is not found under another.
@@ -122,8 +134,9 @@ async def test_resource_shapes(api: Api) -> None:
 
 async def test_pagination(api: Api) -> None:
     c = api.client
-    ids = [(await c.post("/reserved_addrs", json={"addr": f"10.0.0.1:{p}"})).json()["id"]
-           for p in range(1, 6)]
+    before = [r.id for r in reversed(api.env.store.list_reserved_addrs(DEFAULT_ACCOUNT))]  # the fixture's
+    ids = before + [(await c.post("/reserved_addrs", json={"addr": f"10.0.0.1:{p}"})).json()["id"]
+                    for p in range(1, 6)]
     seen: list[str] = []
     url: str | None = "/reserved_addrs?limit=2"
     while url:
@@ -268,7 +281,8 @@ async def test_sessions_tunnels_metrics_and_deletion_disconnects(api: Api, nurse
     async def run_agent(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         from tunneld.core import Agent
 
-        agent = Agent(env.agent_config(authtoken=cred["token"]), [TunnelConfig("web", "http", str(upstream))])
+        agent = Agent(env.agent_config(authtoken=cred["token"], metadata="laptop 7"),
+                      [TunnelConfig("web", "http", str(upstream), metadata="web meta")])
         try:
             await agent.run(task_status=task_status)
         except* Exception:  # noqa: BLE001 - the agent stops once its credential is gone
@@ -281,6 +295,7 @@ async def test_sessions_tunnels_metrics_and_deletion_disconnects(api: Api, nurse
         sessions = (await c.get("/tunnel_sessions")).json()["tunnel_sessions"]
         mine = [s for s in sessions if s["credential"]["id"] == cred["id"]]
         assert len(mine) == 1 and mine[0]["ip"] == "127.0.0.1" and mine[0]["started_at"].endswith("Z")
+        assert mine[0]["metadata"] == "laptop 7"  # the agent's ``metadata`` key reaches the edge
         one = await c.get(f"/tunnel_sessions/{mine[0]['id']}")
         assert one.status_code == 200 and one.json()["id"] == mine[0]["id"]
         check_error(await c.get("/tunnel_sessions/nope"), 404)
@@ -288,13 +303,27 @@ async def test_sessions_tunnels_metrics_and_deletion_disconnects(api: Api, nurse
         ours = [t for t in tunnels if t["tunnel_session"]["id"] == mine[0]["id"]]
         assert ours and all(t["public_url"] for t in ours)
         assert {t["proto"] for t in ours} <= {"http", "https"}
-        env.edge.context.count("refused_binds", reason="acl")  # what plugins and the edge count
+        env.edge.context.count("refused_binds", code="ERR_TUNNELD_316")  # what plugins and the edge count
+        env.edge.context.count("widgets", kind="x")  # a plugin's own counter
+        # Real traffic moves the request counters and the duration histogram.
+        http_url = next(t["public_url"] for t in ours if t["proto"] == "http")
+        host = http_url.split("://")[1].rsplit(":", 1)[0]
+        stream = await trio.open_tcp_stream("127.0.0.1", env.http_port)
+        await stream.send_all(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        async for chunk in stream:
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200")
         metrics = await c.get("/metrics")
         assert metrics.status_code == 200
         text = metrics.text
         assert 'tunneld_agent_sessions{state="authenticated"} 1.0' in text
         assert 'tunneld_tunnels{proto="http"}' in text and "tunneld_open_connections" in text
-        assert 'tunneld_refused_binds_total{reason="acl"} 1.0' in text
+        assert 'tunneld_refused_binds_total{code="ERR_TUNNELD_316"} 1.0' in text
+        assert 'tunneld_widgets_total{kind="x"} 1.0' in text
+        assert 'tunneld_http_requests_total{code="2xx"} 1.0' in text
+        assert 'tunneld_http_request_duration_seconds_bucket{code="2xx",le="+Inf"} 1.0' in text
+        assert 'tunneld_auth_failures_total{kind="agent"} 0.0' in text
         assert any(line.startswith('tunneld_tunnels{proto="http') and not line.endswith(" 0.0")
                    for line in text.splitlines())
         # Deleting the credential ends its session within 5 s.

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from tests.conftest import EdgeEnv
+from tests.conftest import DOMAIN, EdgeEnv
 from tunneld.core._admin import AdminApi
 
 
@@ -58,9 +58,10 @@ async def test_api_key_and_api_commands(edge_env: EdgeEnv, tmp_path: Path) -> No
     assert updated["description"] == "laptop"
     assert ok(await tunneld("api", "credentials", "delete", cred["id"], env=env)) is None
 
-    edge = ok(await tunneld("api", "edges", "create", "--proto", "https", "--hostname", "web.example.com",
+    edge = ok(await tunneld("api", "edges", "create", "--proto", "https", "--hostname", f"web.{DOMAIN}",
                             "--label", "app=web", "--label", "v=1", env=env))
     assert edge["id"].startswith("edghts_") and edge["backend"]["labels"] == {"app": "web", "v": "1"}
+    ok(await tunneld("api", "reserved-addrs", "create", "1.2.3.4:5000", env=env))  # positional
     tcp = ok(await tunneld("api", "edges", "create", "--proto", "tcp", "--addr", "1.2.3.4:5000", env=env))
     listed = ok(await tunneld("api", "edges", "list", env=env))
     assert [e["id"] for e in listed["https_edges"]] == [edge["id"]]

@@ -145,7 +145,8 @@ class FakeEdge:
     def address_available(self, transport: str, port: int, owner: str) -> bool:
         return port not in self.claims
 
-    def claim_address(self, transport: str, port: int, holder: object, owner: str) -> None:
+    def claim_address(self, transport: str, port: int, holder: object, owner: str, *,
+                      requested: bool = False) -> None:
         assert transport == "udp" and port not in self.claims
         self.claims[port] = holder
 

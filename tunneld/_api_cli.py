@@ -20,6 +20,8 @@ import click
 ENV_API_URL = "TUNNELD_API_URL"
 ENV_API_KEY = "TUNNELD_API_KEY"
 TIMEOUT = 30.0
+#: A remote update's answer comes once the agent has installed the release (the edge waits 300 s).
+UPDATE_TIMEOUT = 330.0
 
 
 def _fail(message: str) -> None:
@@ -28,7 +30,7 @@ def _fail(message: str) -> None:
 
 
 def request(method: str, path: str, body: dict[str, Any] | None = None, *, api_url: str | None = None,
-            api_key: str | None = None, query: dict[str, Any] | None = None) -> Any:
+            api_key: str | None = None, query: dict[str, Any] | None = None, timeout: float = TIMEOUT) -> Any:
     """One API call; the decoded JSON answer (None for 204).  Exits with the error on failure."""
     api_url = api_url or os.environ.get(ENV_API_URL)
     api_key = api_key or os.environ.get(ENV_API_KEY)
@@ -47,7 +49,7 @@ def request(method: str, path: str, body: dict[str, Any] | None = None, *, api_u
         **({"Content-Type": "application/json"} if data is not None else {}),
     })
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:  # noqa: S310 - the user's own URL
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the user's own URL
             raw = resp.read()
     except urllib.error.HTTPError as exc:
         raw = exc.read()
@@ -108,6 +110,12 @@ def _meta_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _body(**fields: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in fields.items():
+        if key.endswith("_flag"):
+            # ``--domain X`` and the positional ``X`` are one field; the flag wins if both are given.
+            key = key[: -len("_flag")]
+            value = value if value is not None else fields.get(key)
+        elif f"{key}_flag" in fields:
+            continue
         if value is None:
             continue
         if key == "acl":
@@ -135,11 +143,20 @@ def _crud_group(name: str, path: str, create_opts: list[Callable[[Any], Any]],
                 update_opts: list[Callable[[Any], Any]], help_text: str) -> click.Group:
     """A resource's group: create, list, get, update, delete."""
 
-    @click.group(name, help=help_text)
+    def example(*lines: str) -> str:
+        return "\b\nExample" + ("s" if len(lines) > 1 else "") + ":\n" + "".join(f"  {x}\n" for x in lines)
+
+    create_args = {"credentials": "--acl 'bind:*.example.com' --description laptop",
+                   "reserved-domains": "app.example.com",
+                   "reserved-addrs": "edge.example.com:10001",
+                   "ssh-credentials": "--public-key @$HOME/.ssh/id_ed25519.pub"}.get(name, "--description ci")
+
+    @click.group(name, help=help_text,
+                 epilog=example(f"tunneld api {name} create {create_args}", f"tunneld api {name} list"))
     def group() -> None:
         pass
 
-    @group.command("create")
+    @group.command("create", epilog=example(f"tunneld api {name} create {create_args}"))
     @_conn_options
     @click.pass_context
     def create(ctx: click.Context, **kw: Any) -> None:
@@ -149,7 +166,7 @@ def _crud_group(name: str, path: str, create_opts: list[Callable[[Any], Any]],
     for opt in create_opts:
         opt(create)
 
-    @group.command("list")
+    @group.command("list", epilog=example(f"tunneld api {name} list --limit 10"))
     @click.option("--limit", type=click.IntRange(1, 100), default=None)
     @click.option("--before-id", default=None)
     @_conn_options
@@ -158,14 +175,14 @@ def _crud_group(name: str, path: str, create_opts: list[Callable[[Any], Any]],
         conn = _conn(ctx, kw)
         _emit(request("GET", f"/{path}", query={"limit": limit, "before_id": before_id}, **conn))
 
-    @group.command("get")
+    @group.command("get", epilog=example(f"tunneld api {name} get ID"))
     @click.argument("resource_id")
     @_conn_options
     @click.pass_context
     def get(ctx: click.Context, resource_id: str, **kw: Any) -> None:
         _emit(request("GET", f"/{path}/{quote(resource_id, safe='')}", **_conn(ctx, kw)))
 
-    @group.command("update")
+    @group.command("update", epilog=example(f"tunneld api {name} update ID --description renamed"))
     @click.argument("resource_id")
     @_conn_options
     @click.pass_context
@@ -176,7 +193,7 @@ def _crud_group(name: str, path: str, create_opts: list[Callable[[Any], Any]],
     for opt in update_opts:
         opt(update)
 
-    @group.command("delete")
+    @group.command("delete", epilog=example(f"tunneld api {name} delete ID"))
     @click.argument("resource_id")
     @_conn_options
     @click.pass_context
@@ -201,11 +218,15 @@ for _group in (
                 "Authtokens for agents (the token is shown once, on create)."),
     _crud_group("api-keys", "api_keys", _META, _META, "Admin API keys (the key is shown once, on create)."),
     _crud_group("reserved-domains", "reserved_domains",
-                [_opt("--domain", required=True, help="The hostname (or *.domain) to reserve."), *_META],
+                [click.argument("domain", required=False),
+                 _opt("--domain", "domain_flag", default=None,
+                      help="The hostname (or *.domain) to reserve (or give it as the argument)."), *_META],
                 _META,
                 "Hostnames reserved for this account."),
     _crud_group("reserved-addrs", "reserved_addrs",
-                [_opt("--addr", required=True, help="The TCP HOST:PORT to reserve."), *_META], _META,
+                [click.argument("addr", required=False),
+                 _opt("--addr", "addr_flag", default=None,
+                      help="The TCP HOST:PORT to reserve (or give it as the argument)."), *_META], _META,
                 "TCP addresses reserved for this account."),
     _crud_group("ssh-credentials", "ssh_credentials",
                 [_opt("--public-key", required=True, help="OpenSSH public key line, or @FILE to read it."),
@@ -256,7 +277,13 @@ def _edge_path(edge_id: str) -> str:
 
 @api.group("edges")
 def edges() -> None:
-    """Edges (https, tcp, tls) and the labels of their tunnel-group backends."""
+    """Edges (https, tcp, tls) and the labels of their tunnel-group backends.
+
+    \b
+    Examples:
+      tunneld api edges create --proto https --hostname app.example.com --label app=web
+      tunneld api edges list
+    """
 
 
 @edges.command("create")
@@ -271,7 +298,13 @@ def edges() -> None:
 @click.pass_context
 def edges_create(ctx: click.Context, proto: str, hostname: str | None, addr: str | None,
                  labels: tuple[str, ...], **kw: Any) -> None:
-    """Create an edge; prints its JSON."""
+    """Create an edge; prints its JSON.
+
+    \b
+    Examples:
+      tunneld api edges create --proto https --hostname app.example.com --label app=web
+      tunneld api edges create --proto tcp --addr edge.example.com:10001
+    """
     conn = _conn(ctx, kw)
     if proto == "tcp" and (hostname or not addr):
         raise click.UsageError("a tcp edge takes --addr HOST:PORT (and no --hostname)")
@@ -290,7 +323,12 @@ def edges_create(ctx: click.Context, proto: str, hostname: str | None, addr: str
 @click.pass_context
 def edges_list(ctx: click.Context, proto: str | None, limit: int | None, before_id: str | None,
                **kw: Any) -> None:
-    """List edges."""
+    """List edges.
+
+    \b
+    Example:
+      tunneld api edges list --proto https
+    """
     conn = _conn(ctx, kw)
     query = {"limit": limit, "before_id": before_id}
     if proto:
@@ -308,7 +346,12 @@ def edges_list(ctx: click.Context, proto: str | None, limit: int | None, before_
 @_conn_options
 @click.pass_context
 def edges_get(ctx: click.Context, edge_id: str, **kw: Any) -> None:
-    """Show one edge."""
+    """Show one edge.
+
+    \b
+    Example:
+      tunneld api edges get edghts_...
+    """
     _emit(request("GET", _edge_path(edge_id), **_conn(ctx, kw)))
 
 
@@ -319,7 +362,12 @@ def edges_get(ctx: click.Context, edge_id: str, **kw: Any) -> None:
 @_conn_options
 @click.pass_context
 def edges_update(ctx: click.Context, edge_id: str, labels: tuple[str, ...], **kw: Any) -> None:
-    """Change an edge's description, metadata or labels."""
+    """Change an edge's description, metadata or labels.
+
+    \b
+    Example:
+      tunneld api edges update edghts_... --label app=web-v2
+    """
     conn = _conn(ctx, kw)
     _emit(request("PATCH", _edge_path(edge_id), _body(labels=_labels(labels), **kw), **conn))
 
@@ -329,7 +377,12 @@ def edges_update(ctx: click.Context, edge_id: str, labels: tuple[str, ...], **kw
 @_conn_options
 @click.pass_context
 def edges_delete(ctx: click.Context, edge_id: str, **kw: Any) -> None:
-    """Delete an edge."""
+    """Delete an edge.
+
+    \b
+    Example:
+      tunneld api edges delete edghts_...
+    """
     _emit(request("DELETE", _edge_path(edge_id), **_conn(ctx, kw)))
 
 
@@ -338,7 +391,13 @@ def edges_delete(ctx: click.Context, edge_id: str, **kw: Any) -> None:
 
 @api.group("tunnel-sessions")
 def tunnel_sessions() -> None:
-    """Agent sessions connected to the edge now."""
+    """Agent sessions connected to the edge now.
+
+    \b
+    Examples:
+      tunneld api tunnel-sessions list
+      tunneld api tunnel-sessions restart SESSION_ID
+    """
 
 
 @tunnel_sessions.command("list")
@@ -347,7 +406,12 @@ def tunnel_sessions() -> None:
 @_conn_options
 @click.pass_context
 def tunnel_sessions_list(ctx: click.Context, limit: int | None, before_id: str | None, **kw: Any) -> None:
-    """List agent sessions."""
+    """List agent sessions.
+
+    \b
+    Example:
+      tunneld api tunnel-sessions list --limit 10
+    """
     query = {"limit": limit, "before_id": before_id}
     _emit(request("GET", "/tunnel_sessions", query=query, **_conn(ctx, kw)))
 
@@ -357,13 +421,82 @@ def tunnel_sessions_list(ctx: click.Context, limit: int | None, before_id: str |
 @_conn_options
 @click.pass_context
 def tunnel_sessions_get(ctx: click.Context, session_id: str, **kw: Any) -> None:
-    """Show one agent session."""
+    """Show one agent session.
+
+    \b
+    Example:
+      tunneld api tunnel-sessions get SESSION_ID
+    """
     _emit(request("GET", f"/tunnel_sessions/{quote(session_id, safe='')}", **_conn(ctx, kw)))
+
+
+def _session_command(op: str, session_id: str, conn: dict[str, Any], body: dict[str, Any] | None = None,
+                     timeout: float = TIMEOUT) -> None:
+    request("POST", f"/tunnel_sessions/{quote(session_id, safe='')}/{op}", body if body is not None else {},
+            timeout=timeout, **conn)
+    click.echo(f"tunnel session {session_id}: the agent accepted the {op}", err=True)
+
+
+@tunnel_sessions.command("stop")
+@click.argument("session_id")
+@_conn_options
+@click.pass_context
+def tunnel_sessions_stop(ctx: click.Context, session_id: str, **kw: Any) -> None:
+    """Stop the agent of a session (it exits); fails if it refuses (remote_management: false).
+
+    \b
+    Example:
+      tunneld api tunnel-sessions stop 9f2c...
+    """
+    _session_command("stop", session_id, _conn(ctx, kw))
+
+
+@tunnel_sessions.command("restart")
+@click.argument("session_id")
+@_conn_options
+@click.pass_context
+def tunnel_sessions_restart(ctx: click.Context, session_id: str, **kw: Any) -> None:
+    """Restart the agent of a session: it re-executes itself and comes back with the same URLs.
+
+    \b
+    Example:
+      tunneld api tunnel-sessions restart 9f2c...
+    """
+    _session_command("restart", session_id, _conn(ctx, kw))
+
+
+@tunnel_sessions.command("update")
+@click.argument("session_id")
+@click.option("--version", "version", default=None, metavar="X.Y.Z",
+              help="Install this version [default: the newest of the agent's update_channel].")
+@click.option("--permit-major-version", is_flag=True, help="Allow a new major version.")
+@_conn_options
+@click.pass_context
+def tunnel_sessions_update(ctx: click.Context, session_id: str, version: str | None,
+                           permit_major_version: bool, **kw: Any) -> None:
+    """Update the agent of a session (pip installs the release), then restart it.
+
+    Waits until the agent has installed the release (up to 5 minutes).
+
+    \b
+    Examples:
+      tunneld api tunnel-sessions update 9f2c...
+      tunneld api tunnel-sessions update 9f2c... --version 1.2.0
+    """
+    body: dict[str, Any] = {"version": version} if version else {}
+    if permit_major_version:
+        body["permit_major_version"] = True
+    _session_command("update", session_id, _conn(ctx, kw), body, timeout=UPDATE_TIMEOUT)
 
 
 @api.group("tunnels")
 def tunnels() -> None:
-    """Tunnels online now."""
+    """Tunnels online now.
+
+    \b
+    Example:
+      tunneld api tunnels list
+    """
 
 
 @tunnels.command("list")
@@ -372,5 +505,10 @@ def tunnels() -> None:
 @_conn_options
 @click.pass_context
 def tunnels_list(ctx: click.Context, limit: int | None, before_id: str | None, **kw: Any) -> None:
-    """List tunnels."""
+    """List tunnels.
+
+    \b
+    Example:
+      tunneld api tunnels list --limit 20
+    """
     _emit(request("GET", "/tunnels", query={"limit": limit, "before_id": before_id}, **_conn(ctx, kw)))

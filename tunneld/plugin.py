@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from tunneld.core._options import check_host_header as check_host_header
     from tunneld.core._options import parse_proxy_proto as parse_proxy_proto
     from tunneld.core._options import split_basic_auth as split_basic_auth
+    from tunneld.core._store import DEFAULT_ACCOUNT as DEFAULT_ACCOUNT
     from tunneld.core._store import Store as Store
     from tunneld.core._streams import PrefixedStream as PrefixedStream
     from tunneld.core._tunnel import AgentTunnelContext as AgentTunnelContext
@@ -57,7 +58,9 @@ if TYPE_CHECKING:
     from tunneld.core._tunnel import EdgeContext as EdgeContext
     from tunneld.core._tunnel import EdgeService as EdgeService
     from tunneld.core._tunnel import EdgeTunnel as EdgeTunnel
+    from tunneld.core._tunnel import ExchangeRecorder as ExchangeRecorder
     from tunneld.core._tunnel import LabeledTunnels as LabeledTunnels
+    from tunneld.core._tunnel import ListedSession as ListedSession
     from tunneld.core._tunnel import SessionContext as SessionContext
     from tunneld.core._tunnel import TlsFront as TlsFront
     from tunneld.core._tunnel import TunnelConfig as TunnelConfig
@@ -84,7 +87,9 @@ _EXPORTS: dict[str, str] = {
     # what the core hands plugins
     "EdgeContext": "tunneld.core._tunnel",
     "SessionContext": "tunneld.core._tunnel",
+    "ListedSession": "tunneld.core._tunnel",
     "AgentTunnelContext": "tunneld.core._tunnel",
+    "ExchangeRecorder": "tunneld.core._tunnel",
     # tunnel types and what they return
     "TunnelType": "tunneld.core._tunnel",
     "TunnelTypeRegistry": "tunneld.core._tunnel",
@@ -107,6 +112,7 @@ _EXPORTS: dict[str, str] = {
     "parse_proxy_proto": "tunneld.core._options",
     "split_basic_auth": "tunneld.core._options",
     "Store": "tunneld.core._store",
+    "DEFAULT_ACCOUNT": "tunneld.core._store",
     # the wire protocol's messages (Bind, ProxyHeader, encode_proxy_header, ...)
     "proto": "tunneld.core.proto",
     # errors

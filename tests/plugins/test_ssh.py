@@ -487,3 +487,69 @@ def test_command_parsing() -> None:
             parse_command(bad)
     with pytest.raises(UsageError):
         binds_for(parse_command("tcp"), "elsewhere.example", 0, {}, DOMAIN)
+
+
+async def test_registered_key_acl_and_reservations(ssh_env: SshEnv, upstream: Upstream) -> None:
+    """A registered key's ACL and every account's reservations apply to its forwards, as to agents'."""
+    store = ssh_env.edge.store
+    domain = ssh_env.edge.config.domain
+    carol = store.ensure_account("carol").id
+    dave = store.ensure_account("dave").id
+    key = keygen(ssh_env.data_dir / "carol")
+    store.create_ssh_credential(carol, key.with_suffix(".pub").read_text(), acl=[f"bind:*.{domain}"])
+    store.create_reserved_domain(dave, f"taken.{domain}")
+    forward = (f"443:localhost:{upstream.port}",)
+    with trio.fail_after(30):
+        client = await ssh_env.ssh("http", "--subdomain", "carol", forwards=forward, key=key)
+        (url,) = await client.urls(1)
+        assert url.startswith(f"https://carol.{domain}")
+        client.proc.terminate()
+        await client.finished()
+        client = await ssh_env.ssh("http", "--subdomain", "taken", forwards=forward, key=key)
+        assert await client.finished() == 1
+        assert "reserved by another account" in client.output() and "320" in client.output()
+        client = await ssh_env.ssh("tcp", "22", forwards=("0:localhost:22",), key=key)
+        assert await client.finished() == 1
+        assert "does not allow a random address" in client.output() and "356" in client.output()
+    assert ssh_env.edge.metrics.refused_binds.get("ERR_TUNNELD_320") == 1
+    assert ssh_env.edge.metrics.refused_binds.get("ERR_TUNNELD_356") == 1
+
+
+async def test_ssh_sessions_in_the_admin_api(ssh_env: SshEnv, upstream: Upstream) -> None:
+    """SSH sessions are listed with their tunnels, by their account's API keys only."""
+    from tunneld.core._admin import AdminApi
+
+    store = ssh_env.edge.store
+    erin = store.ensure_account("erin").id
+    key = keygen(ssh_env.data_dir / "erin")
+    record = store.create_ssh_credential(erin, key.with_suffix(".pub").read_text())
+    _, erin_key = store.create_api_key(erin, "erin")
+    _, default_key = store.create_api_key("default", "ops")
+    admin = AdminApi(ssh_env.edge, ("127.0.0.1", 0))
+    bound = await ssh_env.nursery.start(admin.run)
+    with trio.fail_after(30):
+        client = await ssh_env.ssh("http", forwards=(f"443:localhost:{upstream.port}",), key=key)
+        (url,) = await client.urls(1)
+        async with httpx.AsyncClient(base_url=f"http://{bound}", timeout=10,
+                                     headers={"Authorization": f"Bearer {erin_key}"}) as api:
+            (listed,) = (await api.get("/tunnel_sessions")).json()["tunnel_sessions"]
+            assert listed["transport"] == "ssh" and listed["credential"]["id"] == record.id
+            assert listed["agent_version"].startswith("SSH-2.0-OpenSSH") and listed["ip"] == "127.0.0.1"
+            assert len(listed["tunnels"]) == 1
+            one = (await api.get(f"/tunnel_sessions/{listed['id']}")).json()
+            assert one["id"] == listed["id"]
+            (tunnel,) = (await api.get("/tunnels")).json()["tunnels"]
+            assert tunnel["public_url"] == url and tunnel["tunnel_session"]["id"] == listed["id"]
+            others = (await api.get("/tunnel_sessions", headers={"Authorization": f"Bearer {default_key}"}))
+            assert others.json()["tunnel_sessions"] == []
+            restart = await api.post(f"/tunnel_sessions/{listed['id']}/restart")
+            assert restart.status_code == 400 and "only stop it" in restart.json()["msg"]
+            wrong = await api.post(f"/tunnel_sessions/{listed['id']}/stop",
+                                   headers={"Authorization": f"Bearer {default_key}"})
+            assert wrong.status_code == 404
+            assert (await api.post(f"/tunnel_sessions/{listed['id']}/stop")).status_code == 204
+        assert await client.finished() == 0
+        assert "Stopped by the edge" in client.output()
+        with trio.fail_after(5):
+            while ssh_env.edge.plugin_sessions:
+                await trio.sleep(0.02)

@@ -13,6 +13,7 @@ import trio
 
 from tunneld.core import Agent, MuxSession, TunnelConfig, TunnelRejected, proto
 from tunneld.core._rpc import call
+from tunneld.core._store import DEFAULT_ACCOUNT
 from tunneld.core._tls import client_context, open_tls_client
 
 from ..conftest import DOMAIN, EdgeEnv, start_echo_server
@@ -226,7 +227,9 @@ async def test_port_released_after_unbind(edge_env: EdgeEnv, nursery: trio.Nurse
         resp = await call(mux, proto.StreamType.UNBIND, proto.Unbind(id=bound.id), proto.UnbindResp)
         assert not resp.error, resp.error
         await wait_refused(pport, within=0.5)
-        # The session itself lives on: the same port can be bound again.
+        # The session itself lives on: the same port can be bound again (asked for by address,
+        # which the account must have reserved).
+        edge_env.edge.store.create_reserved_addr(DEFAULT_ACCOUNT, f"{DOMAIN}:{pport}")
         bind = proto.Bind(proto="tcp", opts={"Addr": f"{DOMAIN}:{pport}"})
         again = await call(mux, proto.StreamType.BIND, bind, proto.BindResp)
         assert not again.error, again.error
@@ -251,6 +254,7 @@ def _free_port_in(low: int, high: int) -> int:
 async def test_remote_addr_in_range_is_granted(edge_env: EdgeEnv, nursery: trio.Nursery) -> None:
     low, high = edge_env.edge.config.tcp_ports
     wanted = _free_port_in(low + 50, high)
+    edge_env.edge.store.create_reserved_addr(DEFAULT_ACCOUNT, f"{DOMAIN}:{wanted}")
     port = await start_echo_server(nursery)
     agent = await edge_env.start_agent(TunnelConfig(name="r", proto="tcp", addr=str(port),
                                                     remote_addr=f"{DOMAIN}:{wanted}"))

@@ -33,7 +33,7 @@ from urllib.parse import urlencode
 import attrs
 import trio
 
-from ._acl import AclError, normalize_rules
+from ._acl import AclError, normalize_addr, normalize_hostname, normalize_rules
 from ._errors import Code
 from ._store import (
     DEFAULT_ACCOUNT,
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
     from ._edge import AgentSession, Edge
+    from ._tunnel import ListedSession
 
 log = logging.getLogger("tunneld.admin")
 
@@ -177,6 +178,8 @@ class Resource:
     to_json: Callable[[Any, str, str | None, AdminApi], dict[str, Any]]
     #: The record's id as the API shows it.
     api_id: Callable[[Any], str] = attrs.field(default=lambda r: r.id)
+    #: (store, account, body, edge domain) → None, or ValueError: run before ``create``.
+    check_create: Callable[[Store, str, dict[str, Any], str], None] | None = None
 
 
 def _base(record: Any, uri: str) -> dict[str, Any]:
@@ -230,6 +233,27 @@ def _edge_json(r: EdgeRecord, uri: str, secret: str | None, api: AdminApi) -> di
 _META = {"description": "str", "metadata": "str"}
 
 
+def _check_edge_name(store: Store, account: str, body: dict[str, Any], domain: str) -> None:
+    """An edge serves only names its account may have: its reserved domains and addresses, or a
+    one-label name under the edge's domain that no other account reserved."""
+    if body.get("hostname"):
+        host = normalize_hostname(str(body["hostname"]))
+        reserved = store.domain_reservation(host)
+        if reserved is not None:
+            if reserved.account_id != account:
+                raise StoreConflict(f"the domain {host} is reserved by another account")
+            return
+        label, _, parent = host.partition(".")
+        if parent != domain or not label:
+            raise ValueError(f"hostname {host} is neither a reserved domain of your account nor a "
+                             f"name under {domain} (reserve it first: POST /reserved_domains)")
+    elif body.get("addr"):
+        addr = normalize_addr(str(body["addr"]))
+        reservation = store.addr_reservation(addr)
+        if reservation is None or reservation.account_id != account:
+            raise ValueError(f"the address {addr} is not reserved by your account (POST /reserved_addrs)")
+
+
 def _edge_resource(proto: str) -> Resource:
     where = "addr" if proto == "tcp" else "hostname"
     return Resource(
@@ -237,6 +261,7 @@ def _edge_resource(proto: str) -> Resource:
         create_fields={**_META, where: "str", "labels": "labels"}, required=(where,),
         update_fields={**_META, "labels": "labels"},
         create=lambda s, a, b: s.create_edge(a, proto, **b),
+        check_create=_check_edge_name,
         get=lambda s, a, i: s.get_edge(a, i, proto),
         list=lambda s, a, n, before: s.list_edges(a, proto, limit=n, before_id=before),
         update=lambda s, a, i, b: s.update_edge(a, i, **b) if s.get_edge(a, i, proto) else None,
@@ -354,6 +379,46 @@ def _metric_name(name: str) -> str:
     return name if name.startswith("tunneld_") else "tunneld_" + name
 
 
+def _core_series(edge: Edge) -> Iterator[Any]:
+    """The edge's own traffic, login and bind counters (``core/_metrics.py``)."""
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+    metrics = edge.metrics
+    metrics.prune(edge.live_tunnel_ids())
+    c = CounterMetricFamily("tunneld_http_requests", "HTTP requests proxied by the edge, by status class.",
+                            labels=["code"])
+    h = HistogramMetricFamily("tunneld_http_request_duration_seconds",
+                              "Time from a request's first byte to the end of its response.", labels=["code"])
+    for cls, hist in sorted(metrics.http.items()):
+        c.add_metric([cls], hist.count)
+        h.add_metric([cls], hist.cumulative(), hist.total)
+    yield c
+    yield h
+    c = CounterMetricFamily("tunneld_tunnel_http_requests", "HTTP requests per tunnel.", labels=["tunnel"])
+    for tid, n in sorted(metrics.tunnel_requests.items()):
+        c.add_metric([tid], n)
+    yield c
+    c = CounterMetricFamily("tunneld_tunnel_connections", "Public TCP/TLS connections per tunnel.",
+                            labels=["tunnel", "proto"])
+    for (tid, proto), n in sorted(metrics.tunnel_connections.items()):
+        c.add_metric([tid, proto], n)
+    yield c
+    c = CounterMetricFamily("tunneld_tunnel_bytes", "Bytes per tunnel: in from public clients, out to them.",
+                            labels=["tunnel", "direction"])
+    for (tid, direction), n in sorted(metrics.tunnel_bytes.items()):
+        c.add_metric([tid, direction], n)
+    yield c
+    c = CounterMetricFamily("tunneld_auth_failures", "Failed logins: agents' authtokens, ssh keys, API keys.",
+                            labels=["kind"])
+    for kind in sorted({"agent", "ssh", "api", *metrics.auth_failures}):
+        c.add_metric([kind], metrics.auth_failures.get(kind, 0))
+    yield c
+    c = CounterMetricFamily("tunneld_refused_binds", "Binds refused, by error code.", labels=["code"])
+    for code, n in sorted(metrics.refused_binds.items()):
+        c.add_metric([code], n)
+    yield c
+
+
 class EdgeCollector:
     """Prometheus collector reading the live edge at scrape time (nothing in the hot path)."""
 
@@ -389,6 +454,7 @@ class EdgeCollector:
         yield GaugeMetricFamily("tunneld_auth_limited_addresses",
                                 "Client addresses with recent failed logins (agents, ssh, API keys).",
                                 value=len(edge.limiter))
+        yield from _core_series(edge)
         # Counters plugins keep through EdgeContext.count(metric, value, **labels).
         counters: dict[Any, float] = dict(getattr(edge.context, "_counters", {}) or {})
         families: dict[str, tuple[list[str], list[tuple[list[str], float]]]] = {}
@@ -441,6 +507,7 @@ class AdminApi:
         if scheme.lower() == "bearer" and secret.strip():
             record = await trio.to_thread.run_sync(self.store.verify_api_key, secret.strip())
         if record is None:
+            self.edge.metrics.auth_failure("api")
             if delay:
                 log.warning("admin API: failed API key from %s (answer delayed %gs)", client, delay)
                 await trio.sleep(delay)
@@ -523,6 +590,8 @@ class AdminApi:
             if request.query_params:
                 raise ApiError(400, Code.API_BAD_REQUEST, "no query parameters on create")
             body = _parse_body(await self._body(request), res.create_fields, res.required)
+            if res.check_create is not None:
+                await self._store_call(res.check_create, account, body, self.edge.config.domain)
             created = await self._store_call(res.create, account, body)
             record, secret = created if isinstance(created, tuple) else (created, None)
             log.info("admin API: %s created %s %s", key.id, res.path, res.api_id(record))
@@ -572,10 +641,28 @@ class AdminApi:
             "tunnels": sorted(s.tunnels),
         }
 
+    def _account_plugin_sessions(self, account: str) -> list[ListedSession]:
+        """The account's sessions that plugins run (the ssh gateway's)."""
+        return [s for s in list(self.edge.plugin_sessions) if s.account_id == account]
+
+    def _plugin_session_json(self, request: Request, s: ListedSession) -> dict[str, Any]:
+        base = self._base_url(request)
+        cred = s.credential_id
+        return {
+            "id": s.session_id, "uri": f"{base}/tunnel_sessions/{s.session_id}",
+            "agent_version": s.agent_version,
+            "credential": {"id": cred, "uri": f"{base}/ssh_credentials/{cred}"} if cred else None,
+            "ip": s.remote_addr.rsplit(":", 1)[0].strip("[]"), "metadata": "", "os": "", "region": "local",
+            "started_at": rfc3339(s.started_at), "transport": s.client_type, "client_type": s.client_type,
+            "tunnels": sorted(s.tunnel_ids),
+        }
+
     async def _tunnel_sessions(self, request: Request) -> Any:
         key = await self.authenticate(request)
         limit, before = self._page_params(request)
         items = [self._session_json(request, s) for s in await self._account_sessions(key.account_id)]
+        items += [self._plugin_session_json(request, p)
+                  for p in self._account_plugin_sessions(key.account_id)]
         page, more = _page_of(items, limit, before)
         return 200, self._list_json(request, "tunnel_sessions", page, more, limit)
 
@@ -585,7 +672,59 @@ class AdminApi:
         for s in await self._account_sessions(key.account_id):
             if s.client_id == wanted:
                 return 200, self._session_json(request, s)
+        for p in self._account_plugin_sessions(key.account_id):
+            if p.session_id == wanted:
+                return 200, self._plugin_session_json(request, p)
         raise ApiError(404, Code.API_NOT_FOUND, f"no tunnel session {wanted}")
+
+    def _session_command(self, op_name: str) -> Callable[[Request], Any]:
+        """``POST /tunnel_sessions/{id}/stop|restart|update``: 204 once the agent accepted.
+
+        The agent's refusal (``remote_management: false``: ERR_TUNNELD_804-806) answers 400, its
+        failure (807-809, e.g. no newer release) 409, no answer in time 504.
+        """
+        from starlette.responses import JSONResponse
+
+        from ._remote import Op, RemoteCommandError, remote_restart, remote_stop, remote_update
+
+        op = Op(op_name)
+
+        async def handler(request: Request) -> Any:
+            key = await self.authenticate(request)
+            wanted = self._check_id(request.path_params["id"])
+            if request.query_params:
+                raise ApiError(400, Code.API_BAD_REQUEST, "no query parameters here")
+            body = _parse_remote_body(await self._body(request), op is Op.UPDATE)
+            session = next((s for s in await self._account_sessions(key.account_id) if s.client_id == wanted),
+                           None)
+            if session is None:
+                listed = next((p for p in self._account_plugin_sessions(key.account_id)
+                               if p.session_id == wanted), None)
+                if listed is None:
+                    raise ApiError(404, Code.API_NOT_FOUND, f"no tunnel session {wanted}")
+                # A plugin's session (ssh): stop ends it; there is no agent to restart or update.
+                if op is not Op.STOP:
+                    raise ApiError(400, Code.API_BAD_REQUEST,
+                                   f"a {listed.client_type} session cannot {op.value}: only stop it")
+                log.info("admin API: %s stops tunnel session %s", key.id, wanted)
+                listed.stop(f"stopped by API key {key.id}")
+                return 204, None
+            log.info("admin API: %s asks tunnel session %s to %s", key.id, wanted, op.value)
+            try:
+                if op is Op.STOP:
+                    await remote_stop(session)
+                elif op is Op.RESTART:
+                    await remote_restart(session)
+                else:
+                    await remote_update(session, body.get("version", ""),
+                                        permit_major_version=body.get("permit_major_version", False))
+            except RemoteCommandError as exc:
+                status = 400 if exc.unsupported else 409 if exc.answered else 504
+                return JSONResponse({"error_code": exc.code.label, "status_code": status, "msg": exc.message,
+                                     "details": {"operation": op.value, "tunnel_session": wanted}}, status)
+            return 204, None
+
+        return handler
 
     async def _tunnels(self, request: Request) -> Any:
         key = await self.authenticate(request)
@@ -602,6 +741,17 @@ class AdminApi:
                         "started_at": rfc3339(_started_at(s)),
                         "tunnel_session": {"id": s.client_id, "uri": f"{base}/tunnel_sessions/{s.client_id}"},
                         "credential": {"id": "cr_" + s.token_id},
+                    })
+        for p in self._account_plugin_sessions(key.account_id):
+            for tunnel_id in p.tunnel_ids:
+                for proto, url in urls.get(tunnel_id, [("", "")]):
+                    items.append({
+                        "id": tunnel_id if len(urls.get(tunnel_id, ())) <= 1 else f"{tunnel_id}_{proto}",
+                        "public_url": url or None, "proto": proto or None, "region": "local",
+                        "started_at": rfc3339(p.started_at),
+                        "tunnel_session": {"id": p.session_id,
+                                           "uri": f"{base}/tunnel_sessions/{p.session_id}"},
+                        "credential": {"id": p.credential_id} if p.credential_id else None,
                     })
         page, more = _page_of(items, limit, before)
         return 200, self._list_json(request, "tunnels", page, more, limit)
@@ -638,6 +788,10 @@ class AdminApi:
             ("/metrics", ("GET",), self._metrics),
             ("/tunnel_sessions", ("GET",), self._tunnel_sessions),
             ("/tunnel_sessions/{id}", ("GET",), self._tunnel_session),
+            # Remote management (tunneld/core/_remote.py): ngrok's stop/restart/update calls.
+            ("/tunnel_sessions/{id}/stop", ("POST",), self._session_command("stop")),
+            ("/tunnel_sessions/{id}/restart", ("POST",), self._session_command("restart")),
+            ("/tunnel_sessions/{id}/update", ("POST",), self._session_command("update")),
             ("/tunnels", ("GET",), self._tunnels),
         ]
         for res in RESOURCES:
@@ -725,6 +879,29 @@ _TYPES: dict[str, dict[str, Any]] = {
 }
 
 
+def _parse_remote_body(raw: bytes, update: bool) -> dict[str, Any]:
+    """The body of a stop/restart (``{}`` or none) or update (``version``, ``permit_major_version``)."""
+    if not update:
+        return _parse_body(raw, {})
+    try:
+        obj: Any = json.loads(raw) if raw.strip() else {}
+    except (ValueError, RecursionError):
+        raise ApiError(400, Code.API_BAD_REQUEST, "the body is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, Code.API_BAD_REQUEST, "the body must be a JSON object")
+    permit = obj.pop("permit_major_version", False)
+    if not isinstance(permit, bool):
+        raise ApiError(400, Code.API_BAD_REQUEST, "permit_major_version must be true or false",
+                       field="permit_major_version")
+    out = _parse_body(json.dumps(obj).encode(), {"version": "str"})
+    version = out.get("version", "")
+    if len(version) > 64 or (version and not re.fullmatch(r"[0-9A-Za-z.+!_-]+", version)):
+        raise ApiError(400, Code.API_BAD_REQUEST, "version must be a version number such as 1.2.3",
+                       field="version")
+    out["permit_major_version"] = permit
+    return out
+
+
 def _schema(fields: dict[str, str], required: Iterable[str] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "object", "additionalProperties": False,
                            "properties": {k: dict(_TYPES[v]) for k, v in fields.items()}}
@@ -755,6 +932,16 @@ def openapi_document() -> dict[str, Any]:
         "/tunnels": {"get": {"operationId": "tunnels_list", "parameters": page,
                              "responses": {"200": obj, **errors}}},
     }
+    for command, fields in (("stop", {}), ("restart", {}), ("update", {
+            "version": {"type": "string"}, "permit_major_version": {"type": "boolean"}})):
+        paths[f"/tunnel_sessions/{{id}}/{command}"] = {"post": {
+            "operationId": f"tunnel_sessions_{command}", "parameters": ident,
+            "description": f"Ask the agent to {command}; 400 when it refuses (remote_management: "
+                           "false), 409 when it fails, 504 when it does not answer.",
+            "requestBody": {"content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, "properties": fields}}}},
+            "responses": {"204": {"description": "the agent accepted"}, "409": error, "504": error,
+                          **errors}}}
     for res in RESOURCES:
         op = res.path.replace("/", "_")
         paths[f"/{res.path}"] = {

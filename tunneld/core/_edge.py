@@ -32,7 +32,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
@@ -46,9 +46,12 @@ from . import proto
 from . import proto as _proto  # where a parameter is named ``proto`` (SessionContext.open_stream)
 from ._access import log_connection
 from ._acl import LABELS, allows_bind
+from ._bindpolicy import reservation_maps
 from ._certs import certificate_names, ensure_dev_host_cert, name_matches
 from ._errors import Code, ConfigError, PluginError, RemoteProtocolError, TunnelRejected, wire_error
+from ._forward import ByteCounts
 from ._hostnames import AllowedHostname, HostChooser, HostPolicy
+from ._metrics import EdgeMetrics
 from ._mux import MuxSession, MuxStream
 from ._names import NameClaims, Signer, load_secret
 from ._plugins import build_registry, get_plugin_manager
@@ -58,7 +61,15 @@ from ._rpc import read_message, reply
 from ._store import Store, is_token_format
 from ._streams import PrefixedStream
 from ._tls import accept_tls, server_context
-from ._tunnel import EdgeContext, EdgeTunnel, SessionContext, TlsFront, TunnelInfo, TunnelTypeRegistry
+from ._tunnel import (
+    EdgeContext,
+    EdgeTunnel,
+    ListedSession,
+    SessionContext,
+    TlsFront,
+    TunnelInfo,
+    TunnelTypeRegistry,
+)
 from ._util import (
     ThrottledLog,
     accept_loop,
@@ -201,6 +212,8 @@ class Edge:
     limiter: FailureLimiter = attrs.field(factory=lambda: FailureLimiter(max_delay=MAX_AUTH_DELAY),
                                           init=False)
     sessions: set[AgentSession] = attrs.field(factory=set, init=False)
+    #: Sessions plugins run (the ssh gateway's), listed by the admin API beside agent sessions.
+    plugin_sessions: set[ListedSession] = attrs.field(factory=set, init=False)
     #: Authtoken id → its authenticated sessions, and its tunnels (bound or being bound).
     sessions_by_token: dict[str, int] = attrs.field(factory=dict, init=False)
     tunnels_by_token: dict[str, int] = attrs.field(factory=dict, init=False)
@@ -233,10 +246,13 @@ class Edge:
     context: EdgeAdapter = attrs.field(init=False, repr=False)
     #: The naming rules of ``SessionContext.choose_host``.
     host_policy: HostPolicy = attrs.field(init=False, repr=False)
+    #: Traffic, login and bind counters (``/metrics``).
+    metrics: EdgeMetrics = attrs.field(factory=EdgeMetrics, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.registry = build_registry(self.pm)
         self.routes.names = NameClaims(self.store, self.config.hold_period)
+        self.routes.tcp_host = self.config.domain
         self.signer = Signer(load_secret(self.config.data_dir))
         self.context = EdgeAdapter(self)
         self.host_policy = HostPolicy(self.config.domain, self.config.reserved_names,
@@ -441,10 +457,35 @@ class Edge:
                 session.mux.close_reason = "authtoken revoked"
                 await session.mux.aclose()
 
+    async def refresh_bind_policy(self, owner: str, account_id: str | None, acl: tuple[str, ...]) -> None:
+        """Read every account's reservations from the store and record ``owner``'s rights.
+
+        Called before a session binds, so reservations and ACLs changed through the admin API
+        apply to the next bind; the claims of ``owner``'s tunnels are checked against them.
+        """
+        domains, addrs = await trio.to_thread.run_sync(self.store.reservations)
+        self.routes.set_reservations(*reservation_maps(domains, addrs))
+        self.routes.grant(owner, account_id, acl)
+
+    def live_tunnel_ids(self) -> set[str]:
+        """Ids of the tunnels that exist now (agents' and those routed by any plugin)."""
+        live = {tid for s in self.sessions for tid in s.tunnels}
+        live.update(tid for s in self.plugin_sessions for tid in s.tunnel_ids)
+        routes = self.routes
+        tables: list[dict[Any, Any]] = [routes.hosts, *routes.addresses.values()]
+        for table in tables:
+            for holder in list(table.values()):
+                tid = getattr(holder, "tunnel_id", None)
+                if tid:
+                    live.add(tid)
+        return live
+
     async def _trim_memory(self) -> None:
-        """Now and then, give the memory of ended sessions back to the OS (``malloc_trim``)."""
+        """Now and then, give the memory of ended sessions back to the OS (``malloc_trim``), and
+        forget the metrics of tunnels that are gone."""
         while True:
             await trio.sleep(TRIM_INTERVAL)
+            self.metrics.prune(self.live_tunnel_ids())
             if self._ended_since_trim:
                 self._ended_since_trim = 0
                 if not await trio.to_thread.run_sync(release_free_memory):
@@ -584,6 +625,10 @@ class AgentSession:
     authed: bool = False
     auth: proto.Auth | None = None
     token_id: str = ""
+    #: The authtoken's account (set by Auth).
+    account_id: str = ""
+    #: When the agent connected (wall clock, for the tunnel-sessions API).
+    started_at: float = attrs.field(factory=time.time)
     #: Tunnel id → (cancel scope, event set once the tunnel has released its address).
     tunnels: dict[str, tuple[trio.CancelScope, trio.Event]] = attrs.field(factory=dict)
     #: Tunnel id → the public name it claimed (for Unbind to let go of the hold).
@@ -774,6 +819,7 @@ class AgentSession:
                 error = wire_error("the authtoken is malformed", Code.AUTHTOKEN_MALFORMED)
             else:
                 error = wire_error("the authtoken is invalid or has been revoked", Code.AUTHTOKEN_INVALID)
+            edge.metrics.auth_failure("agent")
             log.warning("agent %s: authentication failed%s", self.remote_addr,
                         f" (answer delayed {delay:g}s: repeated failures from {host})" if delay else "")
             await trio.sleep(delay)
@@ -786,6 +832,7 @@ class AgentSession:
         edge.limiter.refund(host)
         self.auth = msg
         self.token_id = record.id
+        self.account_id = record.account_id
         self.client_id = await self._resume_or_new(msg)
         # After a resume replaced this token's old session, which no longer counts.
         limit = edge.config.max_sessions_per_token
@@ -854,10 +901,12 @@ class AgentSession:
             if tunnel_type is None:
                 raise TunnelRejected(f"protocol {bind.proto!r} is not served by this edge",
                                      Code.PROTO_UNSUPPORTED)
+            await self._refresh_rights()
             edge = self.edge.context
             tunnel_id, info = await self._start_tunnel(
                 bind.id, lambda tunnel_id: tunnel_type.edge_tunnel(edge, self, bind, tunnel_id))
         except TunnelRejected as exc:
+            self.edge.metrics.refused_bind(exc.code.label)
             log.info("agent %s: bind %s refused: %s", self.remote_addr, bind.proto, exc)
             return proto.BindResp(id=bind.id, proto=bind.proto, opts=bind.opts,
                                   error=wire_error(exc.reason, exc.code))
@@ -877,9 +926,8 @@ class AgentSession:
         try:
             if labeled is None:
                 raise TunnelRejected("labeled tunnels are not served by this edge", Code.PROTO_UNSUPPORTED)
-            # Read now, so an ACL changed through the admin API applies to the next start.
-            acl = await trio.to_thread.run_sync(self.edge.store.token_acl, self.token_id)
-            if acl is None or not allows_bind(acl, LABELS, msg.labels):
+            acl = await self._refresh_rights()
+            if not allows_bind(acl, LABELS, msg.labels):
                 text = ",".join(f"{k}={v}" for k, v in msg.labels.items())
                 raise TunnelRejected(f"the authtoken's ACL does not allow the labels {text}",
                                      Code.BIND_NAME_FORBIDDEN)
@@ -887,9 +935,20 @@ class AgentSession:
             tunnel_id, _ = await self._start_tunnel(
                 "", lambda tunnel_id: labeled.edge_tunnel(edge, self, msg, tunnel_id))
         except TunnelRejected as exc:
+            self.edge.metrics.refused_bind(exc.code.label)
             log.info("agent %s: labeled tunnel refused: %s", self.remote_addr, exc)
             return proto.StartTunnelWithLabelResp(id="", error=wire_error(exc.reason, exc.code))
         return proto.StartTunnelWithLabelResp(id=tunnel_id)
+
+    async def _refresh_rights(self) -> tuple[str, ...]:
+        """Read the authtoken's account and ACL (now, so a change through the admin API applies to
+        this bind) and the reservations; return the ACL.  TunnelRejected if the token is gone."""
+        rights = await trio.to_thread.run_sync(self.edge.store.token_rights, self.token_id)
+        if rights is None:
+            raise TunnelRejected("the authtoken was revoked or deleted", Code.AUTHTOKEN_INVALID)
+        account_id, acl = rights
+        await self.edge.refresh_bind_policy(self.owner, account_id, acl)
+        return acl
 
     async def _start_tunnel(self, requested_id: str,
                             make: Callable[[str], EdgeTunnel]) -> tuple[str, TunnelInfo]:
@@ -1060,6 +1119,15 @@ class EdgeAdapter:
     def host_chooser(self, session: SessionContext) -> Callable[[proto.Bind, str], str]:
         return HostChooser(self._edge.host_policy, self._routes, session)
 
+    async def refresh_bind_policy(self, owner: str, account_id: str | None, acl: Sequence[str]) -> None:
+        await self._edge.refresh_bind_policy(owner, account_id, tuple(acl))
+
+    def add_session(self, session: ListedSession) -> None:
+        self._edge.plugin_sessions.add(session)
+
+    def remove_session(self, session: ListedSession) -> None:
+        self._edge.plugin_sessions.discard(session)
+
     # ---- hostnames ---------------------------------------------------------------------------
 
     def claim_host(self, route: str, host: str, holder: object, owner: str) -> None:
@@ -1076,8 +1144,9 @@ class EdgeAdapter:
 
     # ---- transport addresses -----------------------------------------------------------------
 
-    def claim_address(self, transport: str, port: int, holder: object, owner: str) -> None:
-        self._routes.claim_address(transport, port, holder, owner)
+    def claim_address(self, transport: str, port: int, holder: object, owner: str, *,
+                      requested: bool = False) -> None:
+        self._routes.claim_address(transport, port, holder, owner, requested=requested)
 
     def release_address(self, transport: str, port: int, holder: object) -> None:
         self._routes.release_address(transport, port, holder)
@@ -1096,11 +1165,18 @@ class EdgeAdapter:
 
     # ---- observability -----------------------------------------------------------------------
 
-    # The access module's function itself: no extra call per public connection.
-    log_connection = staticmethod(log_connection)
+    def log_connection(self, *, client: str, proto: str, result: str, started: float, host: str = "",
+                       tunnel_id: str = "", url: str = "", counts: ByteCounts | None = None) -> None:
+        if counts is not None:
+            self._edge.metrics.connection(tunnel_id, proto, counts.a_to_b, counts.b_to_a)
+        else:
+            self._edge.metrics.connection(tunnel_id, proto, 0, 0)
+        log_connection(client=client, proto=proto, result=result, started=started, host=host,
+                       tunnel_id=tunnel_id, url=url, counts=counts)
 
     def log_request(self, *, client: str, host: str, tunnel_id: str, method: str, path: str, status: int,
                     started: float) -> None:
+        self._edge.metrics.request(tunnel_id, status, time.monotonic() - started)
         # Same shape as TCP/TLS connection lines (core/_access.py): client= first, "-" for none.
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
@@ -1110,6 +1186,14 @@ class EdgeAdapter:
             )
 
     def count(self, metric: str, value: float = 1, **labels: str) -> None:
+        # The core's own series, which plugins add to (the ssh gateway's logins and binds).
+        metrics = self._edge.metrics
+        if metric == "auth_failures":
+            metrics.auth_failure(labels.get("kind", ""))
+            return
+        if metric == "refused_binds":
+            metrics.refused_bind(labels.get("code", ""))
+            return
         key = (metric, tuple(sorted(labels.items())))
         self._counters[key] = self._counters.get(key, 0) + value
 

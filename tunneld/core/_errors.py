@@ -50,6 +50,10 @@ class Code(enum.IntEnum):
     BIND_ADDR_FORBIDDEN = 308
     #: The TCP address is reserved by another account (ngrok's 309).
     ADDR_RESERVED = 309
+    #: A requested TCP address must be reserved by the account first (ngrok's 307).
+    ADDR_NOT_RESERVED = 307
+    #: The credential's ACL does not allow a random TCP address (ngrok's 356).
+    RANDOM_ADDR_FORBIDDEN = 356
     #: The credential's ACL does not allow binding this name or these labels (ngrok's 316).
     BIND_NAME_FORBIDDEN = 316
     #: The domain is reserved by another account (ngrok's 320).

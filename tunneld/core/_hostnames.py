@@ -25,11 +25,14 @@ from ._certs import name_matches
 from ._errors import Code, TunnelRejected
 
 if TYPE_CHECKING:
+    from ._bindpolicy import BindPolicy
     from ._routes import RouteTable
     from ._tunnel import SessionContext
     from .proto import Bind
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+#: Random names tried before giving up (each collision is a 1 in 2**32 event).
+_RANDOM_ATTEMPTS = 64
 _HOSTNAME_KEYS = ("hostname", "domain", "url")
 
 
@@ -107,18 +110,25 @@ class HostChooser:
         """The public hostname for a name-routed Bind; TunnelRejected if it cannot be had."""
         policy, routes, session = self.policy, self.routes, self.session
         domain = policy.domain
+        # The owner's ACL and reservations: checked here, before a certificate is made for the
+        # name, and again when the name is claimed (RouteTable.claim_host).
+        rights = routes.policy(session.owner) if session.owner else None
         opts = bind.opts
         label = _opt(opts, "subdomain").lower()
         host = requested_hostname(opts)
         if host:
             if host.endswith("." + domain) and "." not in host[: -len(domain) - 1]:
                 label = host[: -len(domain) - 1]
-            elif not custom_hostname_allowed(policy.allowed, host, session.owner):
+            elif not (custom_hostname_allowed(policy.allowed, host, session.owner)
+                      or (rights is not None and rights.owns_domain(host))):
                 raise TunnelRejected(
                     f"hostname {host!r} is not reserved for your account on this edge (names under {domain} "
-                    f"are free; the operator can allow others with --allow-hostname)",
+                    f"are free; reserve it with `tunneld api reserved-domains create {host}`, or the "
+                    "operator can allow it with --allow-hostname)",
                     Code.ADDRESS_NOT_ALLOWED)
             else:
+                if rights is not None:
+                    rights.check_host(host)
                 return host
         if label:
             if not _LABEL.match(label):
@@ -127,13 +137,15 @@ class HostChooser:
             if label in policy.reserved:
                 raise TunnelRejected(f"subdomain {label!r} is reserved on this edge",
                                      Code.ADDRESS_NOT_ALLOWED)
+            if rights is not None:
+                rights.check_host(f"{label}.{domain}")
             return f"{label}.{domain}"
         # A digest, not the options themselves: they may hold basic-auth passwords.
         key = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()
         # A reconnecting agent gets the name it had (the resume token proves it was its own).
         resumed = session.resumed_name(bind, "host")
         if resumed and routes.names.available("host", resumed, session.owner) \
-                and routes.lookup_host(pair, resumed) is None:
+                and routes.lookup_host(pair, resumed) is None and (rights is None or _may(rights, resumed)):
             self._remember_pair(key, pair, resumed)
             return resumed
         # Only agents bind twins (ngrok's v2 agent and ours); an SDK's separate listeners with the
@@ -143,10 +155,15 @@ class HostChooser:
                 if opts_key == key and pair not in pairs:
                     pairs.add(pair)
                     return known
-        while True:
-            host = f"{secrets.token_hex(4)}.{domain}"
-            if routes.host_available(host, session.owner):
+        for _ in range(_RANDOM_ATTEMPTS):
+            # Under an ACL that does not cover the edge's domain, a name under one of the
+            # account's reserved wildcards the ACL allows (BindPolicy.random_host).
+            host = rights.random_host(domain) if rights is not None and rights.restricted \
+                else f"{secrets.token_hex(4)}.{domain}"
+            if routes.host_available(host, session.owner) and (rights is None or _may(rights, host)):
                 break
+        else:
+            raise TunnelRejected("no free random hostname was found", Code.ADDRESS_IN_USE)
         self._given.append((key, {pair}, host))
         return host
 
@@ -156,3 +173,11 @@ class HostChooser:
                 pairs.add(pair)
                 return
         self._given.append((key, {pair}, host))
+
+
+def _may(rights: BindPolicy, host: str) -> bool:
+    try:
+        rights.check_host(host)
+    except TunnelRejected:
+        return False
+    return True

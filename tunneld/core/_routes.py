@@ -12,6 +12,9 @@ Two kinds of public names:
 Claims go through :class:`NameClaims` too, so a name stays with its owner (authtoken) for the
 hold period after its tunnel goes away.  ``owner=""`` claims skip ownership (tests, internal
 services).
+
+Every claim with an owner is checked against that owner's :class:`BindPolicy` first (its
+credential's ACL, every account's reservations): the one place all tunnel types go through.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import attrs
 
+from ._bindpolicy import BindPolicy
 from ._errors import Code, TunnelRejected
 from ._names import NameClaims
 
@@ -49,13 +53,39 @@ class RouteTable:
     #: Transport → port → holder.
     addresses: dict[str, dict[int, Any]] = attrs.field(init=False)
 
+    #: Reserved hostname (or ``*.suffix``) → account, and reserved TCP port → account: the latest
+    #: snapshot of the store's reservations (:meth:`set_reservations`).
+    reserved_domains: dict[str, str] = attrs.field(factory=dict)
+    reserved_ports: dict[int, str] = attrs.field(factory=dict)
+    #: The edge's public TCP host, as ``bind:HOST:PORT`` rules name it.
+    tcp_host: str = ""
+    #: Owner → (account id, ACL), as of the owner's latest bind (:meth:`grant`).  An owner without
+    #: an entry belongs to no account: no reservation is its, and its ACL is empty.
+    grants: dict[str, tuple[str | None, tuple[str, ...]]] = attrs.field(factory=dict)
+
     def __attrs_post_init__(self) -> None:
         self.addresses = {TCP: self.ports}
+
+    # ---- who may claim what ------------------------------------------------------------------
+
+    def set_reservations(self, domains: dict[str, str], ports: dict[int, str]) -> None:
+        self.reserved_domains, self.reserved_ports = domains, ports
+
+    def grant(self, owner: str, account_id: str | None, acl: tuple[str, ...]) -> None:
+        """Record ``owner``'s account and ACL (read from the store just now)."""
+        self.grants[owner] = (account_id, acl)
+
+    def policy(self, owner: str) -> BindPolicy:
+        account_id, acl = self.grants.get(owner, (None, ()))
+        return BindPolicy(account_id, acl, self.reserved_domains, self.reserved_ports, self.tcp_host)
 
     # ---- hostnames ---------------------------------------------------------------------------
 
     def claim_host(self, route: str, host: str, holder: Any, owner: str = "") -> None:
-        """Route ``route://host`` to ``holder``; TunnelRejected if taken or held for another owner."""
+        """Route ``route://host`` to ``holder``; TunnelRejected if taken, held for another owner, or
+        not the owner's to have (:meth:`BindPolicy.check_host`)."""
+        if owner:
+            self.policy(owner).check_host(host)
         key = (route, host)
         current = self.hosts.get(key)
         if current is not None and current is not holder:
@@ -87,9 +117,14 @@ class RouteTable:
 
     # ---- transport addresses -----------------------------------------------------------------
 
-    def claim_address(self, transport: str, port: int, holder: Any, owner: str = "") -> None:
-        """Route ``port`` of ``transport`` to ``holder`` (the caller has bound it)."""
+    def claim_address(self, transport: str, port: int, holder: Any, owner: str = "", *,
+                      requested: bool = False) -> None:
+        """Route ``port`` of ``transport`` to ``holder`` (the caller has bound it); TunnelRejected if
+        taken, held for another owner, or not the owner's to have (:meth:`BindPolicy.check_address`;
+        ``requested``: the tunnel asked for this port rather than taking a random one)."""
         kind = address_kind(transport)
+        if owner:
+            self.policy(owner).check_address(transport, port, requested=requested)
         table = self.addresses.setdefault(transport, {})
         current = table.get(port)
         if current is not None and current is not holder:
@@ -110,7 +145,9 @@ class RouteTable:
         return None if table is None else table.get(port)
 
     def address_available(self, transport: str, port: int, owner: str) -> bool:
-        """Free to claim for ``owner``: not routed, and not held for someone else."""
+        """Free for a random pick by ``owner``: not routed, not held for someone else, not reserved."""
+        if transport == TCP and port in self.reserved_ports:
+            return False
         return (self.lookup_address(transport, port) is None
                 and self.names.available(address_kind(transport), str(port), owner))
 

@@ -448,6 +448,22 @@ class Store:
             row = self._conn.execute("SELECT acl FROM credentials WHERE id = ?", (token_id,)).fetchone()
         return None if row is None else tuple(json.loads(row[0]))
 
+    def token_rights(self, token_id: str) -> tuple[str, tuple[str, ...]] | None:
+        """``(account id, ACL)`` of an authtoken, None if it is unknown (deleted) or revoked."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT account_id, acl FROM credentials WHERE id = ? AND revoked_at IS NULL", (token_id,)
+            ).fetchone()
+        return None if row is None else (row[0], tuple(json.loads(row[1])))
+
+    def reservations(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Every account's ``(domain, account id)`` and ``(host:port, account id)`` reservations:
+        the edge's bind path checks each claim against them (``_bindpolicy``)."""
+        with self._lock:
+            domains = self._conn.execute("SELECT domain, account_id FROM reserved_domains").fetchall()
+            addrs = self._conn.execute("SELECT addr, account_id FROM reserved_addrs").fetchall()
+        return [(d, a) for d, a in domains], [(d, a) for d, a in addrs]
+
     def revoked_among(self, token_ids: list[str]) -> set[str]:
         """Which of ``token_ids`` are revoked or no longer exist (deleted through the API)."""
         if not token_ids:

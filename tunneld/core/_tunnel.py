@@ -20,7 +20,7 @@ and ``session`` rather than its internals: :class:`EdgeContext` (the edge proces
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
@@ -360,6 +360,21 @@ class EdgeContext(Protocol):
 
     # -- hostnames --
 
+    async def refresh_bind_policy(self, owner: str, account_id: str | None, acl: Sequence[str]) -> None:
+        """Record the rights of ``owner`` (the ``SessionContext.owner`` of a session a plugin runs,
+        such as the ssh gateway's): its account and its credential's ``bind:`` ACL, and read the
+        reservations anew.  Every later claim by ``owner`` is checked against them; call it before
+        each bind.  An owner never recorded belongs to no account."""
+        ...
+
+    def add_session(self, session: ListedSession) -> None:
+        """List ``session`` in the admin API's ``/tunnel_sessions`` until :meth:`remove_session`."""
+        ...
+
+    def remove_session(self, session: ListedSession) -> None:
+        """Stop listing ``session`` (a no-op if it is not listed)."""
+        ...
+
     def host_chooser(self, session: SessionContext) -> Callable[[Bind, str], str]:
         """A fresh :meth:`SessionContext.choose_host` for ``session``: the edge's naming rules.
 
@@ -369,7 +384,8 @@ class EdgeContext(Protocol):
         ...
 
     def claim_host(self, route: str, host: str, holder: object, owner: str) -> None:
-        """Route ``host`` on ``route`` to ``holder``; TunnelRejected if taken or held for another owner."""
+        """Route ``host`` on ``route`` to ``holder``; TunnelRejected if taken, held for another owner,
+        reserved by another account, or not allowed by ``owner``'s credential ACL."""
         ...
 
     def release_host(self, route: str, host: str, holder: object) -> None:
@@ -386,9 +402,12 @@ class EdgeContext(Protocol):
 
     # -- transport addresses --
 
-    def claim_address(self, transport: str, port: int, holder: object, owner: str) -> None:
-        """Route ``port`` of ``transport`` to ``holder`` (the caller has bound it); TunnelRejected if taken
-        or held for another owner."""
+    def claim_address(self, transport: str, port: int, holder: object, owner: str, *,
+                      requested: bool = False) -> None:
+        """Route ``port`` of ``transport`` to ``holder`` (the caller has bound it); TunnelRejected if taken,
+        held for another owner, or not ``owner``'s to have: its credential's ACL, and for TCP the
+        reservations (a ``requested`` port, as ``--remote-addr`` asks for one, must be reserved by
+        the owner's account; a random one must be allowed by its ACL)."""
         ...
 
     def release_address(self, transport: str, port: int, holder: object) -> None:
@@ -400,7 +419,8 @@ class EdgeContext(Protocol):
         ...
 
     def address_available(self, transport: str, port: int, owner: str) -> bool:
-        """Whether ``owner`` could claim the address now: unclaimed, and not held for someone else."""
+        """Whether a random pick by ``owner`` may take the address now: unclaimed, not held for someone
+        else, and (TCP) not reserved by any account."""
         ...
 
     def address_owner(self, transport: str, port: int) -> str | None:
@@ -419,7 +439,8 @@ class EdgeContext(Protocol):
 
     def log_connection(self, *, client: str, proto: str, result: str, started: float, host: str = "",
                        tunnel_id: str = "", url: str = "", counts: ByteCounts | None = None) -> None:
-        """Write the access line of one public connection (``started``: its ``time.monotonic()``).
+        """Count one public connection in the tunnel's metrics and write its access line
+        (``started``: its ``time.monotonic()``).
 
         ``counts``: the :func:`forward` tally with the public client as ``a``; ``result`` is ``ok``
         or why the connection did not reach its agent (see ``tunneld.core._access``).
@@ -428,11 +449,67 @@ class EdgeContext(Protocol):
 
     def log_request(self, *, client: str, host: str, tunnel_id: str, method: str, path: str, status: int,
                     started: float) -> None:
-        """Write the access line of one HTTP request (``tunnel_id`` "" when none was found)."""
+        """Count one HTTP request (status class, duration, tunnel) and write its access line
+        (``tunnel_id`` "" when none was found).  Call it for every request, logging on or off."""
         ...
 
     def count(self, metric: str, value: float = 1, **labels: str) -> None:
-        """Add ``value`` to the counter ``metric`` with ``labels`` (``tunneld_<plugin>_<what>_total``)."""
+        """Add ``value`` to the counter ``metric`` with ``labels`` (``tunneld_<plugin>_<what>_total``).
+
+        Two names add to the core's own series instead: ``auth_failures`` (label ``kind``, e.g.
+        ``ssh``) and ``refused_binds`` (label ``code``, an ``ERR_TUNNELD_…`` label), once each.
+        """
+        ...
+
+
+class ListedSession(Protocol):
+    """A session a plugin runs (the ssh gateway's), as the admin API's ``/tunnel_sessions`` lists it.
+
+    Register it with :meth:`EdgeContext.add_session` while it lives.
+    """
+
+    @property
+    def session_id(self) -> str:
+        """Unique, stable id (the API's ``id``)."""
+        ...
+
+    @property
+    def account_id(self) -> str:
+        """The account whose API keys see it."""
+        ...
+
+    @property
+    def credential_id(self) -> str:
+        """Its credential's API id (``sshc_…``), or "" when it logged in otherwise."""
+        ...
+
+    @property
+    def remote_addr(self) -> str:
+        """``host:port`` of the client."""
+        ...
+
+    @property
+    def started_at(self) -> float:
+        """Wall-clock start."""
+        ...
+
+    @property
+    def agent_version(self) -> str:
+        """What the API's ``agent_version`` shows (``SSH-2.0-OpenSSH_9.2p1 …``)."""
+        ...
+
+    @property
+    def client_type(self) -> str:
+        """What the API's ``client_type`` shows (``ssh``)."""
+        ...
+
+    @property
+    def tunnel_ids(self) -> list[str]:
+        """Ids of the session's tunnels now."""
+        ...
+
+    def stop(self, reason: str) -> None:
+        """End the session now (the admin API's stop), saying ``reason`` to the client."""
         ...
 
 
@@ -479,6 +556,33 @@ class SessionContext(Protocol):
         ...
 
 
+class ExchangeRecorder(Protocol):
+    """Records one HTTP exchange for the local inspector (from :meth:`AgentTunnelContext.record_http`).
+
+    Pass it as ``tap`` to :func:`tunneld.http1.exchange` (it is a
+    :class:`tunneld.http1.ExchangeTap`), hand it an error page the relay answers itself with
+    :meth:`response_head`, and call :meth:`finish` once the exchange is over, whatever its end.
+    Bodies are kept up to a per-message cap (the rest is only counted), so feeding it costs
+    little past the first MiB.
+    """
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the request body as framed on the wire."""
+        ...
+
+    def response_head(self, head: bytes) -> None:
+        """The final response head as sent; bytes after the head count as body.  Replaces any earlier one."""
+        ...
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the response body as framed on the wire."""
+        ...
+
+    def finish(self) -> object:
+        """File the exchange (shown by the inspector and the local API); later calls do nothing."""
+        ...
+
+
 class AgentTunnelContext(Protocol):
     """One configured tunnel, as the agent side of a tunnel type sees it."""
 
@@ -504,6 +608,14 @@ class AgentTunnelContext(Protocol):
 
     def request_done(self, seconds: float) -> None:
         """Count one HTTP request that took ``seconds`` in the tunnel's metrics."""
+        ...
+
+    def record_http(self, header: ProxyHeader, head: bytes) -> ExchangeRecorder | None:
+        """A recorder for one HTTP request with head ``head`` (as received from the edge).
+
+        None when the tunnel is not inspected (``inspect: false``, a type that does not
+        inspect, capture disabled): then record nothing, at no cost.
+        """
         ...
 
     async def open_upstream(self, stream: trio.abc.HalfCloseableStream,

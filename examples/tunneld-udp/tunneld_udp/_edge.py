@@ -207,7 +207,8 @@ class UdpEdgeTunnel:
         """
         sock, port = await self._bind()
         with sock:
-            self.edge.claim_address("udp", port, self, self.session.owner)
+            # ``requested``: refusals name the address asked for, not a random one.
+            self.edge.claim_address("udp", port, self, self.session.owner, requested=self.port is not None)
             # The socket is a descriptor like a TCP tunnel's listener: it comes out of the budget.
             self.edge.count_listener_fds(1)
             try:

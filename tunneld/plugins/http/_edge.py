@@ -33,7 +33,6 @@ from tunneld.tlsutil import accept_tls
 from ._auth import BasicAuth, challenge_headers
 
 log = logging.getLogger("tunneld.http")
-access_log = logging.getLogger("tunneld.access")
 
 #: A request head must be complete this many seconds after its first byte (slowloris).
 HEAD_TIMEOUT = 10.0
@@ -90,8 +89,11 @@ class HttpEdgeTunnel:
     async def run(self, *, task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
         if self.scheme not in self.edge.ports:
             raise TunnelRejected(f"this edge has no public {self.scheme} listener", Code.PROTO_UNSUPPORTED)
-        if self.scheme == "https" and not self.host.endswith("." + self.edge.domain):
-            # A custom hostname needs a certificate of its own.
+        domain = self.edge.domain
+        label = self.host[: -len(domain) - 1] if self.host.endswith("." + domain) else "."
+        if self.scheme == "https" and "." in label:
+            # A custom hostname, or one nested below the edge's domain (a reserved
+            # ``*.team.DOMAIN``), is not covered by the edge's ``*.DOMAIN`` certificate.
             await trio.to_thread.run_sync(self.edge.ensure_certificate, self.host)
         self.edge.claim_host(self.scheme, self.host, self, self.session.owner)
         try:
@@ -310,11 +312,10 @@ class HttpIngress:
 
     def _access(self, client_addr: str, host: str, req: RequestHead, status: int, started: float,
                 tunnel: HttpEdgeTunnel | None = None) -> None:
-        # Checked here too: no decoding for a line nobody writes (the edge's check is the same logger's).
-        if access_log.isEnabledFor(logging.INFO):
-            self.edge.log_request(client=client_addr, host=host, tunnel_id=tunnel.tunnel_id if tunnel else "",
-                                  method=req.method.decode("latin-1"), path=req.target.decode("latin-1"),
-                                  status=status, started=started)
+        # Always: the request counts in the edge's metrics, whether or not its line is written.
+        self.edge.log_request(client=client_addr, host=host, tunnel_id=tunnel.tunnel_id if tunnel else "",
+                              method=req.method.decode("latin-1"), path=req.target.decode("latin-1"),
+                              status=status, started=started)
 
 
 def _ended(upstream: Reader) -> bool:

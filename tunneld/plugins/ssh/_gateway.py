@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 import attrs
@@ -46,6 +46,7 @@ from tunneld.http1 import error_response
 from tunneld.plugin import (
     Code,
     EdgeContext,
+    ListedSession,
     TunnelInfo,
     TunnelRejected,
     format_host_port,
@@ -161,6 +162,7 @@ class SshGateway:
                 await self.bridge.call(_server.login(link, self.host_key, LOGIN_TIMEOUT))
         except (asyncssh.Error, OSError, trio.TooSlowError) as exc:
             log.info("ssh %s: login failed (user %r): %s", addr, link.username, exc or type(exc).__name__)
+            self.edge.count("auth_failures", kind="ssh")
             self.bridge.call_soon(link.abort)
             return
         except BaseException:
@@ -170,12 +172,16 @@ class SshGateway:
         limiter.refund(host)
         assert link.credential is not None
         session = SshSession(self, link, addr, link.credential)
+        if link.conn is not None:
+            session.agent_version = str(link.conn.get_extra_info("client_version") or "")
         self.sessions.add(session)
+        self.edge.add_session(session)
         try:
             async with receive:
                 await session.run(receive)
         finally:
             self.sessions.discard(session)
+            self.edge.remove_session(session)
             self.bridge.call_soon(link.abort)
 
 
@@ -212,6 +218,28 @@ class SshSession:
     _nursery: trio.Nursery | None = None
     _events_scope: trio.CancelScope | None = None
     _reason: str = ""
+    # ---- as the admin API lists it (tunneld.plugin.ListedSession) ----
+    session_id: str = attrs.field(factory=lambda: "ssh_" + secrets.token_hex(12))
+    started_at: float = attrs.field(factory=time.time)
+    #: The client's SSH version string (``SSH-2.0-OpenSSH_9.2p1 …``).
+    agent_version: str = ""
+    client_type: str = "ssh"
+
+    @property
+    def account_id(self) -> str:
+        return self.credential.account_id
+
+    @property
+    def credential_id(self) -> str:
+        return self.credential.credential_id
+
+    @property
+    def tunnel_ids(self) -> list[str]:
+        return list(self._targets)
+
+    def stop(self, reason: str) -> None:
+        """End the session at once (the admin API's stop): its tunnels close, ssh exits 0."""
+        self._end(0, f"\nStopped by the edge: {reason}\n", "stopped through the admin API")
 
     # ---- the session interface edge tunnels use ----------------------------------------
 
@@ -219,11 +247,6 @@ class SshSession:
     def owner(self) -> str:
         """Whose names these tunnels claim: the key's owner id (``ssh:SHA256:...``)."""
         return self.credential.owner
-
-    @property
-    def client_type(self) -> str:
-        """Not an SDK (``ngrok-*``): the agent's naming rules apply (https and http pair up)."""
-        return "ssh"
 
     def resumed_name(self, bind: proto.Bind, kind: str) -> str | None:
         """SSH sessions do not resume: every session starts with fresh names (or held ones)."""
@@ -364,6 +387,10 @@ class SshSession:
                 # The client tells its forwards apart by (name, port) alone.
                 raise UsageError("given twice: each -R needs its own remote port or name")
             binds = binds_for(self.command, event.host, event.port, dict(edge.ports), edge.domain)
+            # The key's account, ACL and the reservations, read now: the claims of this
+            # forward's tunnels are checked against them (as an agent's Binds are).
+            cred = self.credential
+            await edge.refresh_bind_policy(self.owner, cred.account_id, cred.acl)
             target = _Target(event.host)
             # Only the binds of one forward share a random name (https and http of -R 0).
             self._hosts = edge.host_chooser(self)
@@ -372,6 +399,8 @@ class SshSession:
             bridge.call_soon(_server.resolve, event.reply, False)
             reason = exc.reason if isinstance(exc, TunnelRejected) else str(exc)
             code = f" [{exc.code}]" if isinstance(exc, TunnelRejected) and exc.code else ""
+            if isinstance(exc, TunnelRejected):
+                edge.count("refused_binds", code=exc.code.label)
             self._end(1, f"Error: {forward}: {reason}{code}\n", "forward refused")
             return
         # The port the client will name in its channel opens: its own, or (for -R 0) ours.
@@ -455,3 +484,7 @@ def _url_port(url: str) -> int:
     if hostport.rsplit(":", 1)[-1].isdigit() and ":" in hostport:
         return int(hostport.rsplit(":", 1)[-1])
     return {"http": 80, "https": 443, "tls": 443}.get(scheme, 443)
+
+
+if TYPE_CHECKING:  # what the admin API lists of it (checked by mypy)
+    _LISTED: type[ListedSession] = SshSession

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import asyncssh
 import attrs
 
+from tunneld.plugin import DEFAULT_ACCOUNT
+
 log = logging.getLogger("tunneld.ssh")
 
 #: Key types accepted, and the least RSA modulus size (OpenSSH's own floor is 1024; ngrok's docs
@@ -35,6 +37,12 @@ class SshCredential:
     fingerprint: str
     #: The key's comment in the file (for logs).
     comment: str = ""
+    #: The account the key belongs to (``authorized_keys``: the default account).
+    account_id: str = DEFAULT_ACCOUNT
+    #: The key's ``bind:`` ACL (registered keys may have one; empty = unrestricted).
+    acl: tuple[str, ...] = ()
+    #: The ``ssh_credentials`` record's id (``sshc_…``); "" for a key of ``authorized_keys``.
+    credential_id: str = ""
 
 
 class KeyLookup(Protocol):
@@ -148,4 +156,5 @@ class RegisteredKeys:
         if record is None or key_refusal(key) is not None:
             return None
         return SshCredential(owner_of(key), key.get_fingerprint("sha256"),
-                             f"{record.id} ({record.account_id})")
+                             f"{record.id} ({record.account_id})", record.account_id, tuple(record.acl),
+                             record.id)

@@ -78,7 +78,9 @@ class TcpEdgeTunnel:
             if self.resumed is not None and low <= self.resumed <= high:
                 candidates.insert(0, self.resumed)
         for port in candidates:
-            if not edge.address_available(TCP, port, owner):
+            # A requested port is checked when claimed (its owner's reservation and ACL); a random
+            # pick skips ports that are routed, held for someone else, or reserved.
+            if self.port is None and not edge.address_available(TCP, port, owner):
                 continue
             try:
                 return await open_listeners(tcp_host, port)
@@ -95,7 +97,7 @@ class TcpEdgeTunnel:
         port = int(listeners[0].socket.getsockname()[1])
         edge = self.edge
         try:
-            edge.claim_address(TCP, port, self, self.session.owner)
+            edge.claim_address(TCP, port, self, self.session.owner, requested=self.port is not None)
         except BaseException:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)

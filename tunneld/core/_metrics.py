@@ -1,0 +1,94 @@
+"""The edge's traffic counters, kept in plain dicts on the hot path and read by ``/metrics``.
+
+Recording is a dict update or two (no locks, no prometheus-client objects per request): the
+admin API's collector (``_admin.EdgeCollector``) turns a snapshot into Prometheus series at
+scrape time.  Per-tunnel series exist while their tunnel does: :meth:`EdgeMetrics.prune`
+drops those of tunnels that are gone, so a busy edge's memory does not grow with every tunnel
+it ever served.  Sans-IO: no trio.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Collection
+
+import attrs
+
+#: Upper bounds (seconds) of the HTTP request duration histogram's buckets (+Inf implied).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def status_class(status: int) -> str:
+    """``2xx``, ``4xx``...; ``0`` (no response: the client or the agent went away) is ``none``."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "none"
+
+
+@attrs.define
+class Histogram:
+    """Cumulative-at-read bucket counts, their sum and count."""
+
+    counts: list[int] = attrs.field(factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(le, count)`` pairs as Prometheus exposes them, ``+Inf`` last."""
+        out, running = [], 0
+        for bound, n in zip((*map(str, DURATION_BUCKETS), "+Inf"), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+@attrs.define
+class EdgeMetrics:
+    """Counters of one edge (``Edge.metrics``)."""
+
+    #: Status class → count and duration of proxied HTTP requests.
+    http: dict[str, Histogram] = attrs.field(factory=dict)
+    #: Tunnel id → HTTP requests it served.
+    tunnel_requests: dict[str, int] = attrs.field(factory=dict)
+    #: (tunnel id, proto) → public connections; (tunnel id, direction) → bytes.
+    tunnel_connections: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    tunnel_bytes: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    #: Who failed to log in (``agent``, ``ssh``, ``api``) → failures.
+    auth_failures: dict[str, int] = attrs.field(factory=dict)
+    #: Error code (``ERR_TUNNELD_316``...) → binds refused with it.
+    refused_binds: dict[str, int] = attrs.field(factory=dict)
+
+    def request(self, tunnel_id: str, status: int, seconds: float) -> None:
+        cls = status_class(status)
+        hist = self.http.get(cls)
+        if hist is None:
+            hist = self.http[cls] = Histogram()
+        hist.observe(seconds)
+        if tunnel_id:
+            self.tunnel_requests[tunnel_id] = self.tunnel_requests.get(tunnel_id, 0) + 1
+
+    def connection(self, tunnel_id: str, proto: str, bytes_in: int, bytes_out: int) -> None:
+        if not tunnel_id:
+            return
+        key = (tunnel_id, proto)
+        self.tunnel_connections[key] = self.tunnel_connections.get(key, 0) + 1
+        for direction, n in (("in", bytes_in), ("out", bytes_out)):
+            k = (tunnel_id, direction)
+            self.tunnel_bytes[k] = self.tunnel_bytes.get(k, 0) + n
+
+    def auth_failure(self, kind: str) -> None:
+        self.auth_failures[kind] = self.auth_failures.get(kind, 0) + 1
+
+    def refused_bind(self, code: str) -> None:
+        self.refused_binds[code] = self.refused_binds.get(code, 0) + 1
+
+    def prune(self, live: Collection[str]) -> None:
+        """Forget the per-tunnel series of tunnels not in ``live`` (ids of tunnels that exist)."""
+        for table in (self.tunnel_connections, self.tunnel_bytes):
+            for key in [k for k in table if k[0] not in live]:
+                del table[key]
+        for tid in [t for t in self.tunnel_requests if t not in live]:
+            del self.tunnel_requests[tid]
