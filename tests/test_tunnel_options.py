@@ -207,7 +207,7 @@ def test_command_turns_flags_into_options(run: Any) -> None:
     assert (tunnel.name, tunnel.proto, tunnel.addr) == ("command_line", "demo", "7000")
     assert tunnel.options == {"level": "high", "tags": ["a", "b"], "retries": 4, "fast": True, "pp": 1}
     assert (flags["authtoken"], flags["server_addr"], flags["log_target"]) == ("tok", "edge:4443", "stdout")
-    assert flags["config_path"] is None and flags["web_addr"] is None
+    assert flags["config_path"] == () and flags["web_addr"] is None  # --config is repeatable
 
 
 def test_command_without_flags_sets_no_options(run: Any) -> None:

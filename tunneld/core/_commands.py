@@ -30,7 +30,7 @@ ENV_ROOT_CAS = "TUNNELD_ROOT_CAS"
 RUN_TUNNELS = "tunneld.run_tunnels"
 
 #: Parameter names of the flags every agent command has (see :func:`agent_params`).
-AGENT_FLAG_NAMES = ("authtoken", "server_addr", "root_cas", "web_addr", "config_path", "log_target",
+AGENT_FLAG_NAMES = ("authtoken", "server_addr", "root_cas", "web_addr", "config_path", "region", "log_target",
                     "log_format", "log_level")
 
 
@@ -57,8 +57,13 @@ def agent_params() -> list[click.Parameter]:
                      f"certificate, or 'host' for the system store [env {ENV_ROOT_CAS}]."),
         click.Option(["--web-addr"], default=None,
                      help="Local API/inspector HOST:PORT, or false [default: 127.0.0.1:4040]."),
-        click.Option(["--config", "config_path"], type=click.Path(path_type=Path),
-                     default=None, help="Agent config file [default: ~/.config/tunneld/tunneld.yml]."),
+        # Repeatable and comma-separated, as ngrok's: later files win (see tunneld.core._config).
+        click.Option(["--config", "config_path"], type=click.Path(path_type=Path), multiple=True,
+                     help="Agent config file; repeat it or separate with commas to merge several "
+                     "[default: ~/.config/tunneld/tunneld.yml]."),
+        click.Option(["--region"], default=None, metavar="NAME",
+                     help="Region: fills {region} of a server_addr such as "
+                     "tunnel.{region}.example.com:4443."),
         *logging_params(),
     ]
 
@@ -117,7 +122,8 @@ def _check_flags(tunnel_type: TunnelType) -> None:
     """PluginError for options whose keys or flags collide (click would silently pick one)."""
     from ._errors import PluginError
 
-    taken = {"--authtoken", "--server-addr", "--root-cas", "--web-addr", "--config", "--log", "--log-format",
+    taken = {"--authtoken", "--server-addr", "--root-cas", "--web-addr", "--config", "--region", "--log",
+             "--log-format",
              "--log-level", "--help", "-h", "--inspect", "--no-inspect"}
     keys: set[str] = set()
     for option in tunnel_type.options:

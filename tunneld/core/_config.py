@@ -1,18 +1,40 @@
-"""Agent configuration: the YAML file (ngrok's keys), env vars, and command-line overrides.
+"""Agent configuration: the YAML files (ngrok's keys, layouts v2 and v3), env vars, command-line overrides.
 
-Errors name the key path and the line: ``tunneld.yml line 7: tunnels.web.addr: ...``.
+Errors name the file, line and key path: ``tunneld.yml line 7: tunnels.web.addr: ...``.
+
+Layouts: a file without ``version`` (ngrok agent v2's) and ``version: "2"`` have the agent's
+settings at the top and a ``tunnels:`` map; ``version: "3"`` has them under ``agent:`` and
+adds an ``endpoints:`` list (see :mod:`._config_v3`).  Several files merge (:func:`load_agent_config`).
 """
 
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import yaml
 
+from . import _config_yaml as Y
+from ._config_agent import DEFAULT_INSPECT_DB_SIZE as DEFAULT_INSPECT_DB_SIZE
+from ._config_agent import DEFAULT_SERVER_ADDR as DEFAULT_SERVER_ADDR
+from ._config_agent import DEFAULT_WEB_ADDR as DEFAULT_WEB_ADDR
+from ._config_agent import NGROK_IGNORED as NGROK_IGNORED
+from ._config_agent import NGROK_REFUSED as NGROK_REFUSED
+from ._config_agent import REGION_NAME, apply_settings
+from ._config_agent import REGION_PLACEHOLDER as REGION_PLACEHOLDER
+from ._config_agent import SETTINGS as SETTINGS
+from ._config_agent import UPDATE_CHANNELS as UPDATE_CHANNELS
+from ._config_agent import V2_SETTINGS as V2_SETTINGS
+from ._config_agent import AgentConfig as AgentConfig
+from ._config_edit import save_authtoken as save_authtoken
+from ._config_paths import default_config_path as default_config_path
+from ._config_paths import ngrok_config_path as ngrok_config_path
+from ._config_tunnels import builtin_registry, parse_tunnel, parse_tunnels
+from ._config_v3 import parse_v3
+from ._config_yaml import MAX_HEARTBEAT as MAX_HEARTBEAT
+from ._config_yaml import MAX_YAML_DEPTH as MAX_YAML_DEPTH
 from ._errors import ConfigError
 
 # Re-exported: they lived here before tunnel types declared their own options (issue 12).
@@ -24,387 +46,174 @@ from ._options import split_basic_auth as split_basic_auth
 from ._tunnel import TunnelConfig as TunnelConfig
 
 if TYPE_CHECKING:
-    from ._tunnel import TunnelOption, TunnelType, TunnelTypeRegistry
+    from ._tunnel import TunnelTypeRegistry
 
 
-#: Default agent config file (XDG, like ngrok v3's ``~/.config/ngrok/ngrok.yml``).
-def default_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "tunneld" / "tunneld.yml"
+# ---- files ---------------------------------------------------------------------------------------------
 
 
-DEFAULT_SERVER_ADDR = "localhost:4443"
-DEFAULT_WEB_ADDR = "127.0.0.1:4040"
+def _version(root: yaml.Node) -> str:
+    """"" (no version key), "2" or "3"; ConfigError for anything else."""
+    for knode, vnode in Y.mapping(root, ""):
+        if isinstance(knode, yaml.ScalarNode) and knode.value == "version":
+            text = Y.string("version", vnode).strip()
+            if text not in ("2", "3"):
+                raise ConfigError(f"{Y.where(vnode)}: version: expected \"2\" or \"3\", got {text[:16]!r}")
+            return text
+    return ""
 
 
-@attrs.define
-class AgentConfig:
-    """Everything the agent needs; built by :func:`load_agent_config` and the CLI."""
-
-    authtoken: str = ""
-    server_addr: str = DEFAULT_SERVER_ADDR
-    #: PEM file of CAs that sign the edge's certificate; "" or "host"/"trusted" = system store.
-    root_cas: str = ""
-    #: Local web API/inspector address; None disables it.
-    web_addr: str | None = DEFAULT_WEB_ADDR
-    log: str = "false"
-    log_format: str = "term"
-    log_level: str = "info"
-    heartbeat_interval: float = 10.0
-    heartbeat_tolerance: float = 15.0
-    tunnels: dict[str, TunnelConfig] = attrs.field(factory=dict)
-    #: Where this configuration was read from (for messages and ``config add-authtoken``).
-    path: Path | None = None
-
-
-_AGENT_KEYS = {
-    "version", "authtoken", "server_addr", "root_cas", "web_addr", "log", "log_format", "log_level",
-    "heartbeat_interval", "heartbeat_tolerance", "tunnels", "console_ui", "update_check", "region",
-    "metadata", "inspect_db_size",
-}
-#: Keys of every tunnel, whatever its type (the rest are the type's :attr:`TunnelType.options`).
-_COMMON_TUNNEL_KEYS = {"proto", "addr", "inspect", "metadata"}
-#: Tunnel keys ngrok defines that tunneld does not enforce yet: refused, never ignored.
-_TUNNEL_UNSUPPORTED = {"client_cas", "oauth", "oidc",
-                       "ip_restriction", "circuit_breaker", "compression", "mutual_tls_cas",
-                       "request_header", "response_header", "websocket_tcp_converter", "labels",
-                       "verify_webhook", "traffic_policy"}
-
-
-#: Deepest nesting of YAML collections accepted (the schema needs 4; PyYAML's composer recurses).
-MAX_YAML_DEPTH = 32
-#: Longest heartbeat interval/tolerance: the Auth message carries them as int64 nanoseconds.
-MAX_HEARTBEAT = 86400.0
-
-
-class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # (no stubs for yaml here)
-    """SafeLoader that refuses deep nesting with a ConfigError instead of a RecursionError."""
-
-    def __init__(self, stream: str | bytes, path: Path | None) -> None:
-        super().__init__(stream)
-        self._path = path
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                mark = self.peek_event().start_mark
-                name = self._path.name if self._path else "config"
-                raise ConfigError(f"{name} line {mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _where(path: Path | None, node: yaml.Node) -> str:
-    name = path.name if path else "config"
-    return f"{name} line {node.start_mark.line + 1}"
-
-
-def _key(path: Path | None, node: yaml.Node, prefix: str = "") -> str:
-    """A mapping key: a plain scalar only (a list or mapping as a key is no config key).
-
-    Keys are echoed in error messages (``tunnels.NAME.KEY``), so control characters such as
-    the newlines of a multi-line key are refused: a message must stay one line.
-    """
-    if not isinstance(node, yaml.ScalarNode):
-        raise ConfigError(f"{_where(path, node)}: {prefix}keys must be plain names, not a list or mapping")
-    key = str(node.value)
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise ConfigError(f"{_where(path, node)}: {prefix}key {key[:64]!r} contains control characters")
-    return key
-
-
-def _scalar(path: Path | None, key: str, node: yaml.Node) -> Any:
-    if not isinstance(node, yaml.ScalarNode):
-        raise ConfigError(f"{_where(path, node)}: {key}: expected a single value")
-    try:
-        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
-    except Exception as exc:  # noqa: BLE001 - PyYAML's constructors raise ValueError, KeyError, ...
-        detail = getattr(exc, "problem", None) or f"{type(exc).__name__}: {exc}"
-        raise ConfigError(f"{_where(path, node)}: {key}: invalid value: {detail}"[:300]) from None
-
-
-def _duration(path: Path | None, key: str, node: yaml.Node) -> float:
-    value = _scalar(path, key, node)
-    seconds: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-        text = str(value)
-    else:
-        text = str(value).strip()
-        units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-        for unit in ("ms", "s", "m", "h"):
-            number = text[: -len(unit)]
-            if text.endswith(unit) and number.isascii() and number.replace(".", "", 1).isdigit():
-                seconds = float(number) * units[unit]
-                break
-    if seconds is None or not math.isfinite(seconds):
-        raise ConfigError(f"{_where(path, node)}: {key}: expected a duration such as 10s, got {text[:64]!r}")
-    if seconds > MAX_HEARTBEAT:
-        raise ConfigError(f"{_where(path, node)}: {key}: must be at most 24h")
-    return seconds
-
-
-def _str(path: Path | None, key: str, node: yaml.Node) -> str:
-    value = _scalar(path, key, node)
-    if value is None:
-        return ""
-    if isinstance(value, (dict, list)):
-        raise ConfigError(f"{_where(path, node)}: {key}: expected a string")
-    return str(value)
-
-
-def _bool(path: Path | None, key: str, node: yaml.Node) -> bool:
-    value = _scalar(path, key, node)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{_where(path, node)}: {key}: expected true or false, got {value!r}")
-    return value
+def _root(root: yaml.Node | None) -> yaml.Node | None:
+    if root is not None and not isinstance(root, yaml.MappingNode):
+        if Y.is_null(root):
+            return None
+        raise ConfigError(f"{Y.where(root)}: the file must be a mapping of keys to values")
+    return root
 
 
 def parse_agent_config(text: str | bytes, path: Path | None = None, *,
                        registry: TunnelTypeRegistry | None = None) -> AgentConfig:
-    """Parse the YAML text (or UTF-8 bytes) of an agent config file; ConfigError if it is wrong.
+    """Parse the YAML text (or UTF-8 bytes) of one agent config file; ConfigError if it is wrong.
 
     Each tunnel's keys are checked against the options of its type in ``registry`` (default:
     the installed plugins').
     """
-    name = path.name if path else "config"
-    if isinstance(text, bytes):
-        data = text
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            lineno = data.count(b"\n", 0, exc.start) + 1
-            raise ConfigError(f"{name} line {lineno}: not valid UTF-8 (byte {exc.start})") from None
-    loader: _Loader | None = None
-    try:
-        loader = _Loader(text, path)  # the reader already refuses non-printable characters
-        root = loader.get_single_node()
-    except yaml.reader.ReaderError as exc:  # no mark, and a two-line str(): say it on one line
-        lineno = text.count("\n", 0, exc.position) + 1
-        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
-        raise ConfigError(f"{name} line {lineno}: not valid YAML: {exc.reason} ({char})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path.name if path else 'config'}{line}: not valid YAML: "
-                          f"{getattr(exc, 'problem', exc)}") from None
-    except (ValueError, OverflowError, RecursionError) as exc:
-        # PyYAML's scanner itself fails on some input: '"\U7fffffff"' is chr() out of range.
-        line = f" line {loader.get_mark().line + 1}" if loader is not None else ""
-        raise ConfigError(f"{name}{line}: not valid YAML: {exc}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    cfg = AgentConfig(path=path)
-    if root is None:
+    return _parse_files([(path, text)], registry)
+
+
+def _parse_files(files: Sequence[tuple[Path | None, str | bytes]],
+                 registry: TunnelTypeRegistry | None) -> AgentConfig:
+    roots: list[tuple[Path | None, yaml.Node, str]] = []
+    for path, text in files:
+        root = _root(Y.compose(text, path))
+        if root is not None:
+            roots.append((path, root, _version(root)))
+    last = files[-1][0] if files else None
+    cfg = AgentConfig(path=last, paths=[p for p, _ in files if p is not None])
+    if not roots:
         return cfg
-    if not isinstance(root, yaml.MappingNode):
-        raise ConfigError(f"{_where(path, root)}: the file must be a mapping of keys to values")
-    for knode, vnode in root.value:
-        key = _key(path, knode)
-        if key not in _AGENT_KEYS:
-            raise ConfigError(f"{_where(path, knode)}: unknown key {key!r}")
-        if key == "tunnels":
-            cfg.tunnels = _parse_tunnels(path, vnode, registry)
-        elif key in ("authtoken", "server_addr", "root_cas", "log", "log_format", "log_level"):
-            setattr(cfg, key, _str(path, key, vnode))
-        elif key == "web_addr":
-            value = _scalar(path, key, vnode)
-            cfg.web_addr = None if value is False or str(value).lower() == "false" else str(value)
-        elif key in ("heartbeat_interval", "heartbeat_tolerance"):
-            seconds = _duration(path, key, vnode)
-            if seconds < 1:
-                raise ConfigError(f"{_where(path, vnode)}: {key}: must be at least 1s")
-            setattr(cfg, key, seconds)
-        else:
-            _scalar(path, key, vnode)  # accepted for compatibility; validated as a scalar only
+    layouts = {"3" if version == "3" else "2" for _, _, version in roots}
+    if len(layouts) > 1:
+        names = ", ".join(f"{Y.source_name(p)} (version {v or 'none'})" for p, _, v in roots)
+        raise ConfigError(f"{names}: files of one layout merge; run `tunneld config upgrade` on the v2 ones")
+    merged = roots[0][1]
+    for _, root, _ in roots[1:]:
+        merged = merge_roots(merged, root)
+    cfg.version = roots[-1][2] or next((v for _, _, v in reversed(roots) if v), "")
+    if layouts == {"3"}:
+        parse_v3(cfg, merged, registry)
+    else:
+        _parse_v2(cfg, merged, registry, strict=False)
     return cfg
 
 
-def _builtin_registry() -> TunnelTypeRegistry:
-    """The tunnel types of the installed plugins, built once per set of disabled plugins."""
-    from ._plugins import DISABLE_ENV, build_registry, get_plugin_manager
+def merge_roots(base: yaml.MappingNode, top: yaml.MappingNode) -> yaml.MappingNode:
+    """Two files' top-level mappings merged (later wins for scalars and lists; maps merge by key).
 
-    disabled = os.environ.get(DISABLE_ENV, "")
-    if disabled not in _REGISTRIES:
-        _REGISTRIES[disabled] = build_registry(get_plugin_manager())
-    return _REGISTRIES[disabled]
-
-
-#: Config files are read a few times per process (tests, fuzzing: many): the plugins are loaded once.
-_REGISTRIES: dict[str, TunnelTypeRegistry] = {}
+    A tunnel of ``tunnels:`` (v2, and v3's deprecated map) is one value: the later file's
+    definition replaces the earlier one whole, as ngrok does; ``agent:`` merges key by key.
+    """
+    merged = _merge_map(base, top, "")
+    assert isinstance(merged, yaml.MappingNode)
+    return merged
 
 
-def _declarations(registry: TunnelTypeRegistry) -> dict[str, list[tuple[str, TunnelOption]]]:
-    """Config key (own or alias) → the (type name, option) pairs that accept it."""
-    found: dict[str, list[tuple[str, TunnelOption]]] = {}
-    for name in registry.names():
-        for option in registry[name].options:
-            for key in (option.key, *option.aliases):
-                found.setdefault(key, []).append((name, option))
-    return found
+def _merge_map(base: yaml.Node, top: yaml.Node, prefix: str, *, whole_entries: bool = False) -> yaml.Node:
+    if not (isinstance(base, yaml.MappingNode) and isinstance(top, yaml.MappingNode)):
+        return top
+    # Through Y.items: a key given twice in one file is an error, not silently merged away.
+    merged = {name: (knode, vnode) for name, knode, vnode in Y.items(base, prefix)}
+    for name, knode, vnode in Y.items(top, prefix):
+        if name in merged and not whole_entries:
+            vnode = _merge_map(merged[name][1], vnode, Y.join(prefix, name),
+                               whole_entries=not prefix and name == "tunnels")
+        merged[name] = (knode, vnode)
+    return yaml.MappingNode(base.tag, list(merged.values()), base.start_mark, base.end_mark)
 
 
-def _parse_tunnels(path: Path | None, node: yaml.Node,
-                   registry: TunnelTypeRegistry | None) -> dict[str, TunnelConfig]:
-    if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{_where(path, node)}: tunnels: expected a mapping of tunnel names")
-    registry = registry if registry is not None else _builtin_registry()
-    declared = _declarations(registry)
-    tunnels: dict[str, TunnelConfig] = {}
-    for knode, vnode in node.value:
-        name = _key(path, knode, "tunnels: ")
-        prefix = f"tunnels.{name}"
-        if not isinstance(vnode, yaml.MappingNode):
-            raise ConfigError(f"{_where(path, vnode)}: {prefix}: expected a mapping")
-        common: dict[str, Any] = {}
-        own: list[tuple[str, yaml.Node, yaml.Node]] = []
-        for tk, tv in vnode.value:
-            key = _key(path, tk, f"{prefix}: ")
-            full = f"{prefix}.{key}"
-            if key in _TUNNEL_UNSUPPORTED:
-                raise ConfigError(f"{_where(path, tk)}: {full}: not supported by tunneld yet "
-                                  "(refused rather than ignored)")
-            if key == "inspect":
-                common[key] = _bool(path, full, tv)
-            elif key in _COMMON_TUNNEL_KEYS:
-                common[key] = _str(path, full, tv)
-            elif key in declared:
-                own.append((key, tk, tv))
-            else:
-                raise ConfigError(f"{_where(path, tk)}: {full}: unknown key {key!r}")
-        for required in ("proto", "addr"):
-            if required not in common:
-                raise ConfigError(f"{_where(path, vnode)}: {prefix}: missing key {required!r}")
-        proto = common["proto"]
-        if proto not in registry:
-            pnode = next(v for k, v in vnode.value if k.value == "proto")
-            raise ConfigError(f"{_where(path, pnode)}: {prefix}.proto: unknown tunnel type {proto[:64]!r} "
-                              f"(known: {', '.join(registry.names())})")
-        tunnel_type = registry[proto]
-        options = _parse_options(path, prefix, tunnel_type, own, declared)
-        tunnels[name] = TunnelConfig(name=name, options=options, **common)
-    return tunnels
-
-
-def _parse_options(path: Path | None, prefix: str, tunnel_type: TunnelType,
-                   entries: list[tuple[str, yaml.Node, yaml.Node]],
-                   declared: dict[str, list[tuple[str, TunnelOption]]]) -> dict[str, Any]:
-    """Check a tunnel's own keys against its type's options; their parsed values by target key."""
-    mine = {key: option for option in tunnel_type.options for key in (option.key, *option.aliases)}
-    by_key = {option.key: option for option in tunnel_type.options}
-    options: dict[str, Any] = {}
-    given: dict[str, yaml.Node] = {}
-    for key, knode, vnode in entries:
-        full = f"{prefix}.{key}"
-        option = mine.get(key)
-        if option is None:
-            # Never accepted and then ignored: a tcp tunnel "with basic auth" would be open.
-            owners = sorted({owner for owner, _ in declared[key]})
-            if len(owners) == 1:
-                raise ConfigError(f"{_where(path, knode)}: {full}: only {owners[0]} tunnels have this option")
-            raise ConfigError(f"{_where(path, knode)}: {full}: tunneld supports it on "
-                              f"{', '.join(owners[:-1])} and {owners[-1]} tunnels only")
-        value = _option_value(path, full, option, vnode)
-        target = by_key.get(option.target, option)
-        if option.target in options and target.multiple:
-            options[option.target] = [*options[option.target], *value]
+def _parse_v2(cfg: AgentConfig, root: yaml.Node, registry: TunnelTypeRegistry | None, *,
+              strict: bool) -> None:
+    pairs = []
+    for key, knode, vnode in Y.items(root, ""):
+        if key == "version":
+            continue
+        if key == "tunnels":
+            cfg.tunnels = parse_tunnels(vnode, registry)
         else:
-            options[option.target] = value
-        given[option.target] = knode
-    for key, knode in given.items():
-        option = by_key.get(key)
-        for needed in option.requires if option is not None and options[key] else ():
-            if not options.get(needed):
-                raise ConfigError(f"{_where(path, knode)}: {prefix}.{key}: needs {needed} as well")
-    return options
+            pairs.append((key, knode, vnode))
+    apply_settings(cfg, pairs, "", V2_SETTINGS, strict=strict)
 
 
-def _option_value(path: Path | None, full: str, option: TunnelOption, node: yaml.Node) -> Any:
-    """One option's value from its node: read by kind, then through ``option.parse``."""
-    items: list[tuple[Any, yaml.Node]] = []
-    if option.multiple:
-        if not isinstance(node, yaml.SequenceNode):
-            example = option.metavar or "..."
-            raise ConfigError(f"{_where(path, node)}: {full}: expected a list such as [{example}]")
-        items = [(_kind_value(path, full, option, item), item) for item in node.value]
-        value: Any = [v for v, _ in items]
-    else:
-        value = _kind_value(path, full, option, node)
-    if option.parse is None:
-        return value
-    try:
-        return option.parse(value)
-    except ValueError as exc:
-        if option.multiple:
-            for item, item_node in items:  # point at the item at fault, if one is on its own
-                try:
-                    option.parse([item])
-                except ValueError as item_exc:
-                    raise ConfigError(f"{_where(path, item_node)}: {full}: {item_exc}"[:300]) from None
-        raise ConfigError(f"{_where(path, node)}: {full}: {exc}"[:300]) from None
-
-
-def _kind_value(path: Path | None, full: str, option: TunnelOption, node: yaml.Node) -> Any:
-    if option.kind is str:
-        return _str(path, full, node)
-    if option.kind is bool:
-        return _bool(path, full, node)
-    value = _scalar(path, full, node)
-    if option.parse is not None:
-        return value  # as YAML typed it: the parser accepts what it can (proxy_proto: '2')
-    if isinstance(value, str):
-        try:
-            value = option.kind(value.strip())
-        except ValueError:
-            pass
-    elif option.kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if (not isinstance(value, option.kind) or isinstance(value, bool)
-            or (isinstance(value, float) and not math.isfinite(value))):
-        what = "an integer" if option.kind is int else "a number"
-        raise ConfigError(f"{_where(path, node)}: {full}: expected {what}, got {str(value)[:64]!r}")
-    return value
-
-
-def load_agent_config(path: Path | None, *, required: bool = False,
+def load_agent_config(path: Path | Sequence[Path] | None, *, required: bool = False,
                       registry: TunnelTypeRegistry | None = None) -> AgentConfig:
-    """Read ``path`` (default location when None); a missing default file is an empty config."""
-    explicit = path is not None
-    path = path or default_config_path()
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        if explicit or required:
-            raise ConfigError(f"config file {path} does not exist") from None
-        return AgentConfig(path=path)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    return parse_agent_config(text, path, registry=registry)
+    """Read and merge the files ``path`` names, in order (default location when None or empty).
+
+    A missing default file is an empty config; a missing file that was named is an error.
+    """
+    paths = [path] if isinstance(path, Path) else list(path or ())
+    explicit = bool(paths)
+    paths = paths or [default_config_path()]
+    files: list[tuple[Path | None, str | bytes]] = []
+    for one in paths:
+        try:
+            files.append((one, one.read_bytes()))
+        except FileNotFoundError:
+            if explicit or required:
+                raise ConfigError(f"config file {one} does not exist") from None
+            return AgentConfig(path=one)
+        except IsADirectoryError:
+            raise ConfigError(f"config file {one} is a directory") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {one}: {exc.strerror}") from None
+    return _parse_files(files, registry)
 
 
-def save_authtoken(path: Path | None, token: str) -> Path:
-    """Write ``authtoken: TOKEN`` into the config file, keeping its other keys."""
-    path = path or default_config_path()
-    data: dict[str, Any] = {}
-    if path.exists():
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if isinstance(loaded, dict):
-            data = loaded
-    data.setdefault("version", "2")
-    data["authtoken"] = token
-    if not path.parent.is_dir():
-        # The file holds a secret: its folder is the user's alone, whatever the umask.
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+def split_config_paths(values: Sequence[str | Path] | str | Path | None) -> list[Path]:
+    """``--config`` values (repeatable, each possibly comma-separated) as paths, ``~`` expanded."""
+    if values is None:
+        return []
+    if isinstance(values, (str, Path)):
+        values = [values]
+    out: list[Path] = []
+    for value in values:
+        for part in str(value).split(","):
+            if part.strip():
+                out.append(Path(os.path.expanduser(part.strip())))
+    return out
+
+
+def parse_tunnel_definition(name: str, data: Mapping[str, Any],
+                            registry: TunnelTypeRegistry | None = None) -> TunnelConfig:
+    """A tunnel from its JSON definition (the local API's ``POST /api/tunnels`` body).
+
+    The keys are a config file tunnel's (``proto``, ``addr``, ``basic_auth``, ``labels``, ...);
+    ``name`` may be among them and must then equal ``name``.  ConfigError naming the key
+    (``basic_auth: a basic auth password must be 8 to 128 characters``) if it is wrong.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError("tunnel definition: expected a JSON object")
+    node = Y.from_data(dict(data), "tunnel definition")
+    registry = registry if registry is not None else builtin_registry()
+    return parse_tunnel(name, node, registry, "", api=True)
+
+
+def resolve_region(cfg: AgentConfig, region: str | None = None) -> None:
+    """Fill ``{region}`` of ``cfg.server_addr`` with ``region`` (``--region``) or ``cfg.region``.
+
+    A region without a ``{region}`` in ``server_addr``, or the reverse, is a ConfigError:
+    a region that changes nothing would be a key that does nothing.
+    """
+    if region is not None:
+        value = region.strip().lower()
+        if value and value != "auto" and not REGION_NAME.fullmatch(value):
+            raise ConfigError(f"--region: expected a region name such as us or eu, got {region[:64]!r}")
+        cfg.region = "" if value == "auto" else value
+    has = REGION_PLACEHOLDER in cfg.server_addr
+    if has and not cfg.region:
+        raise ConfigError(f"server_addr {cfg.server_addr} has {REGION_PLACEHOLDER}: give a region "
+                          "(region: in the config file, or --region)")
+    if cfg.region and not has:
+        raise ConfigError(f"region {cfg.region!r}: the edge's address has no {REGION_PLACEHOLDER} to fill "
+                          f"(server_addr {cfg.server_addr}); set server_addr to a template such as "
+                          "tunnel.{region}.example.com:4443, or remove the region")
+    cfg.server_addr = cfg.server_addr.replace(REGION_PLACEHOLDER, cfg.region)
