@@ -21,7 +21,13 @@ def _fmt(t: float | None) -> str:
 
 @click.group("api-key")
 def api_key() -> None:
-    """Manage admin API keys (stored hashed; shown once)."""
+    """Manage admin API keys (stored hashed; shown once).
+
+    \b
+    Examples:
+      tunneld edge api-key create --description ci
+      tunneld edge api-key list
+    """
 
 
 @api_key.command("create")
@@ -32,7 +38,12 @@ def api_key() -> None:
               "`tunneld edge token`.")
 @click.pass_context
 def api_key_create(ctx: click.Context, data_dir: Path | None, description: str, account: str) -> None:
-    """Create an API key and print it (the only time it is shown)."""
+    """Create an API key and print it (the only time it is shown).
+
+    \b
+    Example:
+      tunneld edge api-key create --data-dir /var/lib/tunneld --description ci
+    """
     store = open_store(ctx, data_dir)
     try:
         acct = store.ensure_account(account)
@@ -51,7 +62,12 @@ def api_key_create(ctx: click.Context, data_dir: Path | None, description: str, 
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.pass_context
 def api_key_list(ctx: click.Context, data_dir: Path | None) -> None:
-    """List API keys of every account (ids and notes; never the secrets)."""
+    """List API keys of every account (ids and notes; never the secrets).
+
+    \b
+    Example:
+      tunneld edge api-key list --data-dir /var/lib/tunneld
+    """
     store = open_store(ctx, data_dir)
     try:
         click.echo(f"{'ID':<16} {'ACCOUNT':<12} {'CREATED':<20} {'LAST USED':<20} DESCRIPTION")
@@ -68,7 +84,12 @@ def api_key_list(ctx: click.Context, data_dir: Path | None) -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.pass_context
 def api_key_revoke(ctx: click.Context, key_id: str, data_dir: Path | None) -> None:
-    """Delete an API key by id; requests with it are refused from now on."""
+    """Delete an API key by id; requests with it are refused from now on.
+
+    \b
+    Example:
+      tunneld edge api-key revoke ak_3f9a0c1d2e4b
+    """
     store = open_store(ctx, data_dir)
     try:
         done = any(store.delete_api_key(acct.id, key_id) for acct in store.list_accounts())

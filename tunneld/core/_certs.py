@@ -352,6 +352,9 @@ def ensure_private_dir(path: Path) -> None:
     files are 0600 anyway) but loses group and other write, with a warning saying so.
     """
     if path.is_dir():
+        if os.name != "posix":
+            # Windows reports 0o777 for every folder: its access is the ACL's (see _set_mode).
+            return
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o022:
             try:
@@ -380,10 +383,11 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     others, not even for an instant.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    # O_BINARY: Windows would otherwise translate newlines (0 elsewhere).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # the umask may have narrowed 0644
+            _set_mode(f.fileno(), tmp, mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -391,3 +395,17 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _set_mode(fd: int, path: Path, mode: int) -> None:
+    """Give the open file ``fd`` (at ``path``) exactly ``mode``: the umask may have narrowed 0644.
+
+    ``os.fchmod`` is POSIX-only before Python 3.13.  On Windows permission bits mean nothing
+    beyond read-only: the file gets the ACL it inherits from its folder, which for the default
+    data dir (under the user's profile) is the user's, SYSTEM's and the Administrators' alone.
+    """
+    fchmod = getattr(os, "fchmod", None)
+    if fchmod is not None and os.name == "posix":
+        fchmod(fd, mode)
+    elif os.name == "posix":  # pragma: no cover - every POSIX Python has fchmod
+        os.chmod(path, mode)
