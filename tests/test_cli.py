@@ -31,6 +31,8 @@ import pytest
 import yaml
 from cryptography import x509
 
+from tunneld.core._store import DEFAULT_ACCOUNT, Store
+
 DOMAIN = "tunneld.test"
 #: The console script when installed (what users run), else the module.
 TUNNELD = [shutil.which("tunneld") or ""] if shutil.which("tunneld") else [sys.executable, "-m", "tunneld"]
@@ -455,10 +457,11 @@ def test_agent_env_vars(edge: EdgeProc, http_upstream: int, spawn: Callable[...,
 def test_config_file(edge: EdgeProc, echo_upstream: int, spawn: Callable[..., Proc], tmp_path: Path) -> None:
     cfg = tmp_path / "agent.yml"
     env = base_env(tmp_path)
-    res = run_cli("config", "add-authtoken", "TOK", "--config", str(cfg), env=env)
+    first = "tkd_0123456789ab_" + "T" * 40
+    res = run_cli("config", "add-authtoken", first, "--config", str(cfg), env=env)
     assert res.returncode == 0, res.stderr
     assert str(cfg) in res.stdout
-    assert re.search(r"^authtoken: TOK$", cfg.read_text(), re.M)
+    assert re.search(rf"^authtoken: {first}$", cfg.read_text(), re.M)
 
     # Overwrite the token, keep the file's other keys, and run an agent from the file alone.
     cfg.write_text(cfg.read_text() + f"server_addr: 127.0.0.1:{edge.agent}\nroot_cas: {edge.ca}\n")
@@ -550,6 +553,8 @@ def test_clients_resetting_mid_response_do_not_kill_the_edge(edge: EdgeProc, spa
 
 def test_tcp_agent_remote_addr(edge: EdgeProc, echo_upstream: int, spawn: Callable[..., Proc]) -> None:
     wanted = edge.tcp[1]
+    with Store.open(edge.data_dir) as store:
+        store.create_reserved_addr(DEFAULT_ACCOUNT, f"{DOMAIN}:{wanted}")
     agent = spawn("tcp", str(echo_upstream), *edge.agent_flags(), "--remote-addr", f"{DOMAIN}:{wanted}",
                   "--web-addr", "false", "--log", "stdout", "--log-format", "logfmt")
     assert started_urls(agent, 1)["command_line"] == f"tcp://{DOMAIN}:{wanted}"
@@ -689,7 +694,8 @@ def test_tls_cert_required_without_dev(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "where"), [
     ("authtoken: x\ntunnels:\n  web:\n    proto: http\n    adr: 80\n", ("line 5", "tunnels.web.adr")),
-    ("authtoken: x\nserver_adr: 127.0.0.1:1\n", ("line 2", "server_adr")),
+    # (v2 files only warn about unknown top-level keys, as ngrok did; version 3 refuses them)
+    ("version: 3\nagent:\n  authtoken: x\n  server_adr: 127.0.0.1:1\n", ("line 4", "agent.server_adr")),
     ("authtoken: x\nserver_addr: a: b\n", ("line 2", "not valid YAML")),
     ("tunnels:\n  web:\n    proto: http\n    addr: 80\n    inspect: maybe\n",
      ("line 5", "tunnels.web.inspect")),

@@ -16,7 +16,13 @@ import click
 from . import __version__
 from ._admin_cli import api_key as api_key_group
 from ._api_cli import api as api_group
+from ._completion import complete_tunnel_names
+from ._completion import completion as completion_command
+from ._completion import version as version_command
+from ._diagnose import diagnose as diagnose_command
+from ._service_cli import service as service_group
 from ._store_cli import default_data_dir, open_store
+from ._update import update_command
 from .core._commands import (
     ENV_AUTHTOKEN,
     ENV_ROOT_CAS,
@@ -203,7 +209,13 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
          max_sessions_per_token: int,
          max_tunnels_per_token: int, api_addr: str | None, ssh_addr: str | None, log_target: str | None,
          log_format: str | None, log_level: str | None) -> None:
-    """Run the edge: public listeners, agent ingress and the store."""
+    """Run the edge: public listeners, agent ingress and the store.
+
+    \b
+    Examples:
+      tunneld edge --dev --data-dir ./edge
+      tunneld edge --domain tunnels.example.com --tls-cert fullchain.pem --tls-key privkey.pem
+    """
     ctx.ensure_object(dict)
     ctx.obj["data_dir"] = data_dir
     if ctx.invoked_subcommand is not None:
@@ -264,7 +276,13 @@ def edge(ctx: click.Context, dev: bool, data_dir: Path | None, domain: str | Non
 
 @edge.group()
 def token() -> None:
-    """Manage agent authtokens (stored hashed; shown once)."""
+    """Manage agent authtokens (stored hashed; shown once).
+
+    \b
+    Examples:
+      tunneld edge token create --description laptop
+      tunneld edge token list
+    """
 
 
 @token.command("create")
@@ -272,7 +290,12 @@ def token() -> None:
 @click.option("--description", default="", help="A note to recognise the token by.")
 @click.pass_context
 def token_create(ctx: click.Context, data_dir: Path | None, description: str) -> None:
-    """Create an authtoken and print it (the only time it is shown)."""
+    """Create an authtoken and print it (the only time it is shown).
+
+    \b
+    Example:
+      tunneld edge token create --data-dir /var/lib/tunneld --description laptop
+    """
     store = open_store(ctx, data_dir)
     record, secret = store.create_token(description)
     store.close()
@@ -284,7 +307,12 @@ def token_create(ctx: click.Context, data_dir: Path | None, description: str) ->
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.pass_context
 def token_list(ctx: click.Context, data_dir: Path | None) -> None:
-    """List authtokens (ids and notes; never the secrets)."""
+    """List authtokens (ids and notes; never the secrets).
+
+    \b
+    Example:
+      tunneld edge token list --data-dir /var/lib/tunneld
+    """
     import time
 
     store = open_store(ctx, data_dir)
@@ -304,7 +332,12 @@ def token_list(ctx: click.Context, data_dir: Path | None) -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.pass_context
 def token_revoke(ctx: click.Context, token_id: str, data_dir: Path | None) -> None:
-    """Revoke an authtoken by id; agents using it can no longer connect."""
+    """Revoke an authtoken by id; agents using it can no longer connect.
+
+    \b
+    Example:
+      tunneld edge token revoke 3f9a0c1d2e4b
+    """
     store = open_store(ctx, data_dir)
     ok = store.revoke_token(token_id)
     store.close()
@@ -316,6 +349,13 @@ def token_revoke(ctx: click.Context, token_id: str, data_dir: Path | None) -> No
 # The admin API: its keys (`tunneld edge api-key ...`) and its client (`tunneld api ...`).
 edge.add_command(api_key_group)
 cli.add_command(api_group)
+# The agent as an OS service, its connectivity check, shell completion, the version (issue 15).
+cli.add_command(service_group)
+cli.add_command(diagnose_command)
+cli.add_command(completion_command)
+cli.add_command(version_command)
+# `tunneld update` (tunneld/_update.py): pip installs the newest release of a channel.
+cli.add_command(update_command)
 
 
 # ---- agent -------------------------------------------------------------------------------------
@@ -332,18 +372,40 @@ def _registry() -> TunnelTypeRegistry:
     return build_registry(get_plugin_manager())
 
 
-def _agent_config(config_path: Path | None, authtoken: str | None, server_addr: str | None,
-                  root_cas: str | None, web_addr: str | None,
-                  registry: TunnelTypeRegistry | None = None) -> AgentConfig:
+def _config_paths(values: Any) -> list[Path]:
+    from .core._config import split_config_paths
+
+    return split_config_paths(values)
+
+
+def _load_config(config_path: Any, registry: TunnelTypeRegistry | None, *,
+                 required: bool = False) -> AgentConfig:
+    """The merged ``--config`` files (or the default one); warnings to stderr, errors exit 1."""
     from .core import ConfigError
     from .core._config import load_agent_config
 
     try:
-        cfg = load_agent_config(config_path, registry=registry)
+        cfg = load_agent_config(_config_paths(config_path), required=required, registry=registry)
     except ConfigError as exc:
         _fail(str(exc))
+    for warning in cfg.warnings:
+        click.echo(f"tunneld: warning: {warning}", err=True)
+    return cfg
+
+
+def _agent_config(config_path: Any, authtoken: str | None, server_addr: str | None,
+                  root_cas: str | None, web_addr: str | None,
+                  registry: TunnelTypeRegistry | None = None, region: str | None = None) -> AgentConfig:
+    from .core import ConfigError
+    from .core._config import resolve_region
+
+    cfg = _load_config(config_path, registry)
     cfg.authtoken = authtoken or os.environ.get(ENV_AUTHTOKEN) or cfg.authtoken
     cfg.server_addr = server_addr or os.environ.get(ENV_SERVER_ADDR) or cfg.server_addr
+    try:
+        resolve_region(cfg, region)
+    except ConfigError as exc:
+        _fail(str(exc))
     from .core._util import split_host_port
     from .core._websocket import is_websocket_url, parse_websocket_url
 
@@ -364,11 +426,17 @@ def _agent_config(config_path: Path | None, authtoken: str | None, server_addr: 
 
 def _run_agent_cli(cfg: AgentConfig, tunnels: list[TunnelConfig], log_target: str | None,
                    log_format: str | None, log_level: str | None) -> None:
-    _setup_logging(log_target or cfg.log or "false", log_format or cfg.log_format or "term",
-                   log_level or cfg.log_level or "info")
+    target = log_target or cfg.log or "false"
+    # console_ui: true, false or iftty (the default: only when stdout is a terminal); never
+    # mixed with log lines on stdout.  Without the console and without a log target, logs go
+    # to stdout, as ngrok's do: an agent never runs mute.
+    console = target != "stdout" and cfg.console_enabled(sys.stdout.isatty())
+    if not console and target == "false":
+        target = "stdout"
+    _setup_logging(target, log_format or cfg.log_format or "term", log_level or cfg.log_level or "info")
     from ._agent_main import run_agent
 
-    sys.exit(run_agent(cfg, tunnels, console=(log_target or cfg.log or "false") != "stdout"))
+    sys.exit(run_agent(cfg, tunnels, console=console))
 
 
 def _run_tunnels(flags: dict[str, Any], tunnels: list[TunnelConfig]) -> None:
@@ -389,83 +457,200 @@ def _run_tunnels(flags: dict[str, Any], tunnels: list[TunnelConfig]) -> None:
         except (ConfigError, ValueError) as exc:
             _fail(str(exc))
     cfg = _agent_config(flags["config_path"], flags["authtoken"], flags["server_addr"], flags["root_cas"],
-                        flags["web_addr"], registry)
+                        flags["web_addr"], registry, flags["region"])
     _run_agent_cli(cfg, tunnels, flags["log_target"], flags["log_format"], flags["log_level"])
 
 
 @cli.command()
-@click.argument("names", nargs=-1)
-@click.option("--all", "all_", is_flag=True, help="Start every tunnel in the config file.")
-@click.option("--none", "none_", is_flag=True, help="Start the session and local API only.")
+@click.argument("names", nargs=-1, shell_complete=complete_tunnel_names)
+@click.option("--all", "all_", is_flag=True, help="Start every tunnel and endpoint of the config files.")
+@click.option("--none", "none_", is_flag=True, help="Start the session and local API only (add tunnels with "
+              "POST /api/tunnels).")
 @_agent_options
 def start(names: tuple[str, ...], all_: bool, none_: bool, **opts: Any) -> None:
-    """Start tunnels defined in the config file by NAME (or --all).
+    """Start tunnels defined in the config file by NAME (or --all), all on one session.
 
     \b
     Examples:
       tunneld start --all
       tunneld start web ssh --config ./tunneld.yml
+      tunneld start --all --config base.yml,eu.yml --region eu
+      tunneld start --none                 the local API only (as pyngrok runs it)
     """
+    from .core import ConfigError
+
+    if sum((bool(names), all_, none_)) > 1:
+        raise click.UsageError("give tunnel names, --all or --none (one of them)")
+    if not (names or all_ or none_):
+        raise click.UsageError("name tunnels to start, or use --all or --none")
+    registry = _registry()
     cfg = _agent_config(opts.pop("config_path"), opts.pop("authtoken"), opts.pop("server_addr"),
-                        opts.pop("root_cas"), opts.pop("web_addr"), _registry())
+                        opts.pop("root_cas"), opts.pop("web_addr"), registry, opts.pop("region"))
+    where = ", ".join(str(p) for p in cfg.paths) or str(cfg.path)
     if none_:
         chosen = []
     elif all_:
         chosen = list(cfg.tunnels.values())
+        if not chosen:
+            _fail(f"no tunnels in {where}: define some under tunnels: (or endpoints:), or use --none")
     else:
-        if not names:
-            raise click.UsageError("name tunnels to start, or use --all or --none")
         missing = [n for n in names if n not in cfg.tunnels]
         if missing:
-            _fail(f"no tunnel named {', '.join(missing)} in {cfg.path}")
-        chosen = [cfg.tunnels[n] for n in names]
+            known = ", ".join(cfg.tunnels) or "none"
+            _fail(f"no tunnel named {', '.join(missing)} in {where} (defined: {known})")
+        chosen = [cfg.tunnels[n] for n in dict.fromkeys(names)]
+    for tunnel in chosen:
+        # Said now, naming the tunnel, rather than after connecting (a bad addr, a crt without its key).
+        try:
+            registry[tunnel.proto].parse_addr(tunnel.addr)
+            registry[tunnel.proto].agent_binds(tunnel)
+        except (ConfigError, ValueError) as exc:
+            _fail(f"tunnels.{tunnel.name}: {exc}")
     _run_agent_cli(cfg, chosen, opts["log_target"], opts["log_format"], opts["log_level"])
 
 
 @cli.group()
 def config() -> None:
-    """Manage the agent config file.
+    """Manage the agent config file (ngrok's layouts: version "2" and "3").
 
     \b
     Examples:
-      tunneld config check
       tunneld config add-authtoken tkd_...
+      tunneld config check
+      tunneld config edit
+      tunneld config upgrade --dry-run
     """
+
+
+def _one_config(flag: str = "--config") -> Any:
+    return click.option(flag, "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="The config file [default: ~/.config/tunneld/tunneld.yml].")
 
 
 @config.command("add-authtoken")
 @click.argument("authtoken")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None)
+@_one_config()
 def config_add_authtoken(authtoken: str, config_path: Path | None) -> None:
-    """Save AUTHTOKEN in the config file.
+    """Save AUTHTOKEN in the config file, changing nothing else in it.
+
+    Creates the file (mode 0600) if it does not exist; in a version "3" file the token goes
+    under agent:.  Comments, quoting and layout are kept byte for byte.
 
     \b
     Example:
-      tunneld config add-authtoken tkd_...
+      tunneld config add-authtoken tkd_0123456789ab_...
     """
+    from .core import ConfigError
     from .core._config import save_authtoken
 
-    path = save_authtoken(config_path, authtoken)
+    try:
+        path = save_authtoken(config_path, authtoken)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="AUTHTOKEN") from None
+    except (ConfigError, OSError) as exc:
+        _fail(f"{exc} (the file was left as it was)")
     click.echo(f"Authtoken saved to configuration file: {path}")
 
 
 @config.command("check")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None)
-def config_check(config_path: Path | None) -> None:
-    """Validate the config file: each mistake is named by line and key.
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="Config file; repeat it or separate with commas to check files merged "
+              "[default: ~/.config/tunneld/tunneld.yml].")
+def config_check(config_path: tuple[Path, ...]) -> None:
+    """Validate the config file(s): each mistake is named by file, line and key.
+
+    Warnings (keys a version "2" file has that tunneld does not use) go to stderr; the
+    exit status is 0 when the files are valid.
 
     \b
-    Example:
+    Examples:
+      tunneld config check
       tunneld config check --config ./tunneld.yml
+      tunneld config check --config base.yml,eu.yml
     """
     from .core import ConfigError
-    from .core._config import load_agent_config
+    from .core._config import REGION_PLACEHOLDER, resolve_region
 
+    cfg = _load_config(config_path, _registry(), required=True)
+    if cfg.region or REGION_PLACEHOLDER in cfg.server_addr:
+        try:
+            resolve_region(cfg)
+        except ConfigError as exc:
+            _fail(str(exc))
+    for path in cfg.paths or [cfg.path]:
+        click.echo(f"Valid configuration file at {path}")
+
+
+@config.command("edit")
+@_one_config()
+def config_edit(config_path: Path | None) -> None:
+    """Open the config file in $VISUAL or $EDITOR (nano, else vi; Notepad on Windows), then check it.
+
+    Works on a missing or invalid file too.  Exit status 1 if the file is not valid afterwards.
+
+    \b
+    Examples:
+      tunneld config edit
+      EDITOR=vim tunneld config edit --config ./tunneld.yml
+    """
+    import shlex
+    import shutil
+    import subprocess
+
+    from .core._config import default_config_path
+    from .core._config_edit import write_private
+
+    path = config_path or default_config_path()
+    if not path.exists():
+        write_private(path, 'version: "2"\n')
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if editor:
+        argv = shlex.split(editor, posix=os.name != "nt")
+    elif os.name == "nt":
+        argv = ["notepad"]
+    else:
+        argv = [next((e for e in ("nano", "vi") if shutil.which(e)), "vi")]
     try:
-        cfg = load_agent_config(config_path, required=True, registry=_registry())
+        code = subprocess.call([*argv, str(path)])
+    except OSError as exc:
+        _fail(f"cannot run the editor {argv[0]}: {exc.strerror} (set $EDITOR)")
+    if code != 0:
+        _fail(f"the editor {argv[0]} exited with status {code}")
+    cfg = _load_config([path], _registry(), required=True)
+    click.echo(f"Valid configuration file at {cfg.path}")
+
+
+@config.command("upgrade")
+@_one_config()
+@click.option("--dry-run", is_flag=True, help="Print the upgraded file instead of writing it.")
+def config_upgrade(config_path: Path | None, dry_run: bool) -> None:
+    """Rewrite a version "2" (or ngrok v2) file in the version "3" layout.
+
+    Agent settings move under agent: (server_addr becomes connect_url, root_cas connect_cas,
+    update: update_check); tunnels: stay as they are, with auth and bind_tls renamed
+    basic_auth and schemes.  Comments move with their keys.  The old file is kept as
+    FILE.v2.bak.  The result is checked to mean exactly what the old file meant.
+
+    \b
+    Examples:
+      tunneld config upgrade --dry-run
+      tunneld config upgrade --config ~/.config/ngrok/ngrok.yml
+    """
+    from .core import ConfigError
+    from .core._config import default_config_path
+    from .core._config_upgrade import upgrade_file
+
+    path = config_path or default_config_path()
+    try:
+        new, notes, backup = upgrade_file(path, _registry(), write=not dry_run)
     except ConfigError as exc:
         _fail(str(exc))
-    click.echo(f"Valid configuration file at {cfg.path}")
+    for note in notes:
+        click.echo(f"tunneld: note: {note}", err=True)
+    if dry_run:
+        click.echo(new, nl=False)
+    else:
+        click.echo(f"Upgraded {path} to version 3 (the old file is {backup})")
 
 
 # ---- demo --------------------------------------------------------------------------------------
@@ -481,7 +666,13 @@ def config_check(config_path: Path | None) -> None:
 @click.option("--web-addr", default="127.0.0.1:4040", show_default=True)
 def demo(addr: str | None, data_dir: Path | None, http_port: int, https_port: int, agent_port: int,
          web_addr: str) -> None:
-    """Run a local edge (dev mode) and an agent forwarding to ADDR (default: a hello page)."""
+    """Run a local edge (dev mode) and an agent forwarding to ADDR (default: a hello page).
+
+    \b
+    Examples:
+      tunneld demo
+      tunneld demo 3000
+    """
     from ._demo import run_demo
 
     sys.exit(run_demo(addr, (data_dir or default_data_dir() / "demo").expanduser().absolute(),

@@ -16,19 +16,27 @@ The nursery tree (../shared/STYLE.md §2.6)::
 authtoken or a refused first Bind is fatal (:class:`AuthFailed` / :class:`TunnelRejected`):
 retrying would not help.  Any later failure just ends the connection nursery — its tunnels
 and forwarders with it — and the loop reconnects, re-binding with the same tunnel ids.
+
+An edge certificate that cannot be verified is :class:`CertificateFailed` (fatal on the first
+connection unless :attr:`Agent.retry`).  The edge's Stop/Restart/Update (``_remote.py``) are
+answered in ``_remote_command`` and, once accepted, raised out of :meth:`Agent.run` as
+``RemoteCommandReceived`` for the program running the agent to act on (exit, re-execute).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import platform
 import random
 import secrets
 import socket
 import struct
+import sys
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast, final
 
@@ -38,12 +46,22 @@ from trio_websocket import ConnectionClosed, HandshakeError
 
 from .. import __version__
 from . import proto
+from ._capture import CaptureStore, HttpRecorder, db_size
 from ._config import AgentConfig, TunnelConfig
-from ._errors import AuthFailed, Code, RemoteProtocolError, TunnelRejected, parse_wire_error
+from ._errors import (
+    AuthFailed,
+    Code,
+    ConfigError,
+    RemoteProtocolError,
+    TunneldError,
+    TunnelRejected,
+    parse_wire_error,
+)
 from ._forward import forward
 from ._lean import lean
 from ._mux import MuxSession, MuxStream
 from ._plugins import build_registry, get_plugin_manager
+from ._remote import Op, RemoteCommandReceived, remote_error
 from ._rpc import call, read_message, reply
 from ._streams import PrefixedStream
 from ._tls import client_context, open_tls_client
@@ -69,6 +87,8 @@ class ConnectionRecord:
     client_addr: str
     opened: float = attrs.field(factory=time.time)
     closed: float | None = None
+    #: When it opened on the metrics' clock (for its duration).
+    started: float = attrs.field(default=0.0, repr=False)
 
     def as_json(self) -> dict[str, Any]:
         return {"client_addr": self.client_addr, "opened": _iso(self.opened),
@@ -79,24 +99,114 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+#: go-metrics' EWMA tick: rates are updated every 5 seconds.
+EWMA_TICK = 5.0
+
+
+@attrs.define
+class EWMA:
+    """An exponentially weighted moving rate per second over ``minutes`` (go-metrics' EWMA).
+
+    As in go-metrics (and so ngrok): events are counted, every 5 s tick folds the tick's
+    instant rate into the average with ``alpha = 1 - exp(-5 s / minutes)``, the first tick
+    setting it outright.  Ticks are applied lazily, on each mark or read, from ``clock``.
+    """
+
+    minutes: float
+    clock: Callable[[], float] = time.monotonic
+    rate: float = 0.0
+    _alpha: float = attrs.field(init=False)
+    _uncounted: int = attrs.field(default=0, init=False)
+    _started: bool = attrs.field(default=False, init=False)
+    _last_tick: float = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._alpha = 1.0 - math.exp(-EWMA_TICK / 60.0 / self.minutes)
+        self._last_tick = self.clock()
+
+    def mark(self, n: int = 1) -> None:
+        self._advance()
+        self._uncounted += n
+
+    def value(self) -> float:
+        """The current rate, events per second."""
+        self._advance()
+        return self.rate
+
+    def _advance(self) -> None:
+        ticks = int((self.clock() - self._last_tick) // EWMA_TICK)
+        if ticks <= 0:
+            return
+        self._last_tick += ticks * EWMA_TICK
+        instant = self._uncounted / EWMA_TICK
+        self._uncounted = 0
+        if self._started:
+            self.rate += self._alpha * (instant - self.rate)
+        else:
+            self.rate, self._started = instant, True
+        # The ticks after the first saw no events: each decays the rate by (1 - alpha).
+        if ticks > 1:
+            self.rate *= (1.0 - self._alpha) ** (ticks - 1)
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float]:
+    """p50/p90/p95/p99 of ``values`` (seconds) in nanoseconds, interpolated as go-metrics does."""
+    data = sorted(values)
+    out = {}
+    for p in (50, 90, 95, 99):
+        if not data:
+            out[f"p{p}"] = 0.0
+            continue
+        pos = p / 100 * (len(data) + 1)
+        if pos < 1.0:
+            v = data[0]
+        elif pos >= len(data):
+            v = data[-1]
+        else:
+            lower = data[int(pos) - 1]
+            v = lower + (pos - int(pos)) * (data[int(pos)] - lower)
+        # Nanoseconds, as ngrok (Go time.Duration) reports them.
+        out[f"p{p}"] = float(int(v * 1e9))
+    return out
+
+
+#: Durations kept per tunnel for the percentiles (go-metrics samples 1028).
+SAMPLE_SIZE = 1028
+
+
 @attrs.define
 class Metrics:
-    """Connection and request counters of one tunnel (ngrok's ``metrics`` shape)."""
+    """Connection and request counters of one tunnel (ngrok's ``metrics`` shape).
 
+    ``conns``: connections proxied (count, open now), their rates, and the percentiles of the
+    durations of those that ended; ``http``: requests, their rates and request durations.
+    Rates are go-metrics EWMAs per second over 1, 5 and 15 minutes.  ``clock`` (monotonic
+    seconds) is injectable so that tests can move time on.
+    """
+
+    clock: Callable[[], float] = attrs.field(default=time.monotonic, kw_only=True)
     conns_count: int = 0
     conns_gauge: int = 0
     http_count: int = 0
     #: The latest connections, oldest first (open ones and recently closed ones).
     recent: collections.deque[ConnectionRecord] = attrs.field(factory=lambda: collections.deque(maxlen=100))
-    _conn_times: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=4096))
-    _req_times: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=4096))
-    _durations: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=1024))
+    _conn_rates: tuple[EWMA, ...] = attrs.field(init=False)
+    _req_rates: tuple[EWMA, ...] = attrs.field(init=False)
+    _conn_durations: collections.deque[float] = attrs.field(
+        factory=lambda: collections.deque(maxlen=SAMPLE_SIZE), init=False)
+    _req_durations: collections.deque[float] = attrs.field(
+        factory=lambda: collections.deque(maxlen=SAMPLE_SIZE), init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._conn_rates = tuple(EWMA(m, self.clock) for m in (1, 5, 15))
+        self._req_rates = tuple(EWMA(m, self.clock) for m in (1, 5, 15))
 
     def conn_opened(self, client_addr: str = "") -> ConnectionRecord:
         self.conns_count += 1
         self.conns_gauge += 1
-        self._conn_times.append(time.monotonic())
-        record = ConnectionRecord(client_addr)
+        for rate in self._conn_rates:
+            rate.mark()
+        record = ConnectionRecord(client_addr, started=self.clock())
         self.recent.append(record)
         return record
 
@@ -104,32 +214,22 @@ class Metrics:
         self.conns_gauge -= 1
         if record is not None:
             record.closed = time.time()
+            self._conn_durations.append(max(0.0, self.clock() - record.started))
 
     def request_done(self, seconds: float) -> None:
         self.http_count += 1
-        self._req_times.append(time.monotonic())
-        self._durations.append(seconds)
-
-    @staticmethod
-    def _rate(times: collections.deque[float], window: float) -> float:
-        now = time.monotonic()
-        return round(sum(1 for t in times if now - t <= window) / window, 4)
-
-    def _percentiles(self) -> dict[str, float]:
-        data = sorted(self._durations)
-        out = {}
-        for p in (50, 90, 95, 99):
-            # Nanoseconds, as ngrok (Go time.Duration) reports them.
-            out[f"p{p}"] = float(int(data[min(len(data) - 1, len(data) * p // 100)] * 1e9)) if data else 0.0
-        return out
+        for rate in self._req_rates:
+            rate.mark()
+        self._req_durations.append(seconds)
 
     def as_json(self) -> dict[str, Any]:
-        rates_c = {f"rate{m}": self._rate(self._conn_times, m * 60.0) for m in (1, 5, 15)}
-        rates_h = {f"rate{m}": self._rate(self._req_times, m * 60.0) for m in (1, 5, 15)}
-        pct = self._percentiles()
+        def rates(ewmas: tuple[EWMA, ...]) -> dict[str, float]:
+            return {f"rate{e.minutes:g}": e.value() for e in ewmas}
+
         return {
-            "conns": {"count": self.conns_count, "gauge": self.conns_gauge, **rates_c, **pct},
-            "http": {"count": self.http_count, **rates_h, **pct},
+            "conns": {"count": self.conns_count, "gauge": self.conns_gauge, **rates(self._conn_rates),
+                      **percentiles(self._conn_durations)},
+            "http": {"count": self.http_count, **rates(self._req_rates), **percentiles(self._req_durations)},
         }
 
 
@@ -151,6 +251,8 @@ class AgentTunnel:
     #: The edge's resume token for this tunnel, sent back on rebind to keep the same URL.
     token: str = ""
     metrics: Metrics = attrs.field(factory=Metrics)
+    #: The agent's capture store (the local inspector); None: never captured.
+    captures: CaptureStore | None = attrs.field(default=None, repr=False)
     #: The tunnel as its type's ``agent_handle`` sees it (``tunneld.plugin.AgentTunnelContext``).
     context: AgentTunnelAdapter = attrs.field(init=False, repr=False)
 
@@ -188,6 +290,12 @@ class AgentTunnelAdapter:
 
     def request_done(self, seconds: float) -> None:
         self._tunnel.metrics.request_done(seconds)
+
+    def record_http(self, header: proto.ProxyHeader, head: bytes) -> HttpRecorder | None:
+        tunnel = self._tunnel
+        if tunnel.captures is None or not tunnel.config.inspect or not tunnel.type.inspects:
+            return None
+        return tunnel.captures.recorder(tunnel.name, header.client_addr, head)
 
     async def open_upstream(self, stream: trio.abc.HalfCloseableStream,
                             header: proto.ProxyHeader) -> trio.abc.HalfCloseableStream | None:
@@ -230,14 +338,36 @@ class Agent:
     _by_id: dict[str, AgentTunnel] = attrs.field(factory=dict, init=False)
     #: The current connection's session (for :meth:`stop_tunnels`).
     _mux: MuxSession | None = attrs.field(default=None, init=False)
+    # ---- lifecycle (set by the program running the agent; see tunneld/_agent_main.py) ----
+    #: Remote commands the program carries out when the edge asks (``RemoteCommandReceived``
+    #: is raised out of :meth:`run` for it to act on); the others are declared unsupported.
+    remote_ops: frozenset[Op] = attrs.field(factory=frozenset, init=False)
+    #: Installs the release an Update asks for (raises with the reason); None: no updates.
+    updater: Callable[[proto.Update], Awaitable[None]] | None = attrs.field(default=None, init=False)
+    #: Keep retrying when the first connection fails for a reason retrying seldom fixes (an
+    #: untrusted certificate); otherwise :class:`CertificateFailed` ends :meth:`run` at once.
+    retry: bool = attrs.field(default=False, init=False)
+    #: Why the last connection attempt failed or ended ("" before any), for the console.
+    last_error: str = attrs.field(default="", init=False)
+    #: When (``time.time()``) the next attempt is made while reconnecting, else None.
+    retry_at: float | None = attrs.field(default=None, init=False)
+    #: Connection attempts that failed or ended so far (the console redraws on a change).
+    failed_attempts: int = attrs.field(default=0, init=False)
+    _remote_busy: bool = attrs.field(default=False, init=False)
+    #: HTTP exchanges captured for the local inspector, within ``inspect_db_size``; none
+    #: without a web interface (``web_addr: false``), where nobody could look at them.
+    captures: CaptureStore = attrs.field(init=False, default=attrs.Factory(
+        lambda self: CaptureStore(0 if self.config.web_addr is None
+                                  else db_size(self.config.inspect_db_size)), takes_self=True))
 
     def __attrs_post_init__(self) -> None:
         for tc in self.tunnel_configs:
             tunnel_type = self.registry[tc.proto]
             upstream = tunnel_type.parse_addr(tc.addr)
             for req in tunnel_type.agent_binds(tc):
-                self.tunnels.append(AgentTunnel(req.name, tc, tunnel_type, req.bind, upstream,
-                                                proto=req.bind.proto))
+                bind = _with_metadata(req.bind, tc)
+                self.tunnels.append(AgentTunnel(req.name, tc, tunnel_type, bind, upstream,
+                                                proto=req.bind.proto, captures=self.captures))
 
     async def run(self, *, task_status: trio.TaskStatus[AgentInfo] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, bind, serve; reconnect with backoff (0.5 s doubling to 30 s, with jitter)."""
@@ -254,6 +384,12 @@ class Agent:
             except* AuthFailed:
                 # The edge says stop (revoked or unknown token): retrying cannot help.
                 raise
+            except* CertificateFailed as group:
+                # Said loudly every time: retrying will not help until someone fixes the trust.
+                reason = str(group.exceptions[0])
+                log.error("%s", reason, extra={"event": "session failed", "fields": {"err": reason}})
+                if first and not self.online.is_set() and not self.retry:
+                    raise
             except* TunnelRejected as group:
                 # Fatal when starting: the user asked for something this edge refuses.  Later
                 # (e.g. a held name given away after a long outage) keep trying: it may free up.
@@ -265,7 +401,7 @@ class Agent:
                      RemoteProtocolError, trio.EndOfChannel, HandshakeError, ConnectionClosed) as group:
                 if first and not self.online.is_set() and not _transient(group):
                     raise
-                reason = "; ".join(str(e) or type(e).__name__ for e in group.exceptions)
+                reason = "; ".join(_reason(e) for e in group.exceptions)
             if self.online.is_set():
                 first = False
                 self.online = trio.Event()
@@ -276,6 +412,9 @@ class Agent:
             self.status = "reconnecting"
             delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** failures) * random.uniform(0.5, 1.0)
             failures += 1
+            self.last_error = reason
+            self.retry_at = time.time() + delay
+            self.failed_attempts += 1
             log.warning("session with %s ended (%s); reconnecting in %.1fs", self.config.server_addr,
                         reason, delay)
             await trio.sleep(delay)
@@ -285,11 +424,17 @@ class Agent:
         root = self.config.root_cas
         ctx = client_context(None if root in ("", "host", "trusted") else _path(root))
         async with trio.open_nursery() as nursery:
-            if is_websocket_url(self.config.server_addr):
-                carrier: trio.abc.Stream = await connect_websocket(nursery, self.config.server_addr, ctx)
-            else:
-                host, port = split_host_port(self.config.server_addr, default_port=443)
-                carrier = await open_tls_client(host.strip("[]"), port, ctx)
+            try:
+                if is_websocket_url(self.config.server_addr):
+                    carrier: trio.abc.Stream = await connect_websocket(nursery, self.config.server_addr, ctx)
+                else:
+                    host, port = split_host_port(self.config.server_addr, default_port=443)
+                    carrier = await open_tls_client(host.strip("[]"), port, ctx)
+            except trio.BrokenResourceError as exc:
+                problem = _certificate_problem(exc, self.config.server_addr, root)
+                if problem is None:
+                    raise
+                raise CertificateFailed(problem) from exc
             mux = self._mux = MuxSession(carrier, client=True)
             await nursery.start(mux.run)
             nursery.start_soon(self._heartbeat, mux)
@@ -297,6 +442,7 @@ class Agent:
             for tunnel in self.tunnels:
                 await self._bind(mux, tunnel)
             self.status = "online"
+            self.retry_at = None
             self._online_since = time.monotonic()
             self.online.set()
             task_status.started(AgentInfo(list(self.tunnels)))
@@ -315,10 +461,10 @@ class Agent:
             cookie=self._cookie, client_type=self.client_type,
             heartbeat_interval=int(self.config.heartbeat_interval * 1e9),
             heartbeat_tolerance=int(self.config.heartbeat_tolerance * 1e9),
-            update_unsupported_error="tunneld agents do not update themselves",
-            stop_unsupported_error="remote stop is not enabled",
-            restart_unsupported_error="remote restart is not enabled",
-            tunneld_window=WANT_WINDOW,
+            update_unsupported_error=self._remote_refusal(Op.UPDATE) or "",
+            stop_unsupported_error=self._remote_refusal(Op.STOP) or "",
+            restart_unsupported_error=self._remote_refusal(Op.RESTART) or "",
+            tunneld_window=WANT_WINDOW, metadata=self.config.metadata,
         )
         resp = await call(mux, proto.StreamType.AUTH, proto.Auth(version=["3", "2"], client_id=self.client_id,
                                                                  extra=extra), proto.AuthResp)
@@ -334,6 +480,8 @@ class Agent:
                         "fields": {"obj": "csess", "id": self.client_id}})
 
     async def _bind(self, mux: MuxSession, tunnel: AgentTunnel) -> None:
+        if tunnel not in self.tunnels:  # stopped (stop_tunnel) while this connection was binding
+            return
         # A type with ``agent_start_labeled`` (the labeled plugin's) starts its tunnels by labels.
         start_labeled = getattr(tunnel.type, "agent_start_labeled", None)
         if start_labeled is not None:
@@ -352,6 +500,9 @@ class Agent:
         if tunnel.tunnel_id and tunnel.tunnel_id != resp.id:
             self._by_id.pop(tunnel.tunnel_id, None)
         tunnel.tunnel_id = resp.id
+        if tunnel not in self.tunnels:  # stopped during the Bind: let the edge forget it too
+            await self._unbind(mux, [tunnel])
+            return
         if tunnel.public_url and tunnel.public_url != resp.url:
             log.warning("tunnel %s moved from %s to %s (its old address was no longer ours)",
                         tunnel.name, tunnel.public_url, resp.url)
@@ -408,6 +559,118 @@ class Agent:
                 busy = any(t.metrics.conns_gauge for t in self.tunnels)
                 quiet = 0 if busy else quiet + 1
 
+    # ---- runtime tunnels (the local API's POST/DELETE /api/tunnels and /api/endpoints) ----------
+
+    async def start_tunnel(self, config: TunnelConfig) -> list[AgentTunnel]:
+        """Add a tunnel to the running agent and bind it on the live session.
+
+        Returns its public endpoints in API order (an http tunnel serving both schemes has two,
+        https first, as at startup).  Online, they come back bound, with their URLs; offline (or
+        if the session breaks during the Bind), they are added unbound (``public_url == ""``)
+        and bound with the others on (re)connect.
+
+        Raises:
+            ValueError: a tunnel of that name exists, or the definition is bad (unknown type,
+                address, options).
+            TunnelRejected: the edge refused a Bind (its ``code`` says why); nothing is left
+                behind, not even the endpoint bound before the refused one.
+        """
+        new = self._new_tunnels(config)
+        # No checkpoint between the name check in _new_tunnels and here: two concurrent starts
+        # of one name cannot both pass.  A connection still binding picks these up in its loop.
+        self.tunnels.extend(new)
+        mux = self._mux
+        if mux is None or not self.online.is_set():
+            return new
+        bound: list[AgentTunnel] = []
+        # Shielded (the RPCs have their own timeout): a client giving up on its HTTP request
+        # must not leave a tunnel half bound, listed but unreachable until the next reconnect.
+        with trio.CancelScope(shield=True):
+            try:
+                for tunnel in new:
+                    await self._bind(mux, tunnel)
+                    bound.append(tunnel)
+            except TunnelRejected:
+                self._forget(new)
+                await self._unbind(mux, bound)
+                raise
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                    RemoteProtocolError) as exc:
+                # The session is going: run() reconnects and binds every listed tunnel, these too.
+                log.info("tunnel %s: session ended while binding (%s); bound on reconnect",
+                         config.name, exc or type(exc).__name__)
+        return new
+
+    async def stop_tunnel(self, name: str) -> None:
+        """Unbind a tunnel and forget it; connections already proxied are left to finish.
+
+        ``name`` is a tunnel's configured name (all its endpoints go: ``web`` stops both ``web``
+        and ``web (http)``) or one endpoint's API name (``web (http)``: that endpoint only).
+
+        Raises:
+            KeyError: no tunnel has that name.
+        """
+        gone = ([t for t in self.tunnels if t.config.name == name]
+                or [t for t in self.tunnels if t.name == name])
+        if not gone:
+            raise KeyError(name)
+        # Off the list first: a reconnect from now on does not bind them again.
+        self.tunnels = [t for t in self.tunnels if t not in gone]
+        mux = self._mux
+        with trio.CancelScope(shield=True):
+            if mux is not None and self.online.is_set():
+                await self._unbind(mux, gone)
+        self._forget(gone)
+
+    def _new_tunnels(self, config: TunnelConfig) -> list[AgentTunnel]:
+        """The endpoints of ``config``, checked against the type and the tunnels already here."""
+        if not config.name or any(ord(c) < 32 or ord(c) == 127 for c in config.name):
+            raise ValueError("a tunnel needs a name without control characters")
+        taken = {t.config.name for t in self.tunnels} | {t.name for t in self.tunnels}
+        if config.name in taken:
+            raise ValueError(f"a tunnel named {config.name!r} already exists")
+        if config.proto not in self.registry:
+            raise ValueError(f"unknown tunnel type {config.proto[:64]!r} "
+                             f"(known: {', '.join(self.registry.names())})")
+        tunnel_type = self.registry[config.proto]
+        try:
+            upstream = tunnel_type.parse_addr(config.addr)
+        except ValueError as exc:
+            raise ValueError(f"addr: {exc}") from exc
+        try:
+            requests = tunnel_type.agent_binds(config)
+        except ConfigError as exc:  # e.g. a labeled tunnel without labels, a tls key pair
+            raise ValueError(str(exc)) from exc
+        new = [AgentTunnel(req.name, config, tunnel_type, _with_metadata(req.bind, config), upstream,
+                           proto=req.bind.proto,
+                           captures=self.captures)
+               for req in requests]
+        for tunnel in new:
+            if tunnel.name in taken:  # "web (http)" when a tunnel is named so already
+                raise ValueError(f"a tunnel named {tunnel.name!r} already exists")
+        return new
+
+    async def _unbind(self, mux: MuxSession, tunnels: list[AgentTunnel]) -> None:
+        """Unbind each bound tunnel of ``tunnels`` (a broken session has unbound them all)."""
+        for tunnel in tunnels:
+            if not tunnel.tunnel_id:
+                continue
+            try:
+                await call(mux, proto.StreamType.UNBIND, proto.Unbind(id=tunnel.tunnel_id), proto.UnbindResp)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                    RemoteProtocolError):
+                return
+            log.info("stopped tunnel %s: %s", tunnel.name, tunnel.public_url,
+                     extra={"event": "stopped tunnel",
+                            "fields": {"obj": "tunnels", "name": tunnel.name, "url": tunnel.public_url}})
+
+    def _forget(self, tunnels: list[AgentTunnel]) -> None:
+        """Take ``tunnels`` off the list and stop routing their proxy streams."""
+        self.tunnels = [t for t in self.tunnels if t not in tunnels]
+        for tunnel in tunnels:
+            if self._by_id.get(tunnel.tunnel_id) is tunnel:
+                del self._by_id[tunnel.tunnel_id]
+
     async def _heartbeat(self, mux: MuxSession) -> None:
         """Send 4 random bytes every interval; silence for interval + tolerance ends the session.
 
@@ -437,6 +700,89 @@ class Agent:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
+    # ---- remote management (Stop, Restart, Update from the edge) ---------------------------------
+
+    def _remote_refusal(self, op: Op) -> str | None:
+        """Why this agent refuses ``op`` (declared in Auth, answered to the edge); None: it obeys."""
+        if not getattr(self.config, "remote_management", True):
+            return f"remote {op.value} refused: remote management is disabled on this agent " \
+                   "(remote_management: false in its configuration)"
+        if op not in self.remote_ops:
+            return f"remote {op.value} refused: the program running this agent does not implement it"
+        if op is not Op.STOP and sys.platform == "win32":
+            return f"remote {op.value} refused: an agent cannot re-execute itself on Windows; " \
+                   "use remote stop and the service's recovery policy"
+        if op is Op.UPDATE and self.updater is None:
+            return "remote update refused: this agent cannot update itself"
+        return None
+
+    async def _remote_command(self, stream: MuxStream, op: Op) -> None:
+        """Answer a Stop/Restart/Update, then (if accepted) raise :class:`RemoteCommandReceived`.
+
+        Stop unbinds every tunnel first (the edge releases the names at once, as on Ctrl+C);
+        Restart and Update keep them held, so the re-executed agent resumes them.
+        """
+        msg = await read_message(stream, proto.Update if op is Op.UPDATE else proto.CommandResp)
+        refusal, code = self._remote_refusal(op), op.unsupported
+        if refusal is None and self._remote_busy:
+            refusal, code = f"remote {op.value} refused: another remote command is under way", op.failed
+        if refusal is not None:
+            log.warning("%s", refusal, extra={"event": "remote command refused",
+                                              "fields": {"op": op.value, "err": refusal}})
+            await reply(stream, proto.CommandResp(error=remote_error(refusal, code)))
+            return
+        self._remote_busy = True
+        try:
+            if op is Op.UPDATE:
+                assert self.updater is not None and isinstance(msg, proto.Update)
+                log.info("remote update requested by the edge (version %s)", msg.version or "newest",
+                         extra={"event": "remote update", "fields": {"version": msg.version}})
+                try:
+                    await self.updater(msg)
+                except Exception as exc:  # noqa: BLE001 - any failure is the edge's answer
+                    text = f"update failed: {exc}"
+                    log.error("%s", text, extra={"event": "remote update failed", "fields": {"err": text}})
+                    await reply(stream, proto.CommandResp(error=remote_error(text, op.failed)))
+                    return
+            await reply(stream, proto.CommandResp())
+            mux = self._mux
+            if op is Op.STOP:
+                log.info("remote stop requested by the edge: stopping",
+                         extra={"event": "remote stop", "fields": {"obj": "csess", "id": self.client_id}})
+                await self.stop_tunnels(timeout=5.0)
+            else:
+                log.info("remote %s requested by the edge: restarting", op.value,
+                         extra={"event": f"remote {op.value}",
+                                "fields": {"obj": "csess", "id": self.client_id}})
+            if mux is not None:
+                # Flushes the answer out before the process goes (GOAWAY waits for the writer).
+                await mux.go_away()
+        finally:
+            self._remote_busy = False
+        raise RemoteCommandReceived(op)
+
+    def resume_state(self) -> dict[str, Any]:
+        """What a re-executed agent needs to resume this session and its tunnels' names.
+
+        The session id with its cookie, and each tunnel's id and resume token (signed by the
+        edge, which keeps the names held for that long after the link goes).
+        """
+        return {"client_id": self.client_id, "cookie": self._cookie,
+                "tunnels": [{"name": t.name, "id": t.tunnel_id, "token": t.token, "url": t.public_url}
+                            for t in self.tunnels if t.tunnel_id]}
+
+    def apply_resume_state(self, state: dict[str, Any]) -> None:
+        """Take over :meth:`resume_state` of the agent this process replaced (tunnels matched by name)."""
+        self.client_id = str(state.get("client_id", ""))
+        self._cookie = str(state.get("cookie", ""))
+        saved = {str(t.get("name")): t for t in state.get("tunnels", []) if isinstance(t, dict)}
+        for tunnel in self.tunnels:
+            entry = saved.get(tunnel.name)
+            if entry is not None:
+                tunnel.tunnel_id = str(entry.get("id", ""))
+                tunnel.token = str(entry.get("token", ""))
+                tunnel.public_url = str(entry.get("url", ""))
+
     async def _handle_stream(self, stream: MuxStream) -> None:
         try:
             with trio.fail_after(30):
@@ -455,9 +801,8 @@ class Agent:
             elif stype == proto.StreamType.HEARTBEAT:
                 while data := await stream.receive_some(64):
                     await stream.send_all(data)
-            elif stype in (proto.StreamType.STOP, proto.StreamType.RESTART, proto.StreamType.UPDATE):
-                await read_message(stream, proto.CommandResp)
-                await reply(stream, proto.CommandResp(error="not supported by this agent"))
+            elif (op := Op.for_stream_type(stype)) is not None:
+                await self._remote_command(stream, op)
             else:
                 stream.reset(proto.ErrorCode.PROTOCOL)
         except (RemoteProtocolError, trio.TooSlowError) as exc:
@@ -486,6 +831,42 @@ def _transient(group: BaseExceptionGroup[Any]) -> bool:
     """Connection refused and friends on the very first attempt are worth retrying."""
     return all(isinstance(e, (OSError, trio.BrokenResourceError, trio.TooSlowError, HandshakeError))
                for e in group.exceptions)
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason for a failed connection, with the cause trio's "all attempts" hides."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if text.startswith("all attempts to connect") and cause is not None:
+        detail = getattr(cause, "strerror", None) or str(cause)
+        if detail:
+            text = f"{text}: {detail}"
+    return text
+
+
+class CertificateFailed(TunneldError):
+    """The edge's certificate could not be verified (untrusted CA, or made out for other names)."""
+
+
+def _certificate_problem(exc: BaseException, server_addr: str, root_cas: str) -> str | None:
+    """A message with a hint when ``exc`` (a failed TLS connect) is a certificate problem, else None."""
+    from OpenSSL import SSL
+    from service_identity import CertificateError, VerificationError
+
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, SSL.Error) and "certificate verify failed" in str(cause):
+            where = f"the CAs in {root_cas}" if root_cas not in ("", "host", "trusted") \
+                else "the system's trusted CAs"
+            return (f"certificate not trusted: the certificate of {server_addr} is not signed by "
+                    f"{where}; set root_cas (--root-cas FILE) to the PEM of the CA that signed it")
+        if isinstance(cause, (VerificationError, CertificateError)):
+            return (f"certificate not trusted: the certificate of {server_addr} is not made out for "
+                    f"that name ({cause}); check server_addr (--server-addr)")
+        cause = cause.__cause__
+    return None
 
 
 def _path(value: str) -> Path:
@@ -532,3 +913,10 @@ async def forward_to_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseabl
         await forward(stream, upstream)
     finally:
         await trio.aclose_forcefully(upstream)
+
+
+def _with_metadata(bind: proto.Bind, config: TunnelConfig) -> proto.Bind:
+    """``bind`` carrying the tunnel's ``metadata`` (Bind ``Extra.Metadata``) unless its type set one."""
+    if bind.extra.metadata or not config.metadata:
+        return bind
+    return attrs.evolve(bind, extra=attrs.evolve(bind.extra, metadata=config.metadata))
