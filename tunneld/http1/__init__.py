@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._opts import basic_auth_bind_opts as basic_auth_bind_opts
     from ._relay import HEAD_READ as HEAD_READ
+    from ._relay import ExchangeTap as ExchangeTap
     from ._relay import HeadBudget as HeadBudget
     from ._relay import Outcome as Outcome
     from ._relay import Progress as Progress
@@ -68,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "set_header": "._wire",
     "wants_json": "._wire",
     "HEAD_READ": "._relay",
+    "ExchangeTap": "._relay",
     "HeadBudget": "._relay",
     "Reader": "._relay",
     "Truncated": "._relay",

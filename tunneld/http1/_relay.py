@@ -16,7 +16,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -241,6 +241,26 @@ def abort(stream: trio.abc.Stream) -> None:
         reset()
 
 
+class ExchangeTap(Protocol):
+    """Sees an exchange's bytes as they are relayed (the agent's request capture).
+
+    Called in the relay's own task, between reads and writes: keep it cheap.  Bodies arrive as
+    framed on the wire (chunk lines included); the request head is the caller's to record.
+    """
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the request body, as it goes to the upstream."""
+        ...
+
+    def response_head(self, head: bytes) -> None:
+        """The final response head (after the response filter), as it goes to the client."""
+        ...
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the response body, as it goes to the client."""
+        ...
+
+
 class Truncated(Exception):
     """A body ended (EOF, or its source broke) before its framing said it would."""
 
@@ -252,13 +272,15 @@ def _body_clock(timer: trio.CancelScope, deadline: float, n: int) -> float:
 
 
 async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: int,
-                    timer: trio.CancelScope | None = None) -> int:
+                    timer: trio.CancelScope | None = None,
+                    tap: Callable[[bytes], None] | None = None) -> int:
     """Copy one message body from ``src`` to ``dst`` by its framing; returns bytes copied.
 
     Whose fault a failure is shows in its type: ``src`` ending early or breaking raises
     :class:`Truncated`, malformed chunked framing BadMessage, ``dst`` failing trio's resource
     errors.  ``timer`` (the connection's one cancel scope) gets a deadline that every read
     moves on (BODY_IDLE_TIMEOUT, BODY_MIN_RATE), and none once the body is through.
+    ``tap`` sees each piece before it is sent.
     """
     if kind == BodyKind.NONE:
         return 0
@@ -292,6 +314,8 @@ async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: in
                     raise Truncated(f"body ended {left} bytes short")
                 if timer is not None:
                     deadline = _body_clock(timer, deadline, len(data))
+                if tap is not None:
+                    tap(data)
                 await send(data)
                 left -= len(data)
             return length
@@ -310,6 +334,8 @@ async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: in
                 if n < len(data):
                     src.unread(data[n:])
                     data = data[:n]
+                if tap is not None:
+                    tap(data)
                 await send(data)
                 total += n
             return total
@@ -321,6 +347,8 @@ async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: in
                 raise Truncated(f"body source failed: {exc}") from exc
             if not data:
                 return total
+            if tap is not None:
+                tap(data)
             await dst.send_all(data)
             total += len(data)
     finally:
@@ -365,7 +393,8 @@ async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: byt
                    response_filter: ResponseFilter | None = None, *,
                    upgraded_idle_timeout: float | None = None,
                    body_timer: trio.CancelScope | None = None,
-                   progress: Progress | None = None) -> tuple[Outcome, ResponseHead | None]:
+                   progress: Progress | None = None,
+                   tap: ExchangeTap | None = None) -> tuple[Outcome, ResponseHead | None]:
     """Relay one request/response exchange between ``client`` and ``upstream``.
 
     ``head`` is sent first ("" when the caller sent it already, e.g. in the stream's SYN
@@ -373,7 +402,8 @@ async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: byt
     ``upgraded_idle_timeout`` seconds without a byte either way (None: never).
     ``body_timer``: the connection's cancel scope, to bound the client's request body (see
     :func:`copy_body`).  ``progress`` (reset here) lets the caller see how far the response
-    got when the exchange is cancelled.
+    got when the exchange is cancelled.  ``tap`` sees the request body and the final response
+    (not interim heads, nor the bytes of an upgraded connection).
 
     Raises :class:`UpstreamFailed` when no response head reached the client (so the caller may
     still answer with an error page), and BadMessage(400) when the client's request body was
@@ -394,7 +424,7 @@ async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: byt
         # The common case: nothing to send while the response comes, so no second task.
         body_done = True
         try:
-            await _relay_response(client, upstream, req, response_filter, progress)
+            await _relay_response(client, upstream, req, response_filter, progress, tap)
         except UpstreamFailed:
             if not progress.sent_any:
                 raise
@@ -404,7 +434,7 @@ async def exchange(client: Reader, upstream: Reader, req: RequestHead, head: byt
     else:
         try:
             body_done = await _exchange_with_body(client, upstream, req, response_filter, progress,
-                                                  body_timer)
+                                                  body_timer, tap)
         except _ResponseBroken:
             return Outcome.ABORT, progress.resp
     resp = progress.resp
@@ -424,7 +454,7 @@ class _ResponseBroken(Exception):
 
 async def _exchange_with_body(client: Reader, upstream: Reader, req: RequestHead,
                               response_filter: ResponseFilter | None, progress: Progress,
-                              body_timer: trio.CancelScope | None) -> bool:
+                              body_timer: trio.CancelScope | None, tap: ExchangeTap | None) -> bool:
     """Stream the request body while the response is relayed; True if the body went through.
 
     Raises _ResponseBroken when the response did not complete after it began.
@@ -441,7 +471,8 @@ async def _exchange_with_body(client: Reader, upstream: Reader, req: RequestHead
         async def send_body() -> None:
             nonlocal body_done, body_error
             try:
-                await copy_body(client, upstream, req.body, req.length, body_timer)
+                await copy_body(client, upstream, req.body, req.length, body_timer,
+                                tap.request_body if tap is not None else None)
                 body_done = True
             except (Truncated, BadMessage) as exc:
                 body_error = exc
@@ -453,7 +484,7 @@ async def _exchange_with_body(client: Reader, upstream: Reader, req: RequestHead
 
         nursery.start_soon(send_body)
         try:
-            await _relay_response(client, upstream, req, response_filter, progress)
+            await _relay_response(client, upstream, req, response_filter, progress, tap)
             complete = True
         except UpstreamFailed as exc:
             failure = exc
@@ -479,7 +510,8 @@ async def _exchange_with_body(client: Reader, upstream: Reader, req: RequestHead
 
 
 async def _relay_response(client: Reader, upstream: Reader, req: RequestHead,
-                          response_filter: ResponseFilter | None, progress: Progress) -> None:
+                          response_filter: ResponseFilter | None, progress: Progress,
+                          tap: ExchangeTap | None = None) -> None:
     """Relay interim and final response heads, then the final response's body (not after 101)."""
     while True:
         try:
@@ -496,11 +528,15 @@ async def _relay_response(client: Reader, upstream: Reader, req: RequestHead,
             raise UpstreamFailed(str(exc), bad_response=True) from None
         progress.resp = resp
         out = response_filter(resp, raw) if response_filter is not None else raw
+        if tap is not None and not resp.interim:
+            tap.response_head(out)
         if not resp.interim and resp.body == BodyKind.LENGTH and resp.status != 101 \
                 and 0 < resp.length <= min(len(upstream.buf), COALESCE_BODY):
             # The whole small body is already here: one write (and one TLS record) for both.
             body = bytes(upstream.buf[:resp.length])
             del upstream.buf[:resp.length]
+            if tap is not None:
+                tap.response_body(body)
             await client.send_all(out + body)
             progress.sent_any = True
             return
@@ -509,7 +545,8 @@ async def _relay_response(client: Reader, upstream: Reader, req: RequestHead,
         if not resp.interim:
             break
     if resp.status != 101:
-        await copy_body(upstream, client, resp.body, resp.length)
+        await copy_body(upstream, client, resp.body, resp.length,
+                        tap=tap.response_body if tap is not None else None)
 
 
 class _Watched(trio.abc.HalfCloseableStream):

@@ -29,7 +29,16 @@ from tunneld.http1 import (
     set_header,
     wants_json,
 )
-from tunneld.plugin import ERROR_HEADER, AgentTunnelContext, Code, connect_tcp, lean, proto, set_nodelay
+from tunneld.plugin import (
+    ERROR_HEADER,
+    AgentTunnelContext,
+    Code,
+    ExchangeRecorder,
+    connect_tcp,
+    lean,
+    proto,
+    set_nodelay,
+)
 
 log = logging.getLogger("tunneld.http")
 
@@ -197,28 +206,37 @@ class _Upstream:
 
 
 async def _relay_request(tunnel: AgentTunnelContext, client: Reader, upstream: _Upstream, req: RequestHead,
-                         raw: bytes, response_filter: ResponseFilter = strip_error_header) -> Outcome:
-    """One request/response through the upstream; answers 502 itself when that fails."""
+                         raw: bytes, response_filter: ResponseFilter = strip_error_header,
+                         recorder: ExchangeRecorder | None = None) -> Outcome:
+    """One request/response through the upstream; answers 502 itself when that fails.
+
+    ``recorder`` (the inspector's) sees the exchange, the 502 pages included.
+    """
     head_only = req.method == b"HEAD"
+
+    async def answer(page: bytes) -> None:
+        if recorder is not None:
+            recorder.response_head(page)
+        await client.send_all(page)
+
     for attempt in (1, 2):
         try:
             reader, fresh = await upstream.get()
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, reason)
-            await client.send_all(error_response(
+            await answer(error_response(
                 502, Code.UPSTREAM_UNREACHABLE, f"tunneld agent could not reach {tunnel.upstream}: {reason}",
                 json_body=wants_json(req.headers), head_only=head_only))
             return Outcome.CLOSE
         try:
-            outcome, _resp = await exchange(client, reader, req, raw, response_filter)
+            outcome, _resp = await exchange(client, reader, req, raw, response_filter, tap=recorder)
         except UpstreamFailed as exc:
             await upstream.drop()
             if attempt == 1 and not fresh and _replayable(req, exc):
                 continue  # a reused connection closed under us before answering: retry once
             code = Code.BAD_UPSTREAM_RESPONSE if exc.bad_response else Code.UPSTREAM_UNREACHABLE
-            await client.send_all(error_response(502, code, f"upstream {tunnel.upstream}: {exc}",
-                                                 head_only=head_only))
+            await answer(error_response(502, code, f"upstream {tunnel.upstream}: {exc}", head_only=head_only))
             return Outcome.CLOSE
         except BadMessage:
             # The request body from the edge was malformed or cut short: the upstream got part
@@ -260,14 +278,18 @@ async def serve_http_stream(tunnel: AgentTunnelContext, stream: trio.abc.HalfClo
             except BadMessage as exc:
                 await client.send_all(error_response(exc.status, Code.BAD_REQUEST, str(exc)))
                 return
+            # The inspector records the request as the public client sent it (before --host-header).
+            recorder = tunnel.record_http(header, raw)
             response_filter: ResponseFilter = strip_error_header
             if host is not None:
                 raw = set_header(raw, b"Host", host)
                 response_filter = location_rewriter(host, req)
             try:
-                outcome = await _relay_request(tunnel, client, upstream, req, raw, response_filter)
+                outcome = await _relay_request(tunnel, client, upstream, req, raw, response_filter, recorder)
             finally:
                 tunnel.request_done(time.monotonic() - started)
+                if recorder is not None:
+                    recorder.finish()
             if outcome is not Outcome.KEEP:
                 return
     except BadMessage as exc:
