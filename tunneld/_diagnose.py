@@ -314,8 +314,7 @@ def diagnose(config_paths: tuple[Path, ...], server_addr: str | None, root_cas: 
     from .core import ConfigError
     from .core._commands import ENV_AUTHTOKEN, ENV_ROOT_CAS, ENV_SERVER_ADDR
     from .core._config import load_agent_config, split_config_paths
-    from .core._util import split_host_port
-    from .core._websocket import is_websocket_url, parse_websocket_url
+    from .core._websocket import check_server_addr
 
     try:
         cfg = load_agent_config(split_config_paths(config_paths))
@@ -326,10 +325,7 @@ def diagnose(config_paths: tuple[Path, ...], server_addr: str | None, root_cas: 
     cfg.server_addr = server_addr or os.environ.get(ENV_SERVER_ADDR) or cfg.server_addr
     cfg.root_cas = root_cas or os.environ.get(ENV_ROOT_CAS) or cfg.root_cas
     try:
-        if is_websocket_url(cfg.server_addr):
-            parse_websocket_url(cfg.server_addr)
-        else:
-            split_host_port(cfg.server_addr, default_port=443)
+        check_server_addr(cfg.server_addr)
     except ValueError as exc:
         click.echo(f"tunneld: error: server_addr {cfg.server_addr}: {exc}", err=True)
         sys.exit(1)

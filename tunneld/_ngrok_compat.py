@@ -160,8 +160,7 @@ def start(names: tuple[str, ...], all_: bool, none_: bool, authtoken: str | None
     """Start tunnels or endpoints of the config files by NAME (or --all, or --none)."""
     from .core import ConfigError
     from .core._commands import ENV_AUTHTOKEN, ENV_ROOT_CAS, ENV_SERVER_ADDR
-    from .core._util import split_host_port
-    from .core._websocket import is_websocket_url, parse_websocket_url
+    from .core._websocket import check_server_addr
 
     try:
         cfg = load_config(config_paths(_with_global(configs)), region)
@@ -174,10 +173,7 @@ def start(names: tuple[str, ...], all_: bool, none_: bool, authtoken: str | None
     cfg.server_addr = os.environ.get(ENV_SERVER_ADDR) or cfg.server_addr
     cfg.root_cas = os.environ.get(ENV_ROOT_CAS) or cfg.root_cas
     try:
-        if is_websocket_url(cfg.server_addr):
-            parse_websocket_url(cfg.server_addr)
-        else:
-            split_host_port(cfg.server_addr, default_port=443)
+        check_server_addr(cfg.server_addr)
     except ValueError as exc:
         _fail(f"server_addr {cfg.server_addr}: {exc}", log_target)
     if cfg.root_cas not in ("", "host", "trusted") and not Path(os.path.expanduser(cfg.root_cas)).is_file():

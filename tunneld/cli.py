@@ -406,14 +406,10 @@ def _agent_config(config_path: Any, authtoken: str | None, server_addr: str | No
         resolve_region(cfg, region)
     except ConfigError as exc:
         _fail(str(exc))
-    from .core._util import split_host_port
-    from .core._websocket import is_websocket_url, parse_websocket_url
+    from .core._websocket import check_server_addr
 
     try:
-        if is_websocket_url(cfg.server_addr):
-            parse_websocket_url(cfg.server_addr)
-        else:
-            split_host_port(cfg.server_addr, default_port=443)
+        check_server_addr(cfg.server_addr)
     except ValueError as exc:
         _fail(f"--server-addr {cfg.server_addr}: {exc}")
     cfg.root_cas = root_cas or os.environ.get(ENV_ROOT_CAS) or cfg.root_cas

@@ -46,6 +46,16 @@ def parse_websocket_url(url: str) -> tuple[str, int, str]:
     return parts.hostname, port, resource
 
 
+def check_server_addr(server_addr: str) -> None:
+    """ValueError unless ``server_addr`` is ``HOST[:PORT]`` (443 implied) or a ``wss://`` URL."""
+    from ._util import split_host_port
+
+    if is_websocket_url(server_addr):
+        parse_websocket_url(server_addr)
+    else:
+        split_host_port(server_addr, default_port=443)
+
+
 class WebSocketStream(trio.abc.Stream):
     """A byte stream over a WebSocket connection's binary messages."""
 
