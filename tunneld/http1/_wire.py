@@ -281,6 +281,10 @@ def _target_authority(method: bytes, target: bytes) -> bytes | None:
     return authority
 
 
+_CL_KEY = b"\r\ncontent-length:"
+_HOST_KEY = b"\r\nhost:"
+
+
 def _framing(raw: bytes, lower: bytes, *, request: bool, http10: bool) -> tuple[int, int]:
     """The body framing of RFC 9112 §6.3; BadMessage(400) for any ambiguity (callers remap)."""
     has_te = b"\r\ntransfer-encoding:" in lower
@@ -316,10 +320,15 @@ def _framing(raw: bytes, lower: bytes, *, request: bool, http10: bool) -> tuple[
             raise BadMessage("request Transfer-Encoding is not chunked")
         return BodyKind.UNTIL_CLOSE, 0
     if has_cl:
-        values = _values(raw, lower, b"content-length")
-        text = values[-1]
-        if any(v != text for v in values):
-            raise BadMessage("conflicting Content-Length headers")
+        # One Content-Length line (nearly always) is read in place; several must all agree.
+        start = lower.find(_CL_KEY) + len(_CL_KEY)
+        end = lower.find(b"\r\n", start)
+        text = raw[start:end].strip(b" \t")
+        if lower.find(_CL_KEY, end) >= 0:
+            values = _values(raw, lower, b"content-length")
+            text = values[-1]
+            if any(v != text for v in values):
+                raise BadMessage("conflicting Content-Length headers")
         # isdigit() on bytes is ASCII only: no sign, space, underscore or comma list.
         if not text.isdigit() or len(text) > 18:
             raise BadMessage("malformed Content-Length")
@@ -362,11 +371,13 @@ def parse_request_head(head: bytes) -> RequestHead:
     else:
         authority = _target_authority(method, target)
     lower = head.lower()
-    hosts = _values(head, lower, b"host") if b"\r\nhost:" in lower else []
-    if len(hosts) > 1:
-        raise BadMessage("more than one Host header")
-    if hosts:
-        host = hosts[0]
+    i = lower.find(_HOST_KEY)
+    if i >= 0:
+        start = i + len(_HOST_KEY)
+        end = lower.find(b"\r\n", start)
+        if lower.find(_HOST_KEY, end) >= 0:
+            raise BadMessage("more than one Host header")
+        host = head[start:end].strip(b" \t")
         if host:  # empty is allowed: RFC 9112 §3.2, for targets without an authority
             _check_host(host, "Host header")
     elif version == "1.1":

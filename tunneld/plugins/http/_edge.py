@@ -31,6 +31,7 @@ from tunneld.plugin import Code, EdgeContext, SessionContext, TunnelInfo, Tunnel
 from tunneld.tlsutil import accept_tls
 
 from ._auth import BasicAuth, challenge_headers
+from ._timers import CoarseTimers
 
 log = logging.getLogger("tunneld.http")
 
@@ -140,11 +141,14 @@ class HttpIngress:
     """The edge's public HTTP and HTTPS listeners."""
 
     edge: EdgeContext
+    #: The idle and head timeouts of every public connection (see ``_timers``).
+    timers: CoarseTimers = attrs.field(factory=CoarseTimers)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         edge = self.edge
         http_addr, https_addr = edge.listen_addr("http"), edge.listen_addr("https")
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.timers.run)
             if http_addr is not None:
                 listeners = await self.edge.open_public_listeners("http", "--http-addr", http_addr)
                 await nursery.start(self.edge.serve_public, self._serve_http, listeners)
@@ -183,6 +187,9 @@ class HttpIngress:
         # read, see _relay.copy_body), then none while the response is relayed.
         # (A cancel scope per request and phase cost about a tenth of the edge's CPU.)
         timer = trio.CancelScope()
+        # The idle and head deadlines are kept by the ingress's coarse timers (when running:
+        # always, but in tests that drive this method alone); the request body's by ``timer``.
+        timers = self.timers if self.timers.running else None
         phase = _HEAD
         idle_armed = False
         progress = Progress()
@@ -198,7 +205,10 @@ class HttpIngress:
                         if not idle_armed:
                             idle_armed = True
                             phase = _IDLE
-                            timer.deadline = trio.current_time() + IDLE_TIMEOUT
+                            if timers is not None:
+                                timers.arm(timer, trio.current_time() + IDLE_TIMEOUT)
+                            else:
+                                timer.deadline = trio.current_time() + IDLE_TIMEOUT
                         data = await client.stream.receive_some(HEAD_READ)
                         if not data:
                             return
@@ -208,16 +218,24 @@ class HttpIngress:
                     started = time.monotonic()
                     idle_armed = False
                     if not client.head_buffered():
-                        timer.deadline = trio.current_time() + HEAD_TIMEOUT
+                        if timers is not None:
+                            timers.arm(timer, trio.current_time() + HEAD_TIMEOUT)
+                        else:
+                            timer.deadline = trio.current_time() + HEAD_TIMEOUT
                         phase = _HEAD
                     try:
                         raw = await client.read_head()
                         phase = _EXCHANGE
-                        timer.deadline = math.inf
+                        if timers is not None:
+                            timers.disarm(timer)
+                        else:
+                            timer.deadline = math.inf
                         if raw is None:
                             return
                         req = parse_request_head(raw)
                     except BadMessage as exc:
+                        if timers is not None:
+                            timers.disarm(timer)
                         timer.deadline = math.inf
                         await _send_bad_message(client, exc)
                         return
@@ -291,6 +309,8 @@ class HttpIngress:
             aborted = phase == _EXCHANGE
             raise
         finally:
+            if timers is not None:
+                timers.forget(timer)
             # Nothing awaits before the aborts: in a cancelled scope the first await raises.
             if aborted:
                 abort(client)

@@ -1,0 +1,81 @@
+"""The log handlers: access lines are buffered briefly, everything else is written at once.
+
+The edge writes one access line per proxied request; flushing each was a ``write`` system call
+on the hot path.  What must not change: a line a wrapper waits for (``started tunnel``) or a
+warning is out at once, and an access line never waits longer than ``ACCESS_FLUSH_DELAY``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tunneld import _logging
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "edge.log"
+    _logging.setup_logging(str(path), "logfmt", "info")
+    try:
+        yield path
+    finally:
+        root = logging.getLogger("tunneld")
+        for handler in root.handlers:
+            handler.close()
+        root.handlers.clear()
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def test_access_lines_reach_the_file_within_the_flush_delay(log_file: Path) -> None:
+    access = logging.getLogger("tunneld.access")
+    for i in range(50):
+        access.info("client=127.0.0.1:%d host=a tunnel=- method=GET path=\"/\" status=200", 1000 + i)
+    deadline = time.monotonic() + 5
+    while len(_lines(log_file)) < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = _lines(log_file)
+    assert len(lines) == 50, "buffered access lines were not flushed by the background flusher"
+    assert 'msg="client=127.0.0.1:1000 ' in lines[0] and "obj=access" in lines[0]
+    # Nothing is lost or reordered.
+    assert [line.split("client=127.0.0.1:")[1][:4] for line in lines] == [str(1000 + i) for i in range(50)]
+
+
+def test_other_records_are_written_at_once_with_the_access_lines_before_them(log_file: Path) -> None:
+    logging.getLogger("tunneld.access").info("client=127.0.0.1:1 status=200")
+    logging.getLogger("tunneld.tunnels").info("started tunnel")
+    # Read without waiting: both are out, in order, as soon as the second call returned.
+    lines = _lines(log_file)
+    assert len(lines) == 2
+    assert "client=127.0.0.1:1" in lines[0] and 'msg="started tunnel"' in lines[1]
+
+
+def test_an_access_warning_is_not_held_back(log_file: Path) -> None:
+    logging.getLogger("tunneld.access").warning("client=127.0.0.1:1 refused")
+    assert "lvl=warn" in _lines(log_file)[0]
+
+
+def test_timestamps_follow_the_clock(log_file: Path) -> None:
+    record = logging.LogRecord("tunneld.x", logging.INFO, "", 0, "m", None, None)
+    fmt = _logging.LogfmtFormatter()
+    record.created = 0.0
+    first = fmt.format(record)
+    record.created = 86400.5
+    second = fmt.format(record)
+    assert first.split()[0] == "t=" + time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(0))
+    assert second.split()[0] == "t=" + time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(86400))
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("plain", "plain"), ("", '""'), ("a b", '"a b"'), ('a"b', '"a\\"b"'), ("a=b", '"a=b"'),
+    ("a\\b", '"a\\\\b"'), ("a\nb", '"a\\nb"'), (42, "42"),
+])
+def test_logfmt_values_are_quoted_when_they_must_be(value: object, expected: str) -> None:
+    assert _logging._logfmt_value(value) == expected
