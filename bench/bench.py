@@ -6,11 +6,12 @@
 
 One run starts, as separate processes on 127.0.0.1 only (never a system service):
 
-* a dev-mode edge (``tunneld edge --dev``) with a throwaway data dir;
+* a dev-mode edge (``tunneld edge --dev``) with a throwaway data dir, writing its access log to a
+  file as users run it (``--stripped``: no access log, and agents without local API/inspector);
 * a Python bulk upstream (TCP source/sink + minimal HTTP/1.1 server) and a private nginx (own
   config in the temp dir, 1 worker) serving small static files;
 * four agents: ``tunneld tcp`` and ``tunneld http`` to the bulk upstream, ``tunneld http`` and
-  ``tunneld tcp`` to nginx;
+  ``tunneld tcp`` to nginx, each with its local API and inspector on (capture included);
 * a private sshd (own config, throwaway host/user keys, ``GatewayPorts no``, ``PermitListen``
   limited to its loopback ports) and one ``ssh -N -R`` client forwarding three loopback ports to
   the bulk TCP upstream, the bulk HTTP upstream and nginx.
