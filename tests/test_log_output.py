@@ -7,6 +7,7 @@ warning is out at once, and an access line never waits longer than ``ACCESS_FLUS
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -79,3 +80,57 @@ def test_timestamps_follow_the_clock(log_file: Path) -> None:
 ])
 def test_logfmt_values_are_quoted_when_they_must_be(value: object, expected: str) -> None:
     assert _logging._logfmt_value(value) == expected
+
+
+@pytest.mark.parametrize("fmt", ["term", "logfmt", "json"])
+def test_the_access_shortcut_writes_what_the_logger_would(tmp_path: Path, fmt: str) -> None:
+    """``write_access`` skips the LogRecord, not a byte of the line."""
+    path = tmp_path / f"{fmt}.log"
+    _logging.setup_logging(str(path), fmt, "info")
+    access = logging.getLogger("tunneld.access")
+    message = 'client=127.0.0.1:9 host=a.example tunnel=tn_1 method=GET path="/a b=c\\\\" status=200'
+    try:
+        access.info("%s", message)
+        assert _logging.write_access(message)
+        logging.getLogger("tunneld").warning("flush")  # writes the buffered access lines out
+        via_logger, via_shortcut = _lines(path)[:2]
+    finally:
+        for handler in logging.getLogger("tunneld").handlers:
+            handler.close()
+        logging.getLogger("tunneld").handlers.clear()
+    # The two may straddle a second: compare with the timestamps masked out.
+    if fmt == "json":
+        assert {**json.loads(via_logger), "t": 0} == {**json.loads(via_shortcut), "t": 0}
+    else:
+        assert via_logger.split(" ", 1)[1] == via_shortcut.split(" ", 1)[1]
+
+
+def test_the_access_shortcut_steps_aside_for_other_handlers(log_file: Path) -> None:
+    access = logging.getLogger("tunneld.access")
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    access.addHandler(keep)
+    try:
+        assert not _logging.write_access("client=1")  # the caller logs it the ordinary way
+    finally:
+        access.removeHandler(keep)
+    assert _logging.write_access("client=2")
+    root = logging.getLogger("tunneld")
+    root.addFilter(lambda record: True)
+    try:
+        assert not _logging.write_access("client=3")
+    finally:
+        root.filters.clear()
+
+
+def test_no_shortcut_when_logging_is_off(tmp_path: Path) -> None:
+    _logging.setup_logging("false", "logfmt", "info")
+    try:
+        assert not _logging.write_access("client=1")
+    finally:
+        logging.getLogger("tunneld").handlers.clear()

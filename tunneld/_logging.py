@@ -66,6 +66,10 @@ def _logfmt_value(value: Any) -> str:
 
 
 class LogfmtFormatter(logging.Formatter):
+    def access_line(self, msg: str, created: float) -> str:
+        """What :meth:`format` gives for an INFO record of ``tunneld.access`` (no extras)."""
+        return f"t={_iso_second(created)} lvl=info msg={_logfmt_value(msg)} obj=access"
+
     def format(self, record: logging.LogRecord) -> str:
         msg, fields = _fields(record)
         parts = [f"t={_timestamp(record)}", f"lvl={_LEVELS.get(record.levelname, 'info')}",
@@ -77,6 +81,11 @@ class LogfmtFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    def access_line(self, msg: str, created: float) -> str:
+        """What :meth:`format` gives for an INFO record of ``tunneld.access`` (no extras)."""
+        obj = {"t": _iso_second(created), "lvl": "info", "msg": msg, "obj": "access"}
+        return json.dumps(obj, default=str)
+
     def format(self, record: logging.LogRecord) -> str:
         msg, fields = _fields(record)
         obj = {"t": _timestamp(record), "lvl": _LEVELS.get(record.levelname, "info"), "msg": msg, **fields}
@@ -86,6 +95,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class TermFormatter(logging.Formatter):
+    def access_line(self, msg: str, created: float) -> str:
+        """What :meth:`format` gives for an INFO record of ``tunneld.access`` (no extras)."""
+        return f"{_clock_second(created)} INFO    {ACCESS_LOGGER}: {msg}"
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = _clock_second(record.created)
         text = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
@@ -122,20 +135,40 @@ class _DeferredFlush:
     def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = self.format(record)  # type: ignore[attr-defined]
-            stream = self.stream
-            stream.write(msg + self.terminator)
+            self.stream.write(msg + self.terminator)
             if record.name != ACCESS_LOGGER or record.levelno > logging.INFO:
                 self.flush()  # type: ignore[attr-defined]
-            elif not self._dirty:
-                self._dirty = True
-                self._last_flush = time.monotonic()
-                self._start_flusher()
-            elif time.monotonic() - self._last_flush >= ACCESS_FLUSH_DELAY:
-                self.flush()  # type: ignore[attr-defined]
+            else:
+                self._wrote_access()
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)  # type: ignore[attr-defined]
+
+    def write_access(self, msg: str) -> None:
+        """Write one INFO line of ``tunneld.access`` as :meth:`emit` would, without a record.
+
+        A LogRecord and the logger's dispatch cost more than formatting and writing the line
+        (the edge writes one per proxied request); :func:`write_access` decides when this
+        shortcut gives the same output.
+        """
+        line = self.formatter.access_line(msg, time.time())  # type: ignore[attr-defined]
+        self.acquire()  # type: ignore[attr-defined]
+        try:
+            self.stream.write(line + self.terminator)
+            self._wrote_access()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": msg}))  # type: ignore[attr-defined]
+        finally:
+            self.release()  # type: ignore[attr-defined]
+
+    def _wrote_access(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            self._last_flush = time.monotonic()
+            self._start_flusher()
+        elif time.monotonic() - self._last_flush >= ACCESS_FLUSH_DELAY:
+            self.flush()  # type: ignore[attr-defined]
 
     def _start_flusher(self) -> None:
         if self._flusher is None:
@@ -178,6 +211,31 @@ class DeferredFlushFileHandler(_DeferredFlush, logging.FileHandler):
     def flush(self) -> None:
         self._flushed()
         logging.FileHandler.flush(self)
+
+
+_root = logging.getLogger("tunneld")
+_access = logging.getLogger(ACCESS_LOGGER)
+#: The handler :func:`setup_logging` installed, when it is one of ours.
+_installed: _DeferredFlush | None = None
+
+
+def write_access(msg: str) -> bool:
+    """Write an access line straight through the handler :func:`setup_logging` installed.
+
+    Returns False, writing nothing, unless that gives exactly what ``access_log.info(msg)``
+    would: the handler is still the only one, with tunneld's formatter, and no logger or
+    handler on the way has a filter (tests and embedders that attach their own handlers get
+    ordinary records).  The caller has checked that INFO is enabled.
+    """
+    handler = _installed
+    if handler is None or _access.handlers or _access.filters or not _access.propagate:
+        return False
+    handlers = _root.handlers
+    if len(handlers) != 1 or handlers[0] is not handler or _root.filters \
+            or handler.filters or handler.level > logging.INFO:  # type: ignore[attr-defined]
+        return False
+    handler.write_access(msg)
+    return True
 
 
 def _lean_records() -> None:
@@ -227,3 +285,5 @@ def setup_logging(target: str, fmt: str, level: str) -> None:
         raise ValueError(f"--log-format: unknown format {fmt!r} (term, logfmt, json)")
     handler.setFormatter(formatter)
     root.addHandler(handler)
+    global _installed
+    _installed = handler if isinstance(handler, _DeferredFlush) else None

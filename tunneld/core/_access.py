@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 
+from .._logging import write_access
 from ._forward import ByteCounts
 
 access_log = logging.getLogger("tunneld.access")
@@ -35,8 +36,8 @@ def log_connection(*, client: str, proto: str, result: str, started: float, host
     if not access_log.isEnabledFor(logging.INFO):
         return
     bytes_in, bytes_out = (counts.a_to_b, counts.b_to_a) if counts is not None else (0, 0)
-    access_log.info(
-        "client=%s proto=%s host=%s tunnel=%s url=%s result=%s bytes_in=%d bytes_out=%d duration_ms=%.1f",
-        client, proto, host or "-", tunnel_id or "-", url or "-", result, bytes_in, bytes_out,
-        (time.monotonic() - started) * 1000,
-    )
+    line = (f"client={client} proto={proto} host={host or '-'} tunnel={tunnel_id or '-'} url={url or '-'} "
+            f"result={result} bytes_in={bytes_in:d} bytes_out={bytes_out:d} "
+            f"duration_ms={(time.monotonic() - started) * 1000:.1f}")
+    if not write_access(line):
+        access_log.info("%s", line)
