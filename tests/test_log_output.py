@@ -18,17 +18,26 @@ import pytest
 from tunneld import _logging
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """setup_logging reconfigures the process-wide ``tunneld`` logger: put it back as it was, or
+    later tests' caplog sees nothing (records stop at ``tunneld``, or its level is CRITICAL+1)."""
+    root = logging.getLogger("tunneld")
+    saved = (root.handlers[:], root.level, root.propagate, root.filters[:], _logging._installed)
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:], root.level, root.propagate, root.filters[:], _logging._installed = saved
+
+
 @pytest.fixture
 def log_file(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "edge.log"
     _logging.setup_logging(str(path), "logfmt", "info")
-    try:
-        yield path
-    finally:
-        root = logging.getLogger("tunneld")
-        for handler in root.handlers:
-            handler.close()
-        root.handlers.clear()
+    yield path
 
 
 def _lines(path: Path) -> list[str]:
@@ -130,7 +139,10 @@ def test_the_access_shortcut_steps_aside_for_other_handlers(log_file: Path) -> N
 
 def test_no_shortcut_when_logging_is_off(tmp_path: Path) -> None:
     _logging.setup_logging("false", "logfmt", "info")
-    try:
-        assert not _logging.write_access("client=1")
-    finally:
-        logging.getLogger("tunneld").handlers.clear()
+    assert not _logging.write_access("client=1")
+
+
+def test_no_shortcut_when_records_propagate_further(log_file: Path) -> None:
+    root = logging.getLogger("tunneld")
+    root.propagate = True  # e.g. pytest's caplog, or an embedder's root handler, listening above
+    assert not _logging.write_access("client=1")

@@ -113,8 +113,8 @@ ACCESS_LOGGER = "tunneld.access"
 ACCESS_FLUSH_DELAY = 0.25
 
 
-class _DeferredFlush:
-    """The part of :class:`DeferredFlushHandler` shared by its stream and file flavours.
+class _DeferredFlush(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that lets access lines wait up to :data:`ACCESS_FLUSH_DELAY` seconds.
 
     Access lines (one per proxied request) are written to the stream's buffer and flushed at
     most every :data:`ACCESS_FLUSH_DELAY` seconds, by the next line or by a daemon thread; every
@@ -122,9 +122,6 @@ class _DeferredFlush:
     errors) is flushed at once, with whatever access lines were waiting before it.  Flushing
     every access line cost a ``write`` system call per request on the edge's hot path.
     """
-
-    stream: TextIO
-    terminator: str
 
     def _init_deferred(self) -> None:
         self._dirty = False
@@ -134,16 +131,16 @@ class _DeferredFlush:
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            msg = self.format(record)  # type: ignore[attr-defined]
+            msg = self.format(record)
             self.stream.write(msg + self.terminator)
             if record.name != ACCESS_LOGGER or record.levelno > logging.INFO:
-                self.flush()  # type: ignore[attr-defined]
+                self.flush()
             else:
                 self._wrote_access()
         except RecursionError:
             raise
         except Exception:
-            self.handleError(record)  # type: ignore[attr-defined]
+            self.handleError(record)
 
     def write_access(self, msg: str) -> None:
         """Write one INFO line of ``tunneld.access`` as :meth:`emit` would, without a record.
@@ -152,15 +149,16 @@ class _DeferredFlush:
         (the edge writes one per proxied request); :func:`write_access` decides when this
         shortcut gives the same output.
         """
-        line = self.formatter.access_line(msg, time.time())  # type: ignore[attr-defined]
-        self.acquire()  # type: ignore[attr-defined]
+        formatter: Any = self.formatter
+        line = formatter.access_line(msg, time.time())
+        self.acquire()
         try:
             self.stream.write(line + self.terminator)
             self._wrote_access()
         except Exception:
-            self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": msg}))  # type: ignore[attr-defined]
+            self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": msg}))
         finally:
-            self.release()  # type: ignore[attr-defined]
+            self.release()
 
     def _wrote_access(self) -> None:
         if not self._dirty:
@@ -168,7 +166,7 @@ class _DeferredFlush:
             self._last_flush = time.monotonic()
             self._start_flusher()
         elif time.monotonic() - self._last_flush >= ACCESS_FLUSH_DELAY:
-            self.flush()  # type: ignore[attr-defined]
+            self.flush()
 
     def _start_flusher(self) -> None:
         if self._flusher is None:
@@ -182,35 +180,28 @@ class _DeferredFlush:
             self._wake.clear()
             time.sleep(ACCESS_FLUSH_DELAY)
             if self._dirty:
-                self.flush()  # type: ignore[attr-defined]
-
-    def _flushed(self) -> None:
-        self._dirty = False
-        self._last_flush = time.monotonic()
-
-
-class DeferredFlushHandler(_DeferredFlush, logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that lets access lines wait up to :data:`ACCESS_FLUSH_DELAY` seconds."""
-
-    def __init__(self, stream: TextIO) -> None:
-        logging.StreamHandler.__init__(self, stream)
-        self._init_deferred()
+                self.flush()
 
     def flush(self) -> None:
-        self._flushed()
-        logging.StreamHandler.flush(self)
+        self._dirty = False
+        self._last_flush = time.monotonic()
+        super().flush()
+
+
+class DeferredFlushHandler(_DeferredFlush):
+    """:class:`_DeferredFlush` on a stream (stdout, stderr)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._init_deferred()
 
 
 class DeferredFlushFileHandler(_DeferredFlush, logging.FileHandler):
-    """A file handler that lets access lines wait up to :data:`ACCESS_FLUSH_DELAY` seconds."""
+    """:class:`_DeferredFlush` on a file, opened at once (``FileHandler`` with ``delay=False``)."""
 
     def __init__(self, path: str) -> None:
         logging.FileHandler.__init__(self, path, encoding="utf-8")
         self._init_deferred()
-
-    def flush(self) -> None:
-        self._flushed()
-        logging.FileHandler.flush(self)
 
 
 _root = logging.getLogger("tunneld")
@@ -223,16 +214,17 @@ def write_access(msg: str) -> bool:
     """Write an access line straight through the handler :func:`setup_logging` installed.
 
     Returns False, writing nothing, unless that gives exactly what ``access_log.info(msg)``
-    would: the handler is still the only one, with tunneld's formatter, and no logger or
-    handler on the way has a filter (tests and embedders that attach their own handlers get
-    ordinary records).  The caller has checked that INFO is enabled.
+    would: the handler is still the only one, with tunneld's formatter, records stop there (no
+    propagation past ``tunneld``), and no logger or handler on the way has a filter (tests and
+    embedders that attach their own handlers get ordinary records).  The caller has checked
+    that INFO is enabled.
     """
     handler = _installed
-    if handler is None or _access.handlers or _access.filters or not _access.propagate:
+    if handler is None or _access.handlers or _access.filters or not _access.propagate or _root.propagate:
         return False
     handlers = _root.handlers
     if len(handlers) != 1 or handlers[0] is not handler or _root.filters \
-            or handler.filters or handler.level > logging.INFO:  # type: ignore[attr-defined]
+            or handler.filters or handler.level > logging.INFO:
         return False
     handler.write_access(msg)
     return True
@@ -244,7 +236,7 @@ def _lean_records() -> None:
     Finding the caller walks the stack for every record (a quarter of an access line's cost);
     the thread, process and task names are never printed either.
     """
-    logging._srcfile = None  # type: ignore[attr-defined]  # documented switch: no findCaller()
+    logging._srcfile = None  # documented switch: no findCaller()
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

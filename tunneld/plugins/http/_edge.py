@@ -147,15 +147,18 @@ class HttpIngress:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         edge = self.edge
         http_addr, https_addr = edge.listen_addr("http"), edge.listen_addr("https")
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.timers.run)
-            if http_addr is not None:
-                listeners = await self.edge.open_public_listeners("http", "--http-addr", http_addr)
-                await nursery.start(self.edge.serve_public, self._serve_http, listeners)
-            if https_addr is not None:
-                listeners = await self.edge.open_public_listeners("https", "--https-addr", https_addr)
-                await nursery.start(self.edge.serve_public, self._serve_https, listeners)
-            task_status.started()
+        async with trio.open_nursery() as timing:
+            await timing.start(self.timers.run)
+            async with trio.open_nursery() as nursery:
+                if http_addr is not None:
+                    listeners = await self.edge.open_public_listeners("http", "--http-addr", http_addr)
+                    await nursery.start(self.edge.serve_public, self._serve_http, listeners)
+                if https_addr is not None:
+                    listeners = await self.edge.open_public_listeners("https", "--https-addr", https_addr)
+                    await nursery.start(self.edge.serve_public, self._serve_https, listeners)
+                task_status.started()
+            # The listeners have stopped and their connections are done: so are the timers.
+            timing.cancel_scope.cancel()
 
     async def _serve_http(self, stream: trio.SocketStream) -> None:
         await self.serve_connection(lean(stream), "http", peer_addr(stream))
