@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from tunneld.core._errors import TunneldError as TunneldError
     from tunneld.core._errors import TunnelRejected as TunnelRejected
     from tunneld.core._forward import CHUNK as CHUNK
+    from tunneld.core._forward import RELAY_CHUNK as RELAY_CHUNK
     from tunneld.core._forward import ByteCounts as ByteCounts
     from tunneld.core._forward import forward as forward
     from tunneld.core._lean import lean as lean
@@ -127,6 +128,7 @@ _EXPORTS: dict[str, str] = {
     "forward": "tunneld.core._forward",
     "ByteCounts": "tunneld.core._forward",
     "CHUNK": "tunneld.core._forward",
+    "RELAY_CHUNK": "tunneld.core._forward",
     "lean": "tunneld.core._lean",
     "PrefixedStream": "tunneld.core._streams",
     "connect_tcp": "tunneld.core._util",

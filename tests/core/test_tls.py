@@ -18,6 +18,7 @@ import trustme
 from OpenSSL import SSL
 
 from tunneld.core._tls import (
+    MAX_RECEIVE,
     BulkTLSStream,
     accept_tls,
     client_context,
@@ -185,7 +186,7 @@ async def test_bulk_64mib_each_way_concurrently(listener: trio.SocketListener, p
             while got < size:
                 chunk = await stream.receive_some()
                 assert chunk
-                assert len(chunk) <= 256 * 1024
+                assert len(chunk) <= MAX_RECEIVE
                 sizes[stream].append(len(chunk))
                 h.update(chunk)
                 got += len(chunk)

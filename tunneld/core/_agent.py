@@ -64,7 +64,7 @@ from ._plugins import build_registry, get_plugin_manager
 from ._remote import Op, RemoteCommandReceived, remote_error
 from ._rpc import call, read_message, reply
 from ._streams import PrefixedStream
-from ._tls import client_context, open_tls_client
+from ._tls import BulkTLSStream, client_context
 from ._tunnel import AgentTunnelContext, TunnelType, TunnelTypeRegistry
 from ._util import connect_tcp, set_nodelay, split_host_port
 from ._websocket import connect_websocket, is_websocket_url
@@ -75,6 +75,12 @@ log = logging.getLogger("tunneld.agent")
 WANT_WINDOW = 4 * 1024 * 1024
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
+#: Seconds to reach the edge (TCP connect).
+CONNECT_TIMEOUT = 10.0
+#: Seconds the TLS handshake may take once connected.  An edge that many agents reach at once
+#: queues their handshakes (admission control) and answers each in turn: waiting beats giving
+#: up and coming back at the end of the queue (10,000 agents at once: 35,000 retries at 10 s).
+TLS_TIMEOUT = 60.0
 #: A session online this long resets the backoff to BACKOFF_MIN.
 ONLINE_RESET = 2.0
 
@@ -125,7 +131,12 @@ class EWMA:
         self._last_tick = self.clock()
 
     def mark(self, n: int = 1) -> None:
-        self._advance()
+        self.mark_at(self.clock(), n)
+
+    def mark_at(self, now: float, n: int = 1) -> None:
+        """:meth:`mark` with the clock already read (one read for a tunnel's three rates)."""
+        if now - self._last_tick >= EWMA_TICK:
+            self._advance()
         self._uncounted += n
 
     def value(self) -> float:
@@ -204,9 +215,10 @@ class Metrics:
     def conn_opened(self, client_addr: str = "") -> ConnectionRecord:
         self.conns_count += 1
         self.conns_gauge += 1
+        now = self.clock()
         for rate in self._conn_rates:
-            rate.mark()
-        record = ConnectionRecord(client_addr, started=self.clock())
+            rate.mark_at(now)
+        record = ConnectionRecord(client_addr, started=now)
         self.recent.append(record)
         return record
 
@@ -218,8 +230,9 @@ class Metrics:
 
     def request_done(self, seconds: float) -> None:
         self.http_count += 1
+        now = self.clock()
         for rate in self._req_rates:
-            rate.mark()
+            rate.mark_at(now)
         self._req_durations.append(seconds)
 
     def as_json(self) -> dict[str, Any]:
@@ -429,7 +442,7 @@ class Agent:
                     carrier: trio.abc.Stream = await connect_websocket(nursery, self.config.server_addr, ctx)
                 else:
                     host, port = split_host_port(self.config.server_addr, default_port=443)
-                    carrier = await open_tls_client(host.strip("[]"), port, ctx)
+                    carrier = await open_edge_tls(host.strip("[]"), port, ctx)
             except trio.BrokenResourceError as exc:
                 problem = _certificate_problem(exc, self.config.server_addr, root)
                 if problem is None:
@@ -825,6 +838,26 @@ class Agent:
             await tunnel.type.agent_handle(tunnel.context, PrefixedStream(stream, leftover), header)
         finally:
             tunnel.metrics.conn_closed(record)
+
+
+async def open_edge_tcp(host: str, port: int) -> trio.SocketStream:
+    """The TCP connection to the edge (``bench/many_agents.py`` replaces it to spread sources)."""
+    with trio.fail_after(CONNECT_TIMEOUT):
+        return await trio.open_tcp_stream(host, port)
+
+
+async def open_edge_tls(host: str, port: int, context: Any) -> BulkTLSStream:
+    """Connect to the edge within CONNECT_TIMEOUT, then handshake within TLS_TIMEOUT."""
+    tcp = await open_edge_tcp(host, port)
+    try:
+        set_nodelay(tcp)
+        stream = BulkTLSStream(tcp, context, server_side=False, server_hostname=host)
+        with trio.fail_after(TLS_TIMEOUT):
+            await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return stream
 
 
 def _transient(group: BaseExceptionGroup[Any]) -> bool:

@@ -42,6 +42,7 @@ import pluggy
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
+from .._logging import write_access
 from . import proto
 from . import proto as _proto  # where a parameter is named ``proto`` (SessionContext.open_stream)
 from ._access import log_connection
@@ -52,7 +53,7 @@ from ._errors import Code, ConfigError, PluginError, RemoteProtocolError, Tunnel
 from ._forward import ByteCounts
 from ._hostnames import AllowedHostname, HostChooser, HostPolicy
 from ._metrics import EdgeMetrics
-from ._mux import MuxSession, MuxStream
+from ._mux import MAX_REMOTE_STREAMS, MuxSession, MuxStream
 from ._names import NameClaims, Signer, load_secret
 from ._plugins import build_registry, get_plugin_manager
 from ._ratelimit import FailureLimiter
@@ -99,6 +100,10 @@ MAX_WINDOW = 16 * 1024 * 1024
 #: frees a stream only once its task is done, so it counts more than we see open: at 400 a
 #: burst still broke its session (it reconnected), at 250 600 held-open requests all pass.
 SDK_MAX_STREAMS = 250
+#: Proxy streams open at once towards any other agent: below what it accepts (``MAX_REMOTE_STREAMS``)
+#: by a margin, as it may count a stream a moment longer than we do (its FIN still in flight).
+#: Public connections beyond wait for a stream to close instead of failing (502).
+AGENT_MAX_STREAMS = MAX_REMOTE_STREAMS * 7 // 8
 #: Seconds between checks for authtokens revoked while their agents are connected.
 REVOCATION_CHECK = 2.0
 #: Tunnels one session may hold.
@@ -141,6 +146,29 @@ AGENT_REFUSE_SLOTS = 16
 SESSIONS_FD_SHARE = 3
 #: Seconds between returns of freed heap memory to the OS, when agent sessions ended meanwhile.
 TRIM_INTERVAL = 10.0
+#: Seconds between looks for agents that stopped heartbeating (one task for all sessions: the
+#: heartbeat streams are answered by their mux readers, no task waits on them).
+HEARTBEAT_SWEEP = 2.0
+#: Silence allowed on a heartbeat stream beyond the agent's interval + tolerance (from its Auth).
+HEARTBEAT_SLACK = 5.0
+#: Silence allowed when the agent declared no heartbeat settings (yet).
+HEARTBEAT_DEFAULT_LIMIT = 120.0
+
+# Admission control: 10,000 agents connecting at once must not all handshake at once (each
+# handshake then takes seconds of CPU time slices, past every client's patience, and the
+# retries make it worse).  New connections queue in arrival order for a few handshake slots.
+#: TLS handshakes in progress at once (agent port).
+HANDSHAKE_SLOTS = 16
+#: Longest a handshake holds its slot.  The costly part (our answer to the ClientHello, which
+#: is there before the slot is taken) takes milliseconds; past this the handshake goes on
+#: without a slot, so a client that stalls (or is slow to answer) cannot hold up the queue.
+HANDSHAKE_SLOT_TIME = 1.0
+#: Longest a handshake may take once it has begun.  Generous: a crowd of agents connecting at
+#: once may be slow to answer, and a handshake that waits costs one descriptor.
+HANDSHAKE_FINISH_TIME = 30.0
+#: Longest a connection waits for a slot.  tunneld agents wait 60 s for their handshake; one
+#: queued longer has given up, and would cost a handshake for nothing.
+HANDSHAKE_QUEUE_TIME = 55.0
 
 
 DEFAULT_RESERVED = frozenset({"www", "api", "admin", "edge", "mail", "ftp", "ns1", "ns2", "smtp", "imap",
@@ -227,6 +255,9 @@ class Edge:
     listener_fds: int = attrs.field(default=0, init=False)
     #: Agent sessions ended since memory was last trimmed.
     _ended_since_trim: int = attrs.field(default=0, init=False)
+    #: Queue and slots for agent TLS handshakes (see HANDSHAKE_SLOTS).
+    #: (A trio Semaphore serves waiters in arrival order: nobody jumps the queue.)
+    admission: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(HANDSHAKE_SLOTS), init=False)
     _accept_errors: ThrottledLog = attrs.field(factory=lambda: ThrottledLog(log), init=False)
     _refusals: ThrottledLog = attrs.field(factory=lambda: ThrottledLog(log), init=False)
     ports: dict[str, int] = attrs.field(factory=dict, init=False)
@@ -414,6 +445,7 @@ class Edge:
             outer.start_soon(self.routes.names.run)
             outer.start_soon(self._end_revoked_sessions)
             outer.start_soon(self._trim_memory)
+            outer.start_soon(self._watch_heartbeats)
             async with trio.open_nursery() as root:
                 for service in self._services():
                     await root.start(service.run)
@@ -464,6 +496,11 @@ class Edge:
         apply to the next bind; the claims of ``owner``'s tunnels are checked against them.
         """
         domains, addrs = await trio.to_thread.run_sync(self.store.reservations)
+        self.apply_bind_policy(owner, account_id, acl, domains, addrs)
+
+    def apply_bind_policy(self, owner: str, account_id: str | None, acl: tuple[str, ...],
+                          domains: list[tuple[str, str]], addrs: list[tuple[str, str]]) -> None:
+        """:meth:`refresh_bind_policy` with the reservations already read (``Store.reservations``)."""
         self.routes.set_reservations(*reservation_maps(domains, addrs))
         self.routes.grant(owner, account_id, acl)
 
@@ -490,6 +527,16 @@ class Edge:
                 self._ended_since_trim = 0
                 if not await trio.to_thread.run_sync(release_free_memory):
                     return  # not glibc: nothing to do, ever
+
+    async def _watch_heartbeats(self) -> None:
+        """Close the sessions whose agents stopped heartbeating (see :meth:`AgentSession.silent`)."""
+        while True:
+            await trio.sleep(HEARTBEAT_SWEEP)
+            now = trio.current_time()
+            for session in [s for s in self.sessions if s.silent(now)]:
+                log.info("agent %s stopped heartbeating; closing its session", session.remote_addr)
+                session.mux.close_reason = "heartbeat timeout"
+                await session.mux.aclose()
 
     def _listener_text(self, name: str) -> str:
         addr = {"agent": self.config.agent_addr, "http": self.config.http_addr,
@@ -527,14 +574,22 @@ class Edge:
     async def _handle_agent(self, stream: trio.SocketStream) -> None:
         addr = peer_addr(stream)
         try:
+            # Nothing sent yet (a port scan, a stalled client): it takes no slot while silent.
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                tls = await accept_tls(stream, self.ssl_context, timeout=HANDSHAKE_TIMEOUT)
+                await trio.lowlevel.wait_readable(stream.socket)
+            with trio.fail_after(HANDSHAKE_QUEUE_TIME):
+                await self.admission.acquire()
+        except trio.TooSlowError:
+            log.info("agent connection from %s: no TLS handshake in time", addr)
+            return
+        try:
+            tls = await self._handshake(stream)
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.info("agent TLS handshake from %s failed: %s", addr, exc)
             return
         async with trio.open_nursery() as carrier:
             try:
-                transport = await self._carrier(tls, carrier, addr)
+                transport, head = await self._carrier(tls, carrier, addr)
             except (trio.TooSlowError, trio.BrokenResourceError, ConnectionClosed, HandshakeError) as exc:
                 log.info("agent %s: no usable carrier: %s", addr, exc or type(exc).__name__)
                 carrier.cancel_scope.cancel()
@@ -543,11 +598,12 @@ class Edge:
             # Connections still in their handshakes are not counted: they may fail yet, and
             # the accept loop's limit (max_sessions + AGENT_REFUSE_SLOTS) bounds them anyway.
             if len(self.sessions) >= self.max_sessions:
-                await self._refuse_agent(transport, addr, f"this edge is at its limit of {self.max_sessions} "
-                                         "agent sessions; try again later")
+                await self._refuse_agent(transport, head, addr, "this edge is at its limit of "
+                                         f"{self.max_sessions} agent sessions; try again later")
                 carrier.cancel_scope.cancel()
                 return
             session = AgentSession(self, transport, addr)
+            session.mux.initial_data = head
             pending = self.preauth_by_host.get(session.remote_host, {})
             if len(pending) >= MAX_PREAUTH_PER_ADDRESS:
                 oldest = next(iter(pending))
@@ -576,10 +632,41 @@ class Edge:
                 # The WebSocket reader task, if any, ends with its connection.
                 carrier.cancel_scope.cancel()
 
-    async def _refuse_agent(self, transport: trio.abc.Stream, addr: str, reason: str) -> None:
+    async def _handshake(self, stream: trio.SocketStream) -> trio.abc.Stream:
+        """The TLS handshake of an agent connection holding an admission slot (taken by the
+        caller), which is given back when it is done or after HANDSHAKE_SLOT_TIME."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.admission.release()
+
+        async def release_later() -> None:
+            await trio.sleep(HANDSHAKE_SLOT_TIME)
+            release()
+
+        error: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(release_later)
+                try:
+                    tls = await accept_tls(stream, self.ssl_context, timeout=HANDSHAKE_FINISH_TIME)
+                except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+                    error = exc  # raised below, not wrapped in the nursery's ExceptionGroup
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            release()
+        if error is not None:
+            raise error
+        return tls
+
+    async def _refuse_agent(self, transport: trio.abc.Stream, head: bytes, addr: str, reason: str) -> None:
         """Tell an agent why it cannot have a session (GOAWAY with ``reason``; it retries later)."""
         self._refusals.note("agent %s refused: %s", addr, reason)
-        mux = MuxSession(transport, client=False)
+        mux = MuxSession(transport, client=False, initial_data=head)
         # Its Auth stream is left unanswered (not reset): the GOAWAY is what the agent reports.
         mux.max_remote_streams = PREAUTH_MAX_STREAMS
         mux.remote_window = PREAUTH_WINDOW
@@ -597,8 +684,10 @@ class Edge:
                 pass
         await mux.aclose()
 
-    async def _carrier(self, tls: trio.abc.Stream, nursery: trio.Nursery, addr: str) -> trio.abc.Stream:
-        """The mux's byte stream: the TLS stream itself, or a WebSocket inside it."""
+    async def _carrier(self, tls: trio.abc.Stream, nursery: trio.Nursery,
+                       addr: str) -> tuple[trio.abc.Stream, bytes]:
+        """The mux's byte stream, and the bytes already read from it: the TLS stream itself and
+        its first bytes, or a WebSocket inside it (which replays them itself) and b""."""
         head = b""
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             while len(head) < 4:
@@ -606,11 +695,11 @@ class Edge:
                 if not data:
                     raise trio.BrokenResourceError("closed before the first frame")
                 head += data
-        replayed = PrefixedStream(tls, head)
         if not looks_like_websocket(head):
-            return replayed
+            # The mux decodes ``head`` first: no wrapper on every read of the session's life.
+            return tls, head
         log.debug("agent %s uses the WebSocket carrier", addr)
-        return await accept_websocket(nursery, replayed, timeout=HANDSHAKE_TIMEOUT)
+        return await accept_websocket(nursery, PrefixedStream(tls, head), timeout=HANDSHAKE_TIMEOUT), b""
 
 
 @attrs.define(eq=False)
@@ -645,7 +734,8 @@ class AgentSession:
     _auth_busy: bool = False
     #: Binds past the session and token checks whose tunnel is not yet registered.
     _pending_binds: int = 0
-    _last_heartbeat: float = 0.0
+    #: The agent's heartbeat stream, echoed by the mux reader (None until it opens one).
+    _heartbeat: MuxStream | None = None
 
     def __attrs_post_init__(self) -> None:
         self._hosts = HostChooser(self.edge.host_policy, self.edge.routes, self)
@@ -737,7 +827,10 @@ class AgentSession:
             with trio.fail_after(AUTH_TIMEOUT):
                 stype = proto.decode_stream_type(await stream.receive_exactly(4))
             if stype == proto.StreamType.HEARTBEAT:
-                await self._heartbeat(stream)
+                # Echoed by the mux reader from now on; Edge._watch_heartbeats watches for silence.
+                stream.echo(4)
+                self._heartbeat = stream
+                return
             elif stype == proto.StreamType.AUTH:
                 await self._rpc_auth(stream)
             elif not self.authed:
@@ -760,30 +853,24 @@ class AgentSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             stream.reset()
         finally:
-            await stream.aclose()
+            if stream is not self._heartbeat:
+                await stream.aclose()
 
-    async def _heartbeat(self, stream: MuxStream) -> None:
-        """Echo every 4-byte value (muxado heartbeat); watch for the agent going silent."""
-        pending = b""
-        while True:
-            # The agent declares its heartbeat settings in Auth (which may come after this
-            # stream opens); without them allow a generous two minutes of silence.
-            interval = self.auth.extra.heartbeat_interval / 1e9 if self.auth else 0.0
-            tolerance = self.auth.extra.heartbeat_tolerance / 1e9 if self.auth else 0.0
-            limit = (interval + tolerance + 5.0) if interval > 0 else 120.0
-            with trio.move_on_after(limit) as scope:
-                data = await stream.receive_some(64)
-            if scope.cancelled_caught:
-                log.info("agent %s stopped heartbeating; closing its session", self.remote_addr)
-                await self.mux.aclose()
-                return
-            if not data:
-                return
-            pending += data
-            whole = len(pending) - len(pending) % 4
-            if whole:
-                await stream.send_all(pending[:whole])
-                pending = pending[whole:]
+    def silent(self, now: float) -> bool:
+        """True once the agent's heartbeat stream has been quiet for longer than it may be.
+
+        The agent declares its heartbeat settings in Auth (which may come after the stream
+        opens); without them a generous HEARTBEAT_DEFAULT_LIMIT of silence is allowed.
+        """
+        stream = self._heartbeat
+        last = stream.last_echo if stream is not None else None
+        if last is None:
+            return False
+        limit = HEARTBEAT_DEFAULT_LIMIT
+        if self.auth is not None and self.auth.extra.heartbeat_interval > 0:
+            extra = self.auth.extra
+            limit = (extra.heartbeat_interval + extra.heartbeat_tolerance) / 1e9 + HEARTBEAT_SLACK
+        return now - last > limit
 
     # ---- RPCs ----------------------------------------------------------------------------
 
@@ -830,7 +917,7 @@ class AgentSession:
             await self.mux.aclose()
             return
         edge.limiter.refund(host)
-        self.auth = msg
+        self.auth = _kept(msg)
         self.token_id = record.id
         self.account_id = record.account_id
         self.client_id = await self._resume_or_new(msg)
@@ -853,6 +940,8 @@ class AgentSession:
             # The SDKs (ngrok-rust) break down past 512 streams per session: queue public
             # connections beyond a safe number rather than have them fail.
             self.mux.max_local_streams = SDK_MAX_STREAMS
+        else:
+            self.mux.max_local_streams = AGENT_MAX_STREAMS
         if msg.extra.tunneld_window:
             window = max(proto.DEFAULT_WINDOW, min(MAX_WINDOW, msg.extra.tunneld_window))
             # Before the reply leaves: the agent opens streams only after reading it.
@@ -943,11 +1032,20 @@ class AgentSession:
     async def _refresh_rights(self) -> tuple[str, ...]:
         """Read the authtoken's account and ACL (now, so a change through the admin API applies to
         this bind) and the reservations; return the ACL.  TunnelRejected if the token is gone."""
-        rights = await trio.to_thread.run_sync(self.edge.store.token_rights, self.token_id)
+        store = self.edge.store
+        token_id = self.token_id
+
+        def read() -> tuple[tuple[str, tuple[str, ...]] | None, Any]:
+            # Both reads in one trip to a worker thread: 10,000 agents binding at once pay for
+            # every hop on the event loop.
+            rights = store.token_rights(token_id)
+            return rights, (store.reservations() if rights is not None else None)
+
+        rights, reservations = await trio.to_thread.run_sync(read)
         if rights is None:
             raise TunnelRejected("the authtoken was revoked or deleted", Code.AUTHTOKEN_INVALID)
         account_id, acl = rights
-        await self.edge.refresh_bind_policy(self.owner, account_id, acl)
+        self.edge.apply_bind_policy(self.owner, account_id, acl, *reservations)
         return acl
 
     async def _start_tunnel(self, requested_id: str,
@@ -1179,11 +1277,12 @@ class EdgeAdapter:
         self._edge.metrics.request(tunnel_id, status, time.monotonic() - started)
         # Same shape as TCP/TLS connection lines (core/_access.py): client= first, "-" for none.
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                'client=%s host=%s tunnel=%s method=%s path="%s" status=%d duration_ms=%.1f',
-                client, host or "-", tunnel_id or "-", method, path.replace('"', "%22")[:512], status,
-                (time.monotonic() - started) * 1000,
-            )
+            quoted = path.replace('"', "%22")[:512]
+            ms = (time.monotonic() - started) * 1000
+            line = (f'client={client} host={host or "-"} tunnel={tunnel_id or "-"} method={method} '
+                    f'path="{quoted}" status={status:d} duration_ms={ms:.1f}')
+            if not write_access(line):
+                access_log.info("%s", line)
 
     def count(self, metric: str, value: float = 1, **labels: str) -> None:
         # The core's own series, which plugins add to (the ssh gateway's logins and binds).
@@ -1205,6 +1304,20 @@ class EdgeAdapter:
 if TYPE_CHECKING:  # the implementation satisfies the plugin API's protocols (checked by mypy)
     _EDGE: type[EdgeContext] = EdgeAdapter
     _SESSION: type[SessionContext] = AgentSession
+
+
+def _kept(msg: proto.Auth) -> proto.Auth:
+    """The part of an Auth a session keeps for its life: what the admin API, remote commands and
+    the heartbeat watch read.  Not the authtoken, cookie or the decoded JSON (``raw``): with
+    10,000 sessions those were ~2.5 KB each, held for nothing."""
+    e = msg.extra
+    extra = proto.AuthExtra(os=e.os, version=e.version, metadata=e.metadata, client_type=e.client_type,
+                            heartbeat_interval=e.heartbeat_interval,
+                            heartbeat_tolerance=e.heartbeat_tolerance,
+                            update_unsupported_error=e.update_unsupported_error,
+                            stop_unsupported_error=e.stop_unsupported_error,
+                            restart_unsupported_error=e.restart_unsupported_error)
+    return proto.Auth(client_id=msg.client_id, extra=extra)
 
 
 def _pick_version(offered: list[str]) -> str:

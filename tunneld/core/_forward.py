@@ -5,8 +5,15 @@ from __future__ import annotations
 import attrs
 import trio
 
-#: 256 KiB reads: 1.8-2.5 GB/s through a Trio relay against 1.3 GB/s at 64 KiB (../shared/perf-notes.md Q1).
+#: Read size for plugins (exported as ``tunneld.plugin.CHUNK``): 256 KiB reads gave 1.8-2.5 GB/s
+#: through a Trio relay against 1.3 GB/s at 64 KiB (../shared/perf-notes.md Q1).  Plugins size
+#: their own buffers by it (the file server reads files in CHUNK pieces), so it stays put.
 CHUNK = 256 * 1024
+#: Read size of the relay loops of :func:`forward`.  1 MiB cut the CPU per MB of a tunnelled bulk
+#: transfer by about a fifth against 256 KiB (issue 17): the per-read costs (task switches, mux
+#: frames, TLS calls) are paid per chunk, not per byte.  A read returns what the socket holds
+#: (its buffer shrunk to that at once), so small exchanges keep nothing allocated.
+RELAY_CHUNK = 1024 * 1024
 
 _ENDED = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -38,7 +45,7 @@ async def _pump(src: trio.abc.ReceiveStream, dst: trio.abc.Stream, scope: trio.C
     receive = src.receive_some
     send = dst.send_all
     try:
-        while data := await receive(CHUNK):
+        while data := await receive(RELAY_CHUNK):
             await send(data)
             if counts is not None:
                 if a_to_b:

@@ -53,8 +53,11 @@ from .proto import (
 
 log = logging.getLogger("tunneld.mux")
 
-#: Carrier read size: 256 KiB reads measured 1.8-2.5 GB/s against 1.3 GB/s at 64 KiB.
-READ_SIZE = 256 * 1024
+#: Carrier read size.  256 KiB reads measured 1.8-2.5 GB/s against 1.3 GB/s at 64 KiB; 1 MiB
+#: (the TLS layer's ``MAX_RECEIVE``) hands the decoder four DATA frames of a bulk transfer per
+#: read: bulk CPU per MB 3-6 % lower again (issue 17; near the noise of a shared machine).  A
+#: read returns what is buffered, so small exchanges are unaffected.
+READ_SIZE = 1024 * 1024
 #: Streams handed data before the reader lets them run.  One read can carry the frames of
 #: dozens of requests; dispatched all at once, every reply waits for the whole batch and the
 #: two ends take turns instead of working in parallel (c=64 req/s 8.5-9k before, 10.8-12k
@@ -63,8 +66,10 @@ DISPATCH_SLICE = 8
 #: Bytes queued for the carrier before data writers must wait.
 OUTBOX_LIMIT = 4 * 1024 * 1024
 #: Concurrent streams a peer may hold open on one session (see ``MuxSession.max_remote_streams``
-#: for a lower, per-session bound, which the edge sets: agents open only control streams).
-MAX_REMOTE_STREAMS = 8192
+#: for a lower, per-session bound, which the edge sets: agents open only control streams).  The
+#: edge opens one per public connection and queues opens beyond this (``max_local_streams``), so
+#: it bounds how many public connections one agent serves at once (19,800 measured, ~9 KB each).
+MAX_REMOTE_STREAMS = 32768
 #: Streams the peer may open and we have not yet accepted (Go's backlog is 128).  As many as
 #: it may hold: one read of the carrier can bring hundreds of SYNs (a burst of public
 #: connections) before the accept loop runs, and refusing them would fail those connections.
@@ -109,6 +114,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
     #: Its unread bytes count towards ``MuxSession.max_remote_buffered`` (peer-opened, and the
     #: session has that cap: the edge's control streams; never the agent's proxy streams).
     _metered: bool = False
+    #: Set by :meth:`echo`: the reader answers this stream's data itself.
+    _echo: _Echo | None = None
+
+    @property
+    def last_echo(self) -> float | None:
+        """When (``trio.current_time()``) the last echo was queued; None if not echoing."""
+        return self._echo.last if self._echo is not None else None
 
     @property
     def eof_received(self) -> bool:
@@ -178,20 +190,74 @@ class MuxStream(trio.abc.HalfCloseableStream):
         new.__cause__ = err.__cause__
         return new
 
+    # ---- echoing ------------------------------------------------------------------------
+
+    def echo(self, unit: int = 4) -> None:
+        """Answer everything the peer sends with the same bytes, ``unit`` bytes at a time, from
+        the session's reader: no task waits on the stream (muxado heartbeats, which an idle
+        session exchanges forever: one task wakeup and hop to the writer fewer each).
+
+        Bytes the peer's credit does not let us echo yet wait in the stream and count as unread
+        (window and ``max_remote_buffered``), so a peer that never reads its echoes is bounded as
+        before.  The peer's FIN is answered with ours and the stream is forgotten.  Once called,
+        the stream is the reader's: receive_some/send_all must not be used.
+        """
+        if unit < 1:
+            raise ValueError("echo unit must be at least 1 byte")
+        self._echo = _Echo(unit, trio.current_time())
+        # Bytes that arrived before (e.g. in the SYN frame, after the stream type) go first.
+        while self._chunks:
+            self._echo.pending += self._chunks.popleft()
+        self._echo_flush()
+        if self._eof_received:
+            self._echo_fin()
+
+    def _echo_flush(self) -> None:
+        echo = self._echo
+        assert echo is not None
+        pending = echo.pending
+        n = min(len(pending), max(0, self._credit))
+        n -= n % echo.unit
+        if not n or self._closed or self._fin_sent or self._error is not None:
+            return
+        self._credit -= n
+        echo.pending = pending[n:]
+        echo.last = trio.current_time()
+        session = self.session
+        session._queue_control(data_header(self.id, n, syn=self._syn_pending) + pending[:n])
+        self._syn_pending = False
+        if self._metered:
+            session._remote_buffered -= n
+        inc = self._window.on_consumed(n)
+        if inc and not self._eof_received:
+            session._queue_control(encode_wndinc(self.id, inc))
+
+    def _echo_fin(self) -> None:
+        if not self._fin_sent and not self._closed and self._error is None:
+            self._send_fin()
+
     # called by the session's reader
     def _on_data(self, data: bytes, fin: bool) -> None:
         if data:
             check_data_after_fin(self.id, self._eof_received, True)
             self._window.on_data(len(data))
-            self._chunks.append(data)
             if self._metered:
                 self.session._on_remote_buffered(len(data))
+            if self._echo is not None:
+                self._echo.pending += data
+                self._echo_flush()
+            else:
+                self._chunks.append(data)
         if fin:
             self._eof_received = True
+            if self._echo is not None:
+                self._echo_fin()
         self._readable.unpark_all()
 
     def _on_credit(self, inc: int) -> None:
         self._credit += inc
+        if self._echo is not None and self._echo.pending:
+            self._echo_flush()
         self._writable.unpark_all()
 
     def _on_broken(self, exc: BaseException) -> None:
@@ -308,6 +374,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self.session._remote_buffered -= self._window.buffered
         self._window.buffered = 0
         self._chunks.clear()
+        if self._echo is not None:
+            self._echo.pending = b""
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -322,6 +390,17 @@ class MuxStream(trio.abc.HalfCloseableStream):
             parts.append(chunk)
             need -= len(chunk)
         return b"".join(parts)
+
+
+@attrs.define(eq=False)
+class _Echo:
+    """State of an echoing stream (:meth:`MuxStream.echo`)."""
+
+    unit: int
+    #: ``trio.current_time()`` of the last echo (or of :meth:`MuxStream.echo`).
+    last: float
+    #: Received, not yet echoed (waiting for a whole unit or for the peer's credit).
+    pending: bytes = b""
 
 
 @attrs.define(eq=False)
@@ -349,6 +428,9 @@ class MuxSession:
     max_remote_buffered: int | None = None
     #: Carrier bytes the peer may still send (None: no limit); past it the session ends.
     receive_budget: int | None = None
+    #: Carrier bytes already read (the edge peeks at the first bytes to tell TLS from
+    #: WebSocket): decoded before the first read, with no wrapper around the carrier for life.
+    initial_data: bytes = b""
     _decoder: FrameDecoder = attrs.field(init=False)
     _streams: dict[int, MuxStream] = attrs.field(factory=dict, init=False)
     _next_id: int = attrs.field(init=False)
@@ -367,6 +449,8 @@ class MuxSession:
     _goaway_sent: bool = attrs.field(default=False, init=False)
     #: Peer-opened streams open now, and their unread bytes.
     _remote_open: int = attrs.field(default=0, init=False)
+    #: Streams we opened that are open now (counted: ``open_stream`` checks it per call).
+    _local_open: int = attrs.field(default=0, init=False)
     _remote_buffered: int = attrs.field(default=0, init=False)
     #: Set when the carrier is gone (EOF, error, GOAWAY, or :meth:`close`).
     closed: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -421,9 +505,14 @@ class MuxSession:
     async def _reader_task(self) -> None:
         decoder = self._decoder
         receive = self.transport.receive_some
+        pending, self.initial_data = self.initial_data, b""
+        data: bytes | bytearray
         while True:
             try:
-                data = await receive(READ_SIZE)
+                if pending:
+                    data, pending = pending, b""
+                else:
+                    data = await receive(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if not self._dead:
                     self.close_reason = self.close_reason or f"carrier failed: {exc}"
@@ -563,6 +652,7 @@ class MuxSession:
         self._next_id += 2
         stream = MuxStream(self, sid, self.window, ReceiveWindow(self.window), syn_pending=True)
         self._streams[sid] = stream
+        self._local_open += 1
         if initial:
             await stream.send_all(initial)
         return stream
@@ -582,7 +672,13 @@ class MuxSession:
             del self._streams[stream.id]
             if stream._remote:
                 self._remote_open -= 1
-            self._stream_gone.unpark_all()
+            else:
+                self._local_open -= 1
+                if self._stream_gone:
+                    # As many waiting openers as there is room for, not all: thousands may
+                    # queue.  Room left by one woken and then cancelled is handed on next time.
+                    room = (self.max_local_streams or 0) - self._local_open
+                    self._stream_gone.unpark(count=max(1, room))
 
     def _on_remote_buffered(self, n: int) -> None:
         self._remote_buffered += n
@@ -602,8 +698,7 @@ class MuxSession:
     @property
     def local_stream_count(self) -> int:
         """Open streams that we opened (on the edge: proxied public connections)."""
-        parity = 1 if self.client else 0
-        return sum(1 for sid in self._streams if sid % 2 == parity)
+        return self._local_open
 
     # ---- shutdown -----------------------------------------------------------------------
 
@@ -616,7 +711,7 @@ class MuxSession:
         for stream in list(self._streams.values()):
             stream._on_broken(exc)
         self._streams.clear()
-        self._remote_open = 0
+        self._remote_open = self._local_open = 0
         self._outbox_space.unpark_all()
         self._outbox_ready.unpark_all()
         self._flushed.unpark_all()

@@ -6,7 +6,7 @@ machinery; on loopback that costs ~75 % of the throughput (../shared/perf-notes.
 :class:`BulkTLSStream` drives a pyOpenSSL ``Connection(ctx, None)`` (memory BIOs) and
 
 * on receive, drains *every* decrypted record that is already buffered (up to ``max_bytes``) and
-  only touches the transport when nothing is buffered, refilling with 256 KiB reads;
+  only touches the transport when nothing is buffered, refilling with 1 MiB reads;
 * on send, encrypts the whole call into the outgoing BIO and hands the ciphertext to the
   transport with one ``send_all`` per 256 KiB of plaintext.
 
@@ -14,12 +14,14 @@ machinery; on loopback that costs ~75 % of the throughput (../shared/perf-notes.
 
 Concurrency model (same contract as every trio stream): one task may be in ``receive_some`` while
 another is in ``send_all``; two tasks in the same direction raise :class:`trio.BusyResourceError`.
-Internally all writes to the transport happen under ``_send_lock``; bytes are taken out of the
-engine's outgoing BIO only while holding it, so they reach the wire in the order OpenSSL produced
-them.  Whoever holds the lock keeps draining the BIO until it is empty before releasing it, which
-lets ``receive_some`` hand post-handshake output (e.g. a KeyUpdate reply) to a concurrently
-blocked sender instead of waiting for it - waiting there could deadlock two peers that are both
-blocked sending to each other.
+Internally all writes to the transport happen under ``_send_lock``; plaintext is encrypted into
+the engine and bytes are taken out of its outgoing BIO only while holding it, so they reach the
+wire in the order OpenSSL produced them.  Whoever holds the lock keeps draining the BIO until it
+is empty before releasing it, which lets ``receive_some`` hand post-handshake output (e.g. a
+KeyUpdate reply) to a concurrently blocked sender instead of waiting for it - waiting there could
+deadlock two peers that are both blocked sending to each other.  For the same reason a receiver
+that finds the lock free must never find a sender's bulk data in the BIO: it would block sending
+it while holding the lock, and with the peer doing the same neither would read again.
 
 Not a :class:`trio.abc.HalfCloseableStream`: TLS has no half close; a per-stream FIN has to come
 from the layer above (the mux).
@@ -51,36 +53,84 @@ __all__ = [
     "server_context",
 ]
 
-#: Largest chunk handed out by one ``receive_some`` (also the default).
-MAX_RECEIVE = 256 * 1024
-#: Size of each read from the transport.
-TRANSPORT_READ = 256 * 1024
-#: Plaintext encrypted before ciphertext is pushed to the transport (bounds memory per send).
+#: Largest chunk handed out by one ``receive_some`` (also the default).  1 MiB rather than
+#: 256 KiB: the cost per call (scheduler passes, mux dispatch, wrappers) is paid 4x less often;
+#: bulk CPU per MB fell ~20 % on both ends with this and ``TRANSPORT_READ`` (issue 17).  It is
+#: one buffer per thread (``_staging``), not per connection.
+MAX_RECEIVE = 1024 * 1024
+#: Size of each read from the transport (a short read returns what the socket holds).
+TRANSPORT_READ = 1024 * 1024
+#: Plaintext encrypted before ciphertext is pushed to the transport (bounds memory per send:
+#: 1 MiB measured no better, and a blocked sender holds this much twice, in the engine's BIO
+#: and in its ciphertext buffer).
 SEND_CHUNK = 256 * 1024
 #: Largest plaintext of one TLS record (RFC 8446 §5.1); SSL_read never returns more.
 _RECORD = 16 * 1024
-#: Per-``bio_read`` size (see ``_take_outgoing``).
-_BIO_PIECE = 64 * 1024
+#: Ciphertext buffer of one transport write: a SEND_CHUNK of plaintext sealed in full records
+#: (22 bytes of TLS 1.3 overhead per 16 KiB record, 29 with TLS 1.2 GCM) fits in one.
+_OBUF_SIZE = SEND_CHUNK + 8 * 1024
+#: Idle ciphertext buffers kept per thread (one is in use per connection that is sending).
+_OBUF_POOL = 4
 #: Seconds ``aclose`` spends trying to deliver close_notify.
 CLOSE_NOTIFY_TIMEOUT = 1.0
 
 # TLS 1.2 suites for the server (TLS 1.3 has its own list).  Forward secret AEAD only, AES-GCM first.
 _TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS"
-# AES-GCM first (AES-NI; 5 GB/s vs 2.9 GB/s for ChaCha20 in perf-notes Q2).
-_TLS13_SUITES = b"TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
+# AES-128-GCM first: 6.0 GB/s against 4.1 GB/s for AES-256-GCM and 3.9 GB/s for ChaCha20 here
+# (``openssl speed -evp``, 16 KiB records).  Go and BoringSSL order it first too.  The server's
+# order wins (OP_CIPHER_SERVER_PREFERENCE).
+_TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+# The bulk path calls OpenSSL through the cffi binding pyOpenSSL itself uses, reading and
+# writing straight into our buffers.  pyOpenSSL's ``recv_into`` decrypts into a temporary it
+# allocates and copies (per 16 KiB record), and ``bio_read`` allocates, copies into a new bytes
+# which we copied again.  These are private names of pyOpenSSL: if a release drops them we fall
+# back to its public API (same behaviour, slower).
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _SSL_read = _lib.SSL_read
+    _BIO_read = _lib.BIO_read
+    _from_buffer = _ffi.from_buffer
+    _FAST = hasattr(SSL.Connection, "_raise_ssl_error")
+except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL release
+    _FAST = False
 
 
 _local = threading.local()
 
 
-def _staging() -> memoryview:
-    """This thread's plaintext staging buffer for ``receive_some`` (filled and copied out with no
-    checkpoint in between, so one per thread is enough; saves 256 KiB per connection)."""
+def _staging() -> tuple[memoryview, Any]:
+    """This thread's plaintext staging buffer for ``receive_some``, and a cffi pointer to it.
+
+    Filled and copied out with no checkpoint in between, so one per thread is enough (saves
+    1 MiB per connection).
+    """
     try:
-        return _local.view  # type: ignore[no-any-return]
+        return _local.staging  # type: ignore[no-any-return]
     except AttributeError:
-        _local.view = view = memoryview(bytearray(MAX_RECEIVE))
-        return view
+        buf = bytearray(MAX_RECEIVE)
+        _local.staging = staging = (memoryview(buf), _from_buffer(buf) if _FAST else None)
+        return staging
+
+
+def _get_obuf() -> bytearray:
+    """A ciphertext buffer from this thread's pool.  A connection holds one only while it is
+    sending, so an idle connection holds none; reusing them avoids the glibc trim/re-fault
+    cycle of big short-lived allocations (it halved throughput when measured)."""
+    pool: list[bytearray] | None = getattr(_local, "obufs", None)
+    if pool:
+        return pool.pop()
+    return bytearray(_OBUF_SIZE)
+
+
+def _put_obuf(buf: bytearray) -> None:
+    pool: list[bytearray] | None = getattr(_local, "obufs", None)
+    if pool is None:
+        _local.obufs = pool = []
+    if len(pool) < _OBUF_POOL:
+        pool.append(buf)
 
 
 class _State(enum.Enum):
@@ -104,6 +154,11 @@ def _hardened(ctx: SSL.Context) -> None:
     ctx.set_options(options)
     ctx.set_cipher_list(_TLS12_CIPHERS)
     ctx.set_tls13_ciphersuites(_TLS13_SUITES)
+    # Free the engine's record buffers (~34 KiB per connection) while a connection is idle:
+    # edge RSS per idle agent session fell from 110 to 78 KiB (bench/many_agents.py, 1000
+    # agents); bulk CPU per MB did not move measurably (a malloc per record against decrypting
+    # it).
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +267,6 @@ class BulkTLSStream(trio.abc.Stream):
                 self._conn.set_tlsext_host_name(server_hostname.encode("idna"))
             self._conn.set_connect_state()
 
-        self._obuf = bytearray()  # ciphertext staging, grows to what the sender needs
         self._state = _State.OK
         self._handshook = False
         self._eof = False  # close_notify or transport EOF seen
@@ -256,45 +310,50 @@ class BulkTLSStream(trio.abc.Stream):
             raise trio.BrokenResourceError("TLS stream is broken")
         raise trio.ClosedResourceError("TLS stream is closed")
 
-    def _take_outgoing(self) -> memoryview | None:
-        """Move everything in the engine's outgoing BIO into ``_obuf``; a view of it or None.
+    def _take_outgoing(self, obuf: bytearray) -> int:
+        """Move ciphertext from the engine's outgoing BIO into *obuf*; the byte count (0: empty).
 
-        Only ``_send_lock`` holders call this, so ``_obuf`` is not refilled while being sent.
-        Reads in modest pieces into a reused buffer: big short-lived allocations make glibc trim
-        and re-fault the heap on every call, which halved throughput in measurements.
+        Only ``_send_lock`` holders call this, so the BIO is drained in the order OpenSSL
+        filled it.  Stops when *obuf* is full; the caller sends and calls again.
         """
+        size = len(obuf)
+        if _FAST:
+            bio = self._conn._from_ssl
+            with _from_buffer(obuf) as ptr:
+                pos = 0
+                while pos < size:
+                    n = _BIO_read(bio, ptr + pos, size - pos)
+                    if n <= 0:
+                        break  # empty (a memory BIO says "retry"; nothing else can fail here)
+                    pos += n
+            return pos
         conn = self._conn
-        obuf = self._obuf
         pos = 0
-        while True:
+        while pos < size:
             try:
-                piece = conn.bio_read(_BIO_PIECE)
+                piece = conn.bio_read(size - pos)
             except SSL.WantReadError:
                 break
-            end = pos + len(piece)
-            if end > len(obuf):
-                grown = bytearray(max(end, 2 * len(obuf)))
-                grown[:pos] = obuf[:pos]
-                self._obuf = obuf = grown
-            obuf[pos:end] = piece
-            pos = end
-            if len(piece) < _BIO_PIECE:
-                break  # a memory BIO hands out all it has: it is empty now
-        return memoryview(obuf)[:pos] if pos else None
+            obuf[pos : pos + len(piece)] = piece
+            pos += len(piece)
+        return pos
 
     async def _send_pending_locked(self) -> None:
         """Send the outgoing BIO until it stays empty.  Caller holds ``_send_lock``."""
-        while (data := self._take_outgoing()) is not None:
-            try:
-                with data:
+        obuf = _get_obuf()
+        try:
+            while n := self._take_outgoing(obuf):
+                with memoryview(obuf) as view, view[:n] as data:
                     await self.transport_stream.send_all(data)
-            except trio.ClosedResourceError:
-                raise
-            except BaseException:
-                # Cancelled or failed mid-write: an unknown prefix of a record went out.
-                if self._state is _State.OK:
-                    self._state = _State.BROKEN
-                raise
+        except trio.ClosedResourceError:
+            raise
+        except BaseException:
+            # Cancelled or failed mid-write: an unknown prefix of a record went out.
+            if self._state is _State.OK:
+                self._state = _State.BROKEN
+            raise
+        finally:
+            _put_obuf(obuf)
 
     async def _flush(self) -> None:
         async with self._send_lock:
@@ -382,7 +441,7 @@ class BulkTLSStream(trio.abc.Stream):
     # ---- receive ---------------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Up to *max_bytes* (default and cap: 256 KiB) of plaintext; ``b""`` at end of stream.
+        """Up to *max_bytes* (default and cap: 1 MiB) of plaintext; ``b""`` at end of stream.
 
         Returns every decrypted record already buffered (many per call), and reads the transport
         only when nothing is buffered.
@@ -405,12 +464,20 @@ class BulkTLSStream(trio.abc.Stream):
                 return b""
 
             conn = self._conn
-            view = _staging()
+            view, ptr = _staging()
+            ssl = conn._ssl if ptr is not None else None
             got = 0
             blocked = False
             while got < max_bytes:
                 try:
-                    n = conn.recv_into(view[got:], min(max_bytes - got, _RECORD))
+                    if ptr is not None:
+                        # SSL_read decrypts one record straight into the staging buffer.
+                        n = _SSL_read(ssl, ptr + got, max_bytes - got)
+                        if n <= 0:
+                            conn._raise_ssl_error(ssl, n)  # the same errors recv_into raises
+                            raise SSL.SysCallError(-1, f"SSL_read returned {n}")
+                    else:
+                        n = conn.recv_into(view[got:], max_bytes - got)
                 except SSL.WantReadError:
                     if got:
                         break
@@ -461,38 +528,46 @@ class BulkTLSStream(trio.abc.Stream):
                 await self.do_handshake()
             else:
                 await trio.lowlevel.checkpoint_if_cancelled()
-            small = bytearray()  # coalesces parts smaller than a record
-            pending = 0  # plaintext written to the engine since the last flush
-            for part in parts:
-                view = memoryview(part).cast("B")
-                if not view:
-                    continue
-                if len(small) + len(view) <= _RECORD:
-                    small += view
-                    continue
-                if small:
-                    # Top the buffer up to one full record from this part, then encrypt it.
-                    take = _RECORD - len(small)
-                    small += view[:take]
-                    view = view[take:]
-                    self._encrypt(small)
-                    pending += len(small)
-                    small = bytearray()
-                while view:
-                    if pending >= SEND_CHUNK:
-                        await self._flush()
-                        pending = 0
-                    piece = view[: SEND_CHUNK - pending]
-                    self._encrypt(piece)
-                    pending += len(piece)
-                    view = view[len(piece) :]
+            # Encrypt only while holding the send lock.  Otherwise a receiver that took the
+            # free lock to flush engine output (``_flush_from_receiver``) could find our bulk
+            # ciphertext in the BIO and block sending it; with the peer doing the same, neither
+            # would read again: a deadlock seen with both directions busy (issue 17).
+            async with self._send_lock:
+                if self._state is _State.BROKEN:
+                    raise trio.BrokenResourceError("TLS stream is broken")
+                await self._encrypt_and_send_locked(parts)
+
+    async def _encrypt_and_send_locked(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        small = bytearray()  # coalesces parts smaller than a record
+        pending = 0  # plaintext written to the engine since the last transport write
+        for part in parts:
+            view = memoryview(part).cast("B")
+            if not view:
+                continue
+            if len(small) + len(view) <= _RECORD:
+                small += view
+                continue
             if small:
+                # Top the buffer up to one full record from this part, then encrypt it.
+                take = _RECORD - len(small)
+                small += view[:take]
+                view = view[take:]
                 self._encrypt(small)
                 pending += len(small)
-            if pending:
-                await self._flush()
-            else:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                small = bytearray()
+            while view:
+                if pending >= SEND_CHUNK:
+                    await self._send_pending_locked()
+                    pending = 0
+                piece = view[: SEND_CHUNK - pending]
+                self._encrypt(piece)
+                pending += len(piece)
+                view = view[len(piece) :]
+        if small:
+            self._encrypt(small)
+            pending += len(small)
+        if pending:
+            await self._send_pending_locked()
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_conflict:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from tunneld.plugin import CHUNK, PrefixedStream, forward
+from tunneld.plugin import RELAY_CHUNK, PrefixedStream, forward
 
 from ._wire import (
     MAX_HEAD,
@@ -162,7 +162,7 @@ class Reader(trio.abc.HalfCloseableStream):
                 scan = len(buf)
                 if self.budget is not None and buf:
                     self.budget.hold(self, len(buf))
-            data = await self.stream.receive_some(HEAD_READ if self.budget is not None else CHUNK)
+            data = await self.stream.receive_some(HEAD_READ if self.budget is not None else RELAY_CHUNK)
             if not data:
                 if buf:
                     raise BadMessage("connection closed inside a message head")
@@ -313,7 +313,7 @@ async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: in
             left = length
             while left:
                 try:
-                    data = await receive(min(CHUNK, left))
+                    data = await receive(min(RELAY_CHUNK, left))
                 except _ENDED as exc:
                     raise Truncated(f"body source failed {left} bytes short: {exc}") from exc
                 if not data:
@@ -329,7 +329,7 @@ async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: in
             scanner = ChunkedScanner()
             while not scanner.done:
                 try:
-                    data = await receive(CHUNK)
+                    data = await receive(RELAY_CHUNK)
                 except _ENDED as exc:
                     raise Truncated(f"chunked body source failed: {exc}") from exc
                 if not data:
@@ -347,7 +347,7 @@ async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: in
             return total
         while True:
             try:
-                data = await receive(CHUNK)
+                data = await receive(RELAY_CHUNK)
             except _ENDED as exc:
                 # A reset is not an end: a close-delimited body cut short must not look whole.
                 raise Truncated(f"body source failed: {exc}") from exc
