@@ -131,3 +131,20 @@ def test_route_table_checks_each_claim() -> None:
     assert code == Code.ADDR_RESERVED
     # owner "" (internal claims, labeled edges) is not checked.
     routes.claim_address("tcp", 20001, holder, "")
+
+
+def test_host_in_use_counts_every_route_of_a_name() -> None:
+    routes = RouteTable()
+    http, tls = object(), object()
+    routes.claim_host("https", "a.test", http)
+    routes.claim_host("http", "a.test", http)
+    routes.claim_host("https", "a.test", http)  # claimed again by its holder: still one route
+    routes.claim_host("tls", "b.test", tls)
+    assert routes.host_in_use("a.test") and routes.host_in_use("b.test")
+    routes.release_host("https", "a.test", tls)  # not its holder: nothing changes
+    routes.release_host("https", "a.test", http)
+    assert routes.host_in_use("a.test")  # its http route is left
+    routes.release_host("http", "a.test", http)
+    routes.release_host("http", "a.test", http)  # twice: no count below zero
+    assert not routes.host_in_use("a.test") and routes.host_available("a.test", "anyone")
+    assert routes.host_in_use("b.test")
