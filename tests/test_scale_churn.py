@@ -8,6 +8,7 @@ and its memory close to where it was.  No timing assertions.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from pathlib import Path
 
@@ -61,11 +62,13 @@ async def test_agent_churn_leaves_descriptors_and_memory_flat(edge_env: EdgeEnv)
 
     with trio.fail_after(60):
         await round_(20)  # warm-up: caches, heap
+        gc.collect()  # sockets an earlier test dropped unclosed go now, not during the count
         base_fds = await settle(edge_env)
         base_rss = rss_kib()
         for _ in range(10):
             await round_(20)
-        assert await settle(edge_env, base_fds) == base_fds
+        # Growth is what counts: an earlier test's leftovers may still close meanwhile.
+        assert await settle(edge_env, base_fds) <= base_fds
     grown = rss_kib() - base_rss
     # ~100 KB a live session: 200 kept would be ~20 MB; a few MB is allocator slack.
     assert grown < 12 * 1024, f"RSS grew {grown} KiB over 200 sessions"

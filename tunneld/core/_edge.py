@@ -148,7 +148,7 @@ SESSIONS_FD_SHARE = 3
 TRIM_INTERVAL = 10.0
 #: Seconds between looks for agents that stopped heartbeating (one task for all sessions: the
 #: heartbeat streams are answered by their mux readers, no task waits on them).
-HEARTBEAT_SWEEP = 2.0
+HEARTBEAT_SWEEP = 5.0
 #: Silence allowed on a heartbeat stream beyond the agent's interval + tolerance (from its Auth).
 HEARTBEAT_SLACK = 5.0
 #: Silence allowed when the agent declared no heartbeat settings (yet).
