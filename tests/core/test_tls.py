@@ -565,3 +565,19 @@ def test_server_context_rejects_mismatched_key(pki: Pki, tmp_path: Path) -> None
     other = _write_pki(tmp_path, "127.0.0.1")
     with pytest.raises(SSL.Error):
         server_context(pki.chain, other.key)
+
+
+async def test_receiver_flushes_only_what_the_engine_holds(listener: trio.SocketListener, pki: Pki) -> None:
+    """A receive that finds nothing decrypted flushes the engine's output first (post-handshake
+    messages), and skips the send lock when there is none."""
+    with trio.fail_after(10):
+        client, server = await _tls_pair(listener, pki)
+        async with client, server:
+            assert not client._outgoing_pending()
+            client._conn.send(b"queued, not sent")  # encrypted into the BIO, nothing sent yet
+            assert client._outgoing_pending()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.receive_some)  # flushes, then waits for the server
+                assert await _recv_exactly(server, 16) == b"queued, not sent"
+                assert not client._outgoing_pending()
+                await server.send_all(b"x")

@@ -94,6 +94,8 @@ try:
 
     _SSL_read = _lib.SSL_read
     _BIO_read = _lib.BIO_read
+    # BIO_get_mem_data(bio, NULL): the bytes a memory BIO holds (BIO_CTRL_INFO), not copied.
+    _BIO_pending = _lib.BIO_get_mem_data
     _from_buffer = _ffi.from_buffer
     _FAST = hasattr(SSL.Connection, "_raise_ssl_error")
 except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL release
@@ -396,9 +398,17 @@ class BulkTLSStream(trio.abc.Stream):
 
     async def _flush_from_receiver(self) -> None:
         # If a sender holds the lock it drains the BIO before releasing it (see module doc), so
-        # never wait here: the peer may only read our data once we have read theirs.
-        if not self._send_lock.locked():
+        # never wait here: the peer may only read our data once we have read theirs.  Nearly
+        # always the engine has nothing to send: then skip the lock, whose acquisition is a
+        # trip through the scheduler (two per heartbeat on an idle session).
+        if not self._send_lock.locked() and self._outgoing_pending():
             await self._flush()
+
+    def _outgoing_pending(self) -> bool:
+        """Whether the engine's outgoing BIO holds bytes (True when we cannot tell)."""
+        if _FAST:
+            return bool(_BIO_pending(self._conn._from_ssl, _ffi.NULL))
+        return True
 
     def _broken(self, exc: BaseException, what: str) -> trio.BrokenResourceError:
         if self._state is _State.OK:
