@@ -13,6 +13,15 @@ from tunneld.core._errors import RemoteProtocolError
 from .test_mux import session_pair
 
 
+async def echoing(client: MuxSession, server: MuxSession) -> mux_mod.MuxStream:
+    """A stream the client opened (one byte, as a heartbeat stream's type) that the server echoes."""
+    c = await client.open_stream(b"\0")
+    s = await server.accept_stream()
+    assert await s.receive_exactly(1) == b"\0"
+    s.echo(4)
+    return c
+
+
 async def test_echo_answers_from_the_reader(nursery: trio.Nursery) -> None:
     """Whole units come back at once, a partial one once it is complete; bytes that came with
     the SYN (before ``echo``) are echoed too; no task of ours waits on the stream."""
@@ -35,10 +44,7 @@ async def test_echo_answers_from_the_reader(nursery: trio.Nursery) -> None:
 async def test_echo_returns_credit_for_a_long_conversation(nursery: trio.Nursery) -> None:
     """More than a window's worth of heartbeats: the echoing side returns credit as it echoes."""
     client, server = await session_pair(nursery)
-    c = await client.open_stream(b"\0")
-    s = await server.accept_stream()
-    assert await s.receive_exactly(1) == b"\0"
-    s.echo(4)
+    c = await echoing(client, server)
     chunk = b"\1\2\3\4" * 4096
     with trio.fail_after(10):
         for _ in range(3 * proto.DEFAULT_WINDOW // len(chunk)):
@@ -48,10 +54,7 @@ async def test_echo_returns_credit_for_a_long_conversation(nursery: trio.Nursery
 
 async def test_echo_answers_fin_with_fin(nursery: trio.Nursery) -> None:
     client, server = await session_pair(nursery)
-    c = await client.open_stream(b"\0")
-    s = await server.accept_stream()
-    assert await s.receive_exactly(1) == b"\0"
-    s.echo(4)
+    c = await echoing(client, server)
     with trio.fail_after(5):
         await c.send_all(b"ping")
         await c.send_eof()
@@ -77,10 +80,7 @@ async def test_echo_to_a_peer_that_never_reads_is_bounded(nursery: trio.Nursery)
 
     await nursery.start(client.run)
     await nursery.start(run_server)
-    c = await client.open_stream(b"\0")
-    s = await server.accept_stream()
-    assert await s.receive_exactly(1) == b"\0"
-    s.echo(4)
+    c = await echoing(client, server)
     with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
         while True:
             await c.send_all(b"\0" * 16384)

@@ -16,7 +16,7 @@ from OpenSSL import SSL
 from tunneld.core import _tls
 from tunneld.core._tls import MAX_RECEIVE, BulkTLSStream
 
-from .test_tls import Pki, _tcp_pair, _write_pki
+from .test_tls import Pki, _over, _tls_pair, _write_pki
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +41,6 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
-async def _pair(lst: trio.SocketListener, pki: Pki) -> tuple[BulkTLSStream, BulkTLSStream]:
-    ctcp, stcp = await _tcp_pair(lst)
-    client = BulkTLSStream(ctcp, pki.client_ctx(), server_side=False, server_hostname="127.0.0.1")
-    server = BulkTLSStream(stcp, pki.server_ctx(), server_side=True)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        nursery.start_soon(server.do_handshake)
-    return client, server
-
-
 @pytest.mark.parametrize("attempt", range(3))
 async def test_bulk_both_ways_intact(lst: trio.SocketListener, bulk_pki: Pki, path: str,
                                      attempt: int) -> None:
@@ -59,7 +49,7 @@ async def test_bulk_both_ways_intact(lst: trio.SocketListener, bulk_pki: Pki, pa
     depending on trio's (randomised) scheduling order."""
     size = 8 * 1024 * 1024
     with trio.fail_after(30):
-        client, server = await _pair(lst, bulk_pki)
+        client, server = await _tls_pair(lst, bulk_pki)
         payload = {client: os.urandom(size), server: os.urandom(size)}
         digests: dict[BulkTLSStream, str] = {}
         biggest: dict[BulkTLSStream, int] = {client: 0, server: 0}
@@ -98,12 +88,7 @@ async def test_receive_drains_up_to_1mib(bulk_pki: Pki, path: str) -> None:
     """Everything buffered is handed out in one call, up to 1 MiB (not one record, not 256 KiB).
     An unbounded in-memory transport keeps kernel buffer sizes out of it."""
     with trio.fail_after(20):
-        ct, st = trio.testing.memory_stream_pair()
-        client = BulkTLSStream(ct, bulk_pki.client_ctx(), server_side=False, server_hostname="127.0.0.1")
-        server = BulkTLSStream(st, bulk_pki.server_ctx(), server_side=True)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
-            nursery.start_soon(server.do_handshake)
+        client, server = await _over(*trio.testing.memory_stream_pair(), bulk_pki)
         data = os.urandom(4 * 1024 * 1024)
         await client.send_all(data)  # never blocks: the memory buffer is unbounded
         got = bytearray()
@@ -117,12 +102,13 @@ async def test_receive_drains_up_to_1mib(bulk_pki: Pki, path: str) -> None:
         assert min(sizes[:-1]) > 1000 * 1024, sizes
         assert max(sizes) <= MAX_RECEIVE
         await client.aclose()
+        assert await server.receive_some() == b""  # close_notify
         await server.aclose()
 
 
 async def test_max_bytes_honoured(lst: trio.SocketListener, bulk_pki: Pki, path: str) -> None:
     with trio.fail_after(10):
-        client, server = await _pair(lst, bulk_pki)
+        client, server = await _tls_pair(lst, bulk_pki)
         await client.send_all(b"x" * 100_000)
         first = await server.receive_some(7)
         assert first == b"x" * 7
@@ -137,14 +123,9 @@ async def test_max_bytes_honoured(lst: trio.SocketListener, bulk_pki: Pki, path:
 async def test_corrupt_record_breaks_stream(lst: trio.SocketListener, bulk_pki: Pki, path: str) -> None:
     """A bad record after the handshake is an error on the direct path too, not data or EOF."""
     with trio.fail_after(10):
-        ctcp, stcp = await _tcp_pair(lst)
-        client = BulkTLSStream(ctcp, bulk_pki.client_ctx(), server_side=False, server_hostname="127.0.0.1")
-        server = BulkTLSStream(stcp, bulk_pki.server_ctx(), server_side=True)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
-            nursery.start_soon(server.do_handshake)
+        client, server = await _tls_pair(lst, bulk_pki)
         # An application-data record header and 64 bytes that do not authenticate.
-        await ctcp.send_all(b"\x17\x03\x03\x00\x40" + os.urandom(64))
+        await client.transport_stream.send_all(b"\x17\x03\x03\x00\x40" + os.urandom(64))
         with pytest.raises(trio.BrokenResourceError):
             await server.receive_some()
         with pytest.raises(trio.BrokenResourceError):
@@ -157,7 +138,7 @@ async def test_idle_stream_holds_no_ciphertext_buffer(lst: trio.SocketListener, 
                                                       path: str) -> None:
     """After sending, the ciphertext buffer goes back to a small per-thread pool."""
     with trio.fail_after(20):
-        pairs = [await _pair(lst, bulk_pki) for _ in range(_tls._OBUF_POOL + 3)]
+        pairs = [await _tls_pair(lst, bulk_pki) for _ in range(_tls._OBUF_POOL + 3)]
         data = os.urandom(1024 * 1024)
 
         async def one(client: BulkTLSStream, server: BulkTLSStream) -> None:
@@ -195,7 +176,7 @@ def test_contexts_release_buffers_and_prefer_aes128(bulk_pki: Pki) -> None:
 
 async def test_negotiates_aes128_gcm(lst: trio.SocketListener, bulk_pki: Pki) -> None:
     with trio.fail_after(10):
-        client, server = await _pair(lst, bulk_pki)
+        client, server = await _tls_pair(lst, bulk_pki)
         assert client.tls_version() == "TLSv1.3"
         assert client.cipher() == server.cipher() == "TLS_AES_128_GCM_SHA256"
         await client.aclose()

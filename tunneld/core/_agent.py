@@ -64,7 +64,7 @@ from ._plugins import build_registry, get_plugin_manager
 from ._remote import Op, RemoteCommandReceived, remote_error
 from ._rpc import call, read_message, reply
 from ._streams import PrefixedStream
-from ._tls import BulkTLSStream, client_context
+from ._tls import BulkTLSStream, client_context, start_tls_client
 from ._tunnel import AgentTunnelContext, TunnelType, TunnelTypeRegistry
 from ._util import connect_tcp, set_nodelay, split_host_port
 from ._websocket import connect_websocket, is_websocket_url
@@ -848,16 +848,8 @@ async def open_edge_tcp(host: str, port: int) -> trio.SocketStream:
 
 async def open_edge_tls(host: str, port: int, context: Any) -> BulkTLSStream:
     """Connect to the edge within CONNECT_TIMEOUT, then handshake within TLS_TIMEOUT."""
-    tcp = await open_edge_tcp(host, port)
-    try:
-        set_nodelay(tcp)
-        stream = BulkTLSStream(tcp, context, server_side=False, server_hostname=host)
-        with trio.fail_after(TLS_TIMEOUT):
-            await stream.do_handshake()
-    except BaseException:
-        await trio.aclose_forcefully(tcp)
-        raise
-    return stream
+    return await start_tls_client(await open_edge_tcp(host, port), context, server_hostname=host,
+                                  timeout=TLS_TIMEOUT)
 
 
 def _transient(group: BaseExceptionGroup[Any]) -> bool:

@@ -51,6 +51,7 @@ __all__ = [
     "client_context",
     "open_tls_client",
     "server_context",
+    "start_tls_client",
 ]
 
 #: Largest chunk handed out by one ``receive_some`` (also the default).  1 MiB rather than
@@ -665,15 +666,22 @@ async def open_tls_client(
     """
     with trio.fail_after(timeout):
         tcp = await trio.open_tcp_stream(host, port)
-        try:
-            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            stream = BulkTLSStream(
-                tcp, context, server_side=False, server_hostname=server_hostname or host
-            )
+        return await start_tls_client(tcp, context, server_hostname=server_hostname or host)
+
+
+async def start_tls_client(
+    tcp: trio.SocketStream, context: SSL.Context, *, server_hostname: str, timeout: float = float("inf")
+) -> BulkTLSStream:
+    """Client-side handshake over a connected TCP stream (TCP_NODELAY set) within *timeout*
+    seconds.  On failure the connection is closed and the error re-raised."""
+    stream = BulkTLSStream(tcp, context, server_side=False, server_hostname=server_hostname)
+    try:
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with trio.fail_after(timeout):
             await stream.do_handshake()
-        except BaseException:
-            await trio.aclose_forcefully(tcp)
-            raise
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     return stream
 
 
