@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from .core import ConfigError, Edge, EdgeConfig
+from .core import ConfigError, Edge, EdgeConfig, _gcpace
 from .core._admin import admin_services
 from .core._certs import ensure_private_dir
 from .core._store import Store
@@ -80,6 +80,8 @@ async def _main(edge: Edge, token_path: Path | None) -> int:
         async with trio.open_nursery() as nursery:
             info = await nursery.start(edge.serve)
             freeze_startup_objects()
+            # Thousands of long-lived sessions: full collections walk only what is new.
+            _gcpace.install()
             for name in ("agent", "http", "https", "ssh", "api"):
                 if name in info.listeners:
                     _say(f"tunneld edge: {name} listener on {info.listeners[name]}")

@@ -847,9 +847,13 @@ async def open_edge_tcp(host: str, port: int) -> trio.SocketStream:
 
 
 async def open_edge_tls(host: str, port: int, context: Any) -> BulkTLSStream:
-    """Connect to the edge within CONNECT_TIMEOUT, then handshake within TLS_TIMEOUT."""
+    """Connect to the edge within CONNECT_TIMEOUT, then handshake within TLS_TIMEOUT.
+
+    The socket is lean (``_lean``): the mux's carrier reads and writes that need no wait skip
+    the scheduler (one each per batch of frames; an idle session's heartbeat is one batch).
+    """
     return await start_tls_client(await open_edge_tcp(host, port), context, server_hostname=host,
-                                  timeout=TLS_TIMEOUT)
+                                  timeout=TLS_TIMEOUT, lean_io=True)
 
 
 def _transient(group: BaseExceptionGroup[Any]) -> bool:

@@ -43,7 +43,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from .._logging import write_access
-from . import proto
+from . import _gcpace, proto
 from . import proto as _proto  # where a parameter is named ``proto`` (SessionContext.open_stream)
 from ._access import log_connection
 from ._acl import LABELS, allows_bind
@@ -52,6 +52,7 @@ from ._certs import certificate_names, ensure_dev_host_cert, name_matches
 from ._errors import Code, ConfigError, PluginError, RemoteProtocolError, TunnelRejected, wire_error
 from ._forward import ByteCounts
 from ._hostnames import AllowedHostname, HostChooser, HostPolicy
+from ._lean import lean
 from ._metrics import EdgeMetrics
 from ._mux import MAX_REMOTE_STREAMS, MuxSession, MuxStream
 from ._names import NameClaims, Signer, load_secret
@@ -520,13 +521,15 @@ class Edge:
     async def _trim_memory(self) -> None:
         """Now and then, give the memory of ended sessions back to the OS (``malloc_trim``), and
         forget the metrics of tunnels that are gone."""
+        trim = True  # until we learn there is no glibc
         while True:
             await trio.sleep(TRIM_INTERVAL)
             self.metrics.prune(self.live_tunnel_ids())
-            if self._ended_since_trim:
+            # Ended sessions' cycles may be frozen (``_gcpace``): collected first when due.
+            reclaimed = _gcpace.maybe_reclaim(len(self.sessions))
+            if trim and (self._ended_since_trim or reclaimed):
                 self._ended_since_trim = 0
-                if not await trio.to_thread.run_sync(release_free_memory):
-                    return  # not glibc: nothing to do, ever
+                trim = await trio.to_thread.run_sync(release_free_memory)
 
     async def _watch_heartbeats(self) -> None:
         """Close the sessions whose agents stopped heartbeating (see :meth:`AgentSession.silent`)."""
@@ -624,6 +627,7 @@ class Edge:
                 self.sessions.discard(session)
                 session.end_preauth()
                 self._ended_since_trim += 1
+                _gcpace.sessions_ended()
                 if session.counted:
                     self._count(self.sessions_by_token, session.token_id, -1)
                 session.ended.set()
@@ -652,7 +656,9 @@ class Edge:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(release_later)
                 try:
-                    tls = await accept_tls(stream, self.ssl_context, timeout=HANDSHAKE_FINISH_TIME)
+                    # Lean socket I/O (``_lean``): the mux carrier's reads and writes that need
+                    # no wait skip the scheduler; an idle session's heartbeat is one of each.
+                    tls = await accept_tls(lean(stream), self.ssl_context, timeout=HANDSHAKE_FINISH_TIME)
                 except (trio.TooSlowError, trio.BrokenResourceError) as exc:
                     error = exc  # raised below, not wrapped in the nursery's ExceptionGroup
                 finally:

@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
+from ._lean import lean
+
 __all__ = [
     "BulkTLSStream",
     "accept_tls",
@@ -94,6 +96,8 @@ try:
     from OpenSSL._util import lib as _lib
 
     _SSL_read = _lib.SSL_read
+    _SSL_get_error = _lib.SSL_get_error
+    _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _BIO_read = _lib.BIO_read
     # BIO_get_mem_data(bio, NULL): the bytes a memory BIO holds (BIO_CTRL_INFO), not copied.
     _BIO_pending = _lib.BIO_get_mem_data
@@ -284,7 +288,8 @@ class BulkTLSStream(trio.abc.Stream):
         self._state = _State.OK
         self._handshook = False
         self._eof = False  # close_notify or transport EOF seen
-        self._handshake_lock = trio.Lock()
+        # Dropped once the handshake is done (an idle session holds thousands of these).
+        self._handshake_lock: trio.Lock | None = trio.Lock()
         self._send_lock = trio.Lock()  # guards transport.send_all / wait_send_all_might_not_block
         self._send_conflict = _Conflict("another task is using this stream for send")
         self._recv_conflict = _Conflict("another task is using this stream for receive")
@@ -430,7 +435,9 @@ class BulkTLSStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return
         self._check_status()
-        async with self._handshake_lock:
+        lock = self._handshake_lock
+        assert lock is not None  # None only once the handshake is done
+        async with lock:
             self._check_status()
             if self._handshook:
                 return
@@ -480,6 +487,7 @@ class BulkTLSStream(trio.abc.Stream):
                     f"certificate for {host} does not match: {exc}"
                 ) from exc
         self._handshook = True
+        self._handshake_lock = None
 
     # ---- receive ---------------------------------------------------------------------------
 
@@ -512,16 +520,31 @@ class BulkTLSStream(trio.abc.Stream):
             got = 0
             blocked = False
             while got < max_bytes:
+                want_read = False
                 try:
                     if ptr is not None:
                         # SSL_read decrypts one record straight into the staging buffer.
                         n = _SSL_read(ssl, ptr + got, max_bytes - got)
                         if n <= 0:
-                            conn._raise_ssl_error(ssl, n)  # the same errors recv_into raises
-                            raise SSL.SysCallError(-1, f"SSL_read returned {n}")
+                            # "Need more ciphertext" is the common case (every read ends with
+                            # it): told apart without raising, the rest as recv_into raises it.
+                            if _SSL_get_error(ssl, n) == _WANT_READ:
+                                want_read = True
+                            else:
+                                conn._raise_ssl_error(ssl, n)
+                                raise SSL.SysCallError(-1, f"SSL_read returned {n}")
                     else:
                         n = conn.recv_into(view[got:], max_bytes - got)
                 except SSL.WantReadError:
+                    want_read = True
+                except SSL.ZeroReturnError:
+                    self._eof = True  # close_notify
+                    break
+                except SSL.Error as exc:
+                    raise self._broken(exc, "receive") from exc
+                if want_read:
+                    # Waited for outside the except clause: a task parked in one keeps the
+                    # exception, its traceback and frame alive (every idle session did).
                     if got:
                         break
                     await self._flush_from_receiver()
@@ -532,11 +555,6 @@ class BulkTLSStream(trio.abc.Stream):
                         break
                     conn.bio_write(data)
                     continue
-                except SSL.ZeroReturnError:
-                    self._eof = True  # close_notify
-                    break
-                except SSL.Error as exc:
-                    raise self._broken(exc, "receive") from exc
                 got += n
             # Copy out before the checkpoint: the staging buffer is shared by all streams.
             result = bytes(view[:got]) if got else b""
@@ -670,11 +688,17 @@ async def open_tls_client(
 
 
 async def start_tls_client(
-    tcp: trio.SocketStream, context: SSL.Context, *, server_hostname: str, timeout: float = float("inf")
+    tcp: trio.SocketStream, context: SSL.Context, *, server_hostname: str, timeout: float = float("inf"),
+    lean_io: bool = False,
 ) -> BulkTLSStream:
     """Client-side handshake over a connected TCP stream (TCP_NODELAY set) within *timeout*
-    seconds.  On failure the connection is closed and the error re-raised."""
-    stream = BulkTLSStream(tcp, context, server_side=False, server_hostname=server_hostname)
+    seconds.  On failure the connection is closed and the error re-raised.
+
+    With *lean_io* the socket's reads and writes that need no wait skip the scheduler
+    (:mod:`._lean`; the stream then checkpoints less often than trio's streams promise).
+    """
+    transport = lean(tcp) if lean_io else tcp
+    stream = BulkTLSStream(transport, context, server_side=False, server_hostname=server_hostname)
     try:
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with trio.fail_after(timeout):

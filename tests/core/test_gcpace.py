@@ -1,0 +1,63 @@
+"""``_gcpace``: survivors of full collections are frozen; ended sessions' cycles are reclaimed.
+
+Run in a child interpreter: freezing is process-wide and must not touch the test runner's heap.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import gc, time, weakref
+    from tunneld.core import _gcpace
+
+    class Session:
+        pass
+
+    def cycle():
+        s = Session()
+        s.me = s  # only the cycle collector can free it
+        return s
+
+    assert not _gcpace.maybe_reclaim(0)  # not installed: nothing happens
+    _gcpace.install()
+    _gcpace.install()  # idempotent
+    assert gc.callbacks.count(_gcpace._on_collection) == 1
+
+    s = cycle()
+    ref = weakref.ref(s)
+    gc.collect()  # a full collection: its survivors (s among them) are frozen
+    frozen = gc.get_freeze_count()
+    assert frozen > 0, frozen
+    del s
+    gc.collect()
+    assert ref() is not None, "a frozen cycle is not examined"
+
+    _gcpace.sessions_ended(1)
+    assert not _gcpace.maybe_reclaim(10)  # 1 ended of 10 alive: not yet
+    assert ref() is not None
+    assert _gcpace.maybe_reclaim(4)  # a quarter: collected
+    assert ref() is None
+    assert gc.get_freeze_count() > 0  # the survivors are frozen again
+    assert not _gcpace.maybe_reclaim(0)  # nothing ended since
+
+    s = cycle()
+    ref = weakref.ref(s)
+    gc.collect()
+    del s
+    _gcpace.sessions_ended(1)
+    assert not _gcpace.maybe_reclaim(1000)
+    assert _gcpace.maybe_reclaim(1000, now=time.monotonic() + _gcpace.RECLAIM_AFTER + 1)  # too old
+    assert ref() is None
+    print("ok")
+    """
+)
+
+
+def test_freeze_and_reclaim() -> None:
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,80 @@
+"""Garbage collection paced for a process that holds many long-lived sessions.
+
+CPython's full collection walks every object it tracks, and it runs whenever the objects that
+survived young collections since the last one exceed a quarter of those it kept.  An edge
+taking on thousands of agent sessions (a few hundred objects each) so walks its whole heap
+again and again while it grows: 6,000 agents connecting at once cost 14 full collections, 4.4 s
+of the edge's 23.6 s of CPU, and each one stopped every session for up to 0.7 s
+(``bench/many_agents.py``).
+
+Once installed, the survivors of each full collection are frozen (:func:`gc.freeze`): the next
+ones walk only what is newer, so each object is walked about once as the heap grows.  Frozen
+objects are never examined, so reference cycles among them that die (the tasks, streams and
+TLS state of an ended session) would stay allocated.  :func:`sessions_ended` counts such
+endings and :func:`maybe_reclaim` unfreezes and collects everything once they add up to a
+quarter of the sessions alive (CPython's own rule, counted in sessions rather than objects) or
+are older than :data:`RECLAIM_AFTER` seconds — then the memory can go back to the OS.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+__all__ = ["RECLAIM_AFTER", "install", "installed", "maybe_reclaim", "sessions_ended"]
+
+#: Seconds an ended session's cyclic garbage may stay frozen, however few sessions ended.
+RECLAIM_AFTER = 300.0
+
+_installed = False
+#: Sessions ended since the last reclaim, and when the first of them ended (monotonic).
+_ended = 0
+_first_ended = 0.0
+
+
+def _on_collection(phase: str, info: dict[str, Any]) -> None:
+    # Runs right after a collection; freezing merges the generations' lists into the permanent
+    # one (no object is visited), so it is cheap and safe here.
+    if phase == "stop" and info.get("generation") == 2:
+        gc.freeze()
+
+
+def install() -> None:
+    """Freeze the survivors of every full collection from now on (idempotent; process-wide)."""
+    global _installed
+    if not _installed:
+        _installed = True
+        gc.callbacks.append(_on_collection)
+
+
+def installed() -> bool:
+    return _installed
+
+
+def sessions_ended(count: int = 1) -> None:
+    """Note that ``count`` long-lived sessions ended (their cycles may be frozen garbage)."""
+    global _ended, _first_ended
+    if count > 0:
+        if not _ended:
+            _first_ended = time.monotonic()
+        _ended += count
+
+
+def maybe_reclaim(live_sessions: int, *, now: float | None = None) -> bool:
+    """Collect the frozen garbage of ended sessions when it is due; True if it collected.
+
+    Due when the sessions ended since the last reclaim reach a quarter of ``live_sessions``, or
+    the first of them ended :data:`RECLAIM_AFTER` seconds ago.  A no-op unless installed.  The
+    collection walks everything once (as CPython's own full collection would at that point).
+    """
+    global _ended
+    if not _installed or not _ended:
+        return False
+    now = time.monotonic() if now is None else now
+    if _ended * 4 < live_sessions and now - _first_ended < RECLAIM_AFTER:
+        return False
+    _ended = 0
+    gc.unfreeze()
+    gc.collect()  # full: its callback freezes the survivors again
+    return True
