@@ -476,7 +476,9 @@ class Edge:
         """
         while True:
             await trio.sleep(REVOCATION_CHECK)
-            ids = sorted({s.token_id for s in self.sessions if s.token_id})
+            # The tokens of the authenticated sessions, counted as they come and go: no walk
+            # over every session (thousands, every REVOCATION_CHECK seconds) to find them.
+            ids = sorted(self.sessions_by_token)
             if not ids:
                 continue
             try:
@@ -742,6 +744,8 @@ class AgentSession:
     _pending_binds: int = 0
     #: The agent's heartbeat stream, echoed by the mux reader (None until it opens one).
     _heartbeat: MuxStream | None = None
+    #: Seconds of heartbeat silence allowed (from the agent's Auth; see :meth:`silent`).
+    _silence_limit: float = HEARTBEAT_DEFAULT_LIMIT
 
     def __attrs_post_init__(self) -> None:
         self._hosts = HostChooser(self.edge.host_policy, self.edge.routes, self)
@@ -870,13 +874,7 @@ class AgentSession:
         """
         stream = self._heartbeat
         last = stream.last_echo if stream is not None else None
-        if last is None:
-            return False
-        limit = HEARTBEAT_DEFAULT_LIMIT
-        if self.auth is not None and self.auth.extra.heartbeat_interval > 0:
-            extra = self.auth.extra
-            limit = (extra.heartbeat_interval + extra.heartbeat_tolerance) / 1e9 + HEARTBEAT_SLACK
-        return now - last > limit
+        return last is not None and now - last > self._silence_limit
 
     # ---- RPCs ----------------------------------------------------------------------------
 
@@ -924,6 +922,9 @@ class AgentSession:
             return
         edge.limiter.refund(host)
         self.auth = _kept(msg)
+        if msg.extra.heartbeat_interval > 0:
+            self._silence_limit = ((msg.extra.heartbeat_interval + msg.extra.heartbeat_tolerance) / 1e9
+                                   + HEARTBEAT_SLACK)
         self.token_id = record.id
         self.account_id = record.account_id
         self.client_id = await self._resume_or_new(msg)

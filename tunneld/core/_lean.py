@@ -169,6 +169,23 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the socket takes now, without waiting: the byte count (0 if none).
+
+        For a caller that owns the sending side at this moment (raises BusyResourceError
+        while a ``send_all`` is in progress).
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self.socket.did_shutdown_SHUT_WR:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        try:
+            return os.write(self._fileno(), data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")

@@ -457,6 +457,15 @@ class MuxSession:
     #: Why the session ended (None for a clean EOF).
     close_reason: str = attrs.field(default="", init=False)
     _send_parts: Any = attrs.field(default=None, init=False)
+    #: The carrier's ``send_parts_nowait`` (BulkTLSStream), or None.
+    _send_nowait: Any = attrs.field(default=None, init=False)
+    #: The reader is dispatching one carrier read: frames queued meanwhile wait for its end,
+    #: where the reader writes them itself if the writer is idle (see :meth:`_end_dispatch`).
+    _dispatching: bool = attrs.field(default=False, init=False)
+    #: The writer holds parts taken from the outbox (nobody else may write before them).
+    _writing: bool = attrs.field(default=False, init=False)
+    #: The carrier holds ciphertext an inline write left: the writer must flush it.
+    _flush_due: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._decoder = FrameDecoder(max_data_frame=max(self.window, MAX_DATA_FRAME))
@@ -464,6 +473,7 @@ class MuxSession:
         self._next_id = 3 if self.client else 2
         self._accept_send, self._accept_recv = trio.open_memory_channel[MuxStream](math.inf)
         self._send_parts = getattr(self.transport, "send_all_parts", None)
+        self._send_nowait = getattr(self.transport, "send_parts_nowait", None)
 
     def set_window(self, window: int) -> None:
         """Use ``window`` for streams opened from now on (agreed through Auth.Extra)."""
@@ -527,32 +537,56 @@ class MuxSession:
                     raise RemoteProtocolError("peer sent more than it may at this point of the session",
                                               code=ErrorCode.ENHANCE_YOUR_CALM)
             woken, last = 0, -1
-            for event in decoder.receive_data(data):
-                if type(event) is Data:
-                    self._on_data(event)
-                    if event.stream_id != last:
-                        last = event.stream_id
-                        woken += 1
-                        if woken == DISPATCH_SLICE:
-                            # Let the streams woken so far run (and answer) before the rest.
-                            woken = 0
-                            await trio.lowlevel.checkpoint()
-                            if self._dead:  # closed meanwhile: the rest has nowhere to go
-                                return
-                elif type(event) is WindowUpdate:
-                    stream = self._streams.get(event.stream_id)
-                    if stream is not None:
-                        stream._on_credit(event.increment)
-                elif type(event) is Reset:
-                    stream = self._streams.get(event.stream_id)
-                    if stream is not None:
-                        self._forget(stream)
-                        stream._on_broken(StreamReset(event.code))
-                elif type(event) is GoAway:
-                    self.close_reason = f"peer went away ({_code_name(event.code)})"
-                    if event.debug:
-                        self.close_reason += f": {event.debug.decode('utf-8', 'replace')[:200]}"
+            self._dispatching = True
+            try:
+                for event in decoder.receive_data(data):
+                    if type(event) is Data:
+                        self._on_data(event)
+                        if event.stream_id != last:
+                            last = event.stream_id
+                            woken += 1
+                            if woken == DISPATCH_SLICE:
+                                # Let the streams woken so far run (and answer) before the rest.
+                                woken = 0
+                                self._end_dispatch()
+                                await trio.lowlevel.checkpoint()
+                                if self._dead:  # closed meanwhile: the rest has nowhere to go
+                                    return
+                                self._dispatching = True
+                    elif type(event) is WindowUpdate:
+                        stream = self._streams.get(event.stream_id)
+                        if stream is not None:
+                            stream._on_credit(event.increment)
+                    elif type(event) is Reset:
+                        stream = self._streams.get(event.stream_id)
+                        if stream is not None:
+                            self._forget(stream)
+                            stream._on_broken(StreamReset(event.code))
+                    elif type(event) is GoAway:
+                        self.close_reason = f"peer went away ({_code_name(event.code)})"
+                        if event.debug:
+                            self.close_reason += f": {event.debug.decode('utf-8', 'replace')[:200]}"
+                        return
+            finally:
+                self._end_dispatch()
+
+    def _end_dispatch(self) -> None:
+        """After dispatching frames: write what they queued (echoes, credit, resets) from this
+        task if the writer is idle, else wake it."""
+        self._dispatching = False
+        if not self._outbox or self._dead:
+            return
+        if not self._writing and self._send_nowait is not None:
+            sent = self._send_nowait(self._outbox)
+            if sent is not None:
+                self._outbox = []
+                self._outbox_bytes = 0
+                self._outbox_space.unpark_all()
+                if sent:
+                    self._flushed.unpark_all()
                     return
+                self._flush_due = True  # the writer sends the rest
+        self._outbox_ready.unpark_all()
 
     def _on_data(self, event: Data) -> None:
         sid = event.stream_id
@@ -586,13 +620,15 @@ class MuxSession:
         send_parts = self._send_parts
         send_all = self.transport.send_all
         while True:
-            while not self._outbox:
+            while not self._outbox and not self._flush_due:
                 self._flushed.unpark_all()
                 await self._outbox_ready.park()
             parts = self._outbox
             self._outbox = []
             self._outbox_bytes = 0
+            self._flush_due = False
             self._outbox_space.unpark_all()
+            self._writing = True
             try:
                 if send_parts is not None:
                     await send_parts(parts)
@@ -607,6 +643,8 @@ class MuxSession:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(self.transport)
                 return
+            finally:
+                self._writing = False
 
     async def _wait_flushed(self) -> None:
         while self._outbox and not self._dead:
@@ -619,7 +657,8 @@ class MuxSession:
             return
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
-        self._outbox_ready.unpark_all()
+        if not self._dispatching:
+            self._outbox_ready.unpark_all()
 
     async def _queue_data(self, header: bytes, payload: memoryview) -> bool:
         """Queue one DATA frame, first waiting for room in the outbox; True if it waited."""
