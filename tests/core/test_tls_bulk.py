@@ -186,3 +186,36 @@ async def test_negotiates_aes128_gcm(lst: trio.SocketListener, bulk_pki: Pki) ->
 def test_fast_path_available() -> None:
     """The pyOpenSSL in constraints.txt has the names the direct path uses."""
     assert _tls._FAST
+
+
+async def test_grown_bios_are_renewed_once_traffic_is_small(bulk_pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memory BIO keeps the largest size it held: after the handshake, and after bulk traffic
+    once it is small again, the engine gets fresh BIOs (and no byte is lost on the way)."""
+    if not _tls._FAST:
+        pytest.skip("needs pyOpenSSL's cffi binding (the fast path)")
+    monkeypatch.setattr(_tls, "_BIO_SHRINK_AFTER", 0.2)
+    with trio.fail_after(20):
+        client, server = await _over(*trio.testing.memory_stream_pair(), bulk_pki)
+        assert server._rbio_grown is None and server._wbio_grown is None
+        bulk = os.urandom(3 * 1024 * 1024)
+        for sender, receiver in ((client, server), (server, client)):
+            await sender.send_all(bulk)
+            got = bytearray()
+            while len(got) < len(bulk):
+                got += await receiver.receive_some()
+            assert got == bulk
+            assert receiver._rbio_grown is not None and sender._wbio_grown is not None
+            rbio, wbio = receiver._conn._into_ssl, sender._conn._from_ssl
+            await trio.sleep(0.3)
+            await sender.send_all(b"small")  # the sender's drained BIO is renewed here
+            assert await receiver.receive_some() == b"small"  # and the receiver's here
+            assert receiver._rbio_grown is None and sender._wbio_grown is None
+            assert receiver._conn._into_ssl != rbio and sender._conn._from_ssl != wbio
+        # Both still work both ways after the swap.
+        await client.send_all(b"ping")
+        assert await server.receive_some() == b"ping"
+        await server.send_all(b"pong")
+        assert await client.receive_some() == b"pong"
+        await client.aclose()
+        assert await server.receive_some() == b""
+        await server.aclose()

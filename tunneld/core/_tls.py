@@ -76,6 +76,13 @@ _OBUF_SIZE = SEND_CHUNK + 8 * 1024
 _SMALL_OBUF_SIZE = 2 * _RECORD + 256
 #: Idle ciphertext buffers kept per thread (one is in use per connection that is sending).
 _OBUF_POOL = 4
+#: Ciphertext handed to the engine's incoming BIO at once.  A memory BIO never gives back the
+#: room it grew to: fed whole 1 MiB reads, every session that once received a bulk transfer
+#: kept ~1.3 MB for the rest of its life.
+_FEED = 64 * 1024
+#: Seconds without bulk traffic after which a connection swaps the engine's grown BIOs for
+#: fresh ones (see ``_renew_bios``), on its next small receive or send.
+_BIO_SHRINK_AFTER = 1.0
 #: Seconds ``aclose`` spends trying to deliver close_notify.
 CLOSE_NOTIFY_TIMEOUT = 1.0
 
@@ -99,6 +106,8 @@ try:
     _SSL_get_error = _lib.SSL_get_error
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _BIO_read = _lib.BIO_read
+    _BIO_new_mem = lambda: _lib.BIO_new(_lib.BIO_s_mem())  # noqa: E731
+    _SSL_set_bio = _lib.SSL_set_bio
     # BIO_get_mem_data(bio, NULL): the bytes a memory BIO holds (BIO_CTRL_INFO), not copied.
     _BIO_pending = _lib.BIO_get_mem_data
     _from_buffer = _ffi.from_buffer
@@ -149,6 +158,11 @@ def _put_obuf(buf: bytearray) -> None:
         _local.obufs = pool = []
     if len(pool) < _OBUF_POOL:
         pool.append(buf)
+
+
+def _quiet_since(grown: float | None) -> bool:
+    """A BIO grew at ``grown`` (trio time) and traffic has been small for a while since."""
+    return grown is not None and trio.current_time() - grown > _BIO_SHRINK_AFTER
 
 
 class _State(enum.Enum):
@@ -295,6 +309,12 @@ class BulkTLSStream(trio.abc.Stream):
         #: Ciphertext :meth:`send_parts_nowait` took from the engine and the socket did not
         #: take: written first by the next sender.
         self._unsent = b""
+        #: Ciphertext read from the transport, not yet fed to the engine (at most _FEED a time).
+        self._backlog: memoryview | None = None
+        #: When the engine's incoming / outgoing BIO last grew past small records (or None:
+        #: not since it was new).  Fresh ones replace them once traffic is small again.
+        self._rbio_grown: float | None = None
+        self._wbio_grown: float | None = None
         self._recv_conflict = _Conflict("another task is using this stream for receive")
 
     # ---- introspection ---------------------------------------------------------------------
@@ -373,13 +393,16 @@ class BulkTLSStream(trio.abc.Stream):
         if plaintext <= _RECORD:
             small = _small_obuf()
             n = self._take_outgoing(small)
+            big = n == len(small)  # the BIO may hold more
+            if not big and _quiet_since(self._wbio_grown):
+                self._renew_bios(read=False, write=True)  # drained, and bulk is over
             if not n and not unsent:
                 return
             with memoryview(small) as view, view[:n] as taken:
                 head = bytes(taken)
-            big = n == len(small)  # the BIO may hold more
         else:
             big = True
+            self._wbio_grown = trio.current_time()
         try:
             if unsent:
                 await self.transport_stream.send_all(unsent)
@@ -496,6 +519,30 @@ class BulkTLSStream(trio.abc.Stream):
                 ) from exc
         self._handshook = True
         self._handshake_lock = None
+        # The handshake's flights (a post-quantum key share is over 1 KB each way) grew both
+        # BIOs: ~4 KB per idle session given back.
+        self._renew_bios(read=True, write=True)
+
+    def _renew_bios(self, *, read: bool, write: bool) -> None:
+        """Give the engine fresh, empty memory BIOs in place of grown ones that are empty now
+        (a memory BIO keeps the largest size it ever held).  Only on the cffi fast path."""
+        if not _FAST:
+            return
+        conn = self._conn
+        rbio, wbio = conn._into_ssl, conn._from_ssl
+        new_r = read and not _BIO_pending(rbio, _ffi.NULL)
+        new_w = write and not _BIO_pending(wbio, _ffi.NULL)
+        if not (new_r or new_w):
+            return
+        if new_r:
+            rbio = _BIO_new_mem()
+            self._rbio_grown = None
+        if new_w:
+            wbio = _BIO_new_mem()
+            self._wbio_grown = None
+        # The SSL object frees the BIOs it no longer uses (SSL_set_bio's ownership rules).
+        _SSL_set_bio(conn._ssl, rbio, wbio)
+        conn._into_ssl, conn._from_ssl = rbio, wbio
 
     # ---- receive ---------------------------------------------------------------------------
 
@@ -553,15 +600,25 @@ class BulkTLSStream(trio.abc.Stream):
                 if want_read:
                     # Waited for outside the except clause: a task parked in one keeps the
                     # exception, its traceback and frame alive (every idle session did).
-                    if got:
-                        break
-                    await self._flush_from_receiver()
-                    data = await self.transport_stream.receive_some(TRANSPORT_READ)
-                    blocked = True
-                    if not data:
-                        self._eof = True  # EOF without close_notify: lenient, see class doc
-                        break
-                    conn.bio_write(data)
+                    chunk = self._backlog  # read already: fed without waiting
+                    if chunk is None:
+                        if got:
+                            break
+                        await self._flush_from_receiver()
+                        data = await self.transport_stream.receive_some(TRANSPORT_READ)
+                        blocked = True
+                        if not data:
+                            self._eof = True  # EOF without close_notify: lenient, see class doc
+                            break
+                        if len(data) <= _RECORD:
+                            if _quiet_since(self._rbio_grown):
+                                self._renew_bios(read=True, write=False)
+                            conn.bio_write(data)
+                            continue
+                        self._rbio_grown = trio.current_time()
+                        chunk = memoryview(data)
+                    conn.bio_write(chunk[:_FEED])
+                    self._backlog = chunk[_FEED:] if len(chunk) > _FEED else None
                     continue
                 got += n
             # Copy out before the checkpoint: the staging buffer is shared by all streams.
