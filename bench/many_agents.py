@@ -45,7 +45,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tunneld.core import Agent, AgentConfig, TunnelConfig, _agent, _tls  # noqa: E402
+from tunneld.core import Agent, AgentConfig, TunnelConfig, _agent, _gcpace, _tls  # noqa: E402
 from tunneld.core._plugins import build_registry, get_plugin_manager  # noqa: E402
 
 #: Linux: bind() a source address without reserving a port yet (socket.h).
@@ -275,6 +275,11 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
     except (OSError, ValueError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if not args.churn:
+        # Thousands of agents in one process: pace its full collections as the edge paces its
+        # own (agents in processes of their own have small heaps, where this does not matter).
+        # Not when churning: nothing here reclaims the frozen cycles of agents that left.
+        _gcpace.install()
     trio.run(run, args)
 
 
