@@ -188,7 +188,9 @@ def test_fast_path_available() -> None:
     assert _tls._FAST
 
 
-async def test_grown_bios_are_renewed_once_traffic_is_small(bulk_pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_grown_bios_are_renewed_once_traffic_is_small(
+    bulk_pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A memory BIO keeps the largest size it held: after the handshake, and after bulk traffic
     once it is small again, the engine gets fresh BIOs (and no byte is lost on the way)."""
     if not _tls._FAST:
