@@ -106,7 +106,6 @@ try:
     _SSL_get_error = _lib.SSL_get_error
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _BIO_read = _lib.BIO_read
-    _BIO_new_mem = lambda: _lib.BIO_new(_lib.BIO_s_mem())  # noqa: E731
     _SSL_set_bio = _lib.SSL_set_bio
     # BIO_get_mem_data(bio, NULL): the bytes a memory BIO holds (BIO_CTRL_INFO), not copied.
     _BIO_pending = _lib.BIO_get_mem_data
@@ -158,6 +157,11 @@ def _put_obuf(buf: bytearray) -> None:
         _local.obufs = pool = []
     if len(pool) < _OBUF_POOL:
         pool.append(buf)
+
+
+def _BIO_new_mem() -> Any:  # noqa: N802 - named as the other OpenSSL calls here
+    """A new, empty memory BIO (fast path only)."""
+    return _lib.BIO_new(_lib.BIO_s_mem())
 
 
 def _quiet_since(grown: float | None) -> bool:
