@@ -7,7 +7,7 @@ import os
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,43 +172,52 @@ async def test_alpn_without_overlap_still_connects(listener: trio.SocketListener
             assert server.selected_alpn_protocol() is None
 
 
+async def exchange_both_ways(client: BulkTLSStream, server: BulkTLSStream, size: int,
+                             write_size: Callable[[random.Random], int]) -> dict[BulkTLSStream, list[int]]:
+    """Send ``size`` random bytes each way at once, in writes of ``write_size(rng)`` bytes; check
+    every byte arrived in order; return the sizes of each side's receives."""
+    payload = {client: os.urandom(size), server: os.urandom(size)}
+    digests: dict[BulkTLSStream, str] = {}
+    sizes: dict[BulkTLSStream, list[int]] = {client: [], server: []}
+
+    async def sender(stream: BulkTLSStream, seed: int) -> None:
+        rnd = random.Random(seed)
+        view = memoryview(payload[stream])
+        while view:
+            n = write_size(rnd)
+            await stream.send_all(view[:n])
+            view = view[n:]
+
+    async def receiver(stream: BulkTLSStream) -> None:
+        h = hashlib.sha256()
+        got = 0
+        while got < size:
+            chunk = await stream.receive_some()
+            assert chunk and len(chunk) <= MAX_RECEIVE
+            assert type(chunk) is bytes  # never a view of the shared staging buffer
+            sizes[stream].append(len(chunk))
+            h.update(chunk)
+            got += len(chunk)
+        assert got == size
+        digests[stream] = h.hexdigest()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender, client, 1)
+        nursery.start_soon(sender, server, 2)
+        nursery.start_soon(receiver, client)
+        nursery.start_soon(receiver, server)
+    assert digests[server] == hashlib.sha256(payload[client]).hexdigest()
+    assert digests[client] == hashlib.sha256(payload[server]).hexdigest()
+    return sizes
+
+
 async def test_bulk_64mib_each_way_concurrently(listener: trio.SocketListener, pki: Pki) -> None:
-    size = 64 * 1024 * 1024
     with trio.fail_after(60):
         client, server = await _tls_pair(listener, pki)
-        payload = {client: os.urandom(size), server: os.urandom(size)}
-        digests: dict[BulkTLSStream, str] = {}
-        sizes: dict[BulkTLSStream, list[int]] = {client: [], server: []}
-
-        async def sender(stream: BulkTLSStream, seed: int) -> None:
-            rnd = random.Random(seed)
-            view = memoryview(payload[stream])
-            while view:
-                n = rnd.choice((1000, 16 * 1024, 64 * 1024 + 7, 256 * 1024, 1024 * 1024))
-                await stream.send_all(view[:n])
-                view = view[n:]
-
-        async def receiver(stream: BulkTLSStream) -> None:
-            h = hashlib.sha256()
-            got = 0
-            while got < size:
-                chunk = await stream.receive_some()
-                assert chunk
-                assert len(chunk) <= MAX_RECEIVE
-                sizes[stream].append(len(chunk))
-                h.update(chunk)
-                got += len(chunk)
-            assert got == size
-            digests[stream] = h.hexdigest()
-
         async with client, server:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sender, client, 1)
-                nursery.start_soon(sender, server, 2)
-                nursery.start_soon(receiver, client)
-                nursery.start_soon(receiver, server)
-        assert digests[server] == hashlib.sha256(payload[client]).hexdigest()
-        assert digests[client] == hashlib.sha256(payload[server]).hexdigest()
+            sizes = await exchange_both_ways(
+                client, server, 64 * 1024 * 1024,
+                lambda rnd: rnd.choice((1000, 16 * 1024, 64 * 1024 + 7, 256 * 1024, 1024 * 1024)))
         # The point of the class: many records per receive, not one 16 KiB record.
         for stream in (client, server):
             assert max(sizes[stream]) >= 64 * 1024, max(sizes[stream])

@@ -3,7 +3,6 @@ no ciphertext buffer held by an idle stream, released record buffers, AES-128-GC
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -14,9 +13,10 @@ import trio.testing
 from OpenSSL import SSL
 
 from tunneld.core import _tls
+from tunneld.core._lean import lean
 from tunneld.core._tls import MAX_RECEIVE, BulkTLSStream
 
-from .test_tls import Pki, _over, _tls_pair, _write_pki
+from .test_tls import Pki, _over, _tcp_pair, _tls_pair, _write_pki, exchange_both_ways
 
 
 @pytest.fixture(scope="module")
@@ -47,38 +47,10 @@ async def test_bulk_both_ways_intact(lst: trio.SocketListener, bulk_pki: Pki, pa
     """8 MiB each way at once, odd write sizes; every byte arrives in order.  Run a few times:
     before encryption moved under the send lock this deadlocked in about half the runs,
     depending on trio's (randomised) scheduling order."""
-    size = 8 * 1024 * 1024
     with trio.fail_after(30):
         client, server = await _tls_pair(lst, bulk_pki)
-        payload = {client: os.urandom(size), server: os.urandom(size)}
-        digests: dict[BulkTLSStream, str] = {}
-        biggest: dict[BulkTLSStream, int] = {client: 0, server: 0}
-
-        async def sender(stream: BulkTLSStream) -> None:
-            view = memoryview(payload[stream])
-            step = 3 * 1024 * 1024 + 17  # > SEND_CHUNK, not a record multiple
-            while view:
-                await stream.send_all(view[:step])
-                view = view[step:]
-
-        async def receiver(stream: BulkTLSStream) -> None:
-            h = hashlib.sha256()
-            got = 0
-            while got < size:
-                chunk = await stream.receive_some()
-                assert chunk and len(chunk) <= MAX_RECEIVE
-                assert type(chunk) is bytes  # never a view of the shared staging buffer
-                biggest[stream] = max(biggest[stream], len(chunk))
-                h.update(chunk)
-                got += len(chunk)
-            digests[stream] = h.hexdigest()
-
-        async with trio.open_nursery() as nursery:
-            for s in (client, server):
-                nursery.start_soon(sender, s)
-                nursery.start_soon(receiver, s)
-        assert digests[server] == hashlib.sha256(payload[client]).hexdigest()
-        assert digests[client] == hashlib.sha256(payload[server]).hexdigest()
+        # Writes larger than SEND_CHUNK and not a multiple of a record.
+        await exchange_both_ways(client, server, 8 * 1024 * 1024, lambda _rnd: 3 * 1024 * 1024 + 17)
         await client.aclose()
         assert await server.receive_some() == b""  # close_notify, through the same read path
         await server.aclose()
@@ -193,8 +165,8 @@ async def test_grown_bios_are_renewed_once_traffic_is_small(
 ) -> None:
     """A memory BIO keeps the largest size it held: after the handshake, and after bulk traffic
     once it is small again, the engine gets fresh BIOs (and no byte is lost on the way)."""
-    if not _tls._FAST:
-        pytest.skip("needs pyOpenSSL's cffi binding (the fast path)")
+    # The renewal lives on the fast path; pyOpenSSL without its cffi binding would lose it.
+    assert _tls._FAST, "pyOpenSSL's cffi binding is missing: BulkTLSStream runs its slow path"
     monkeypatch.setattr(_tls, "_BIO_SHRINK_AFTER", 0.2)
     with trio.fail_after(20):
         client, server = await _over(*trio.testing.memory_stream_pair(), bulk_pki)
@@ -220,4 +192,38 @@ async def test_grown_bios_are_renewed_once_traffic_is_small(
         assert await client.receive_some() == b"pong"
         await client.aclose()
         assert await server.receive_some() == b""
+        await server.aclose()
+
+
+async def test_send_parts_nowait_keeps_order_when_the_socket_is_full(lst: trio.SocketListener,
+                                                                     bulk_pki: Pki) -> None:
+    """Inline writes (the mux reader's) over a real loopback socket: once the kernel takes no
+    more, the ciphertext left over is kept and goes out first with the next send, in order."""
+    with trio.fail_after(20):
+        ct, st = await _tcp_pair(lst)
+        client, server = await _over(lean(ct), lean(st), bulk_pki)
+        piece = b"y" * 16000
+        sent = 0
+        while True:  # nobody reads yet: fill the socket buffers
+            result = client.send_parts_nowait([piece[:8000], piece[8000:]])
+            assert result is not None
+            sent += len(piece)
+            if result is False:
+                break
+        # Ciphertext is waiting: further inline writes are refused, not reordered.
+        assert client.send_parts_nowait([b"z"]) is None
+        got = bytearray()
+
+        async def drain() -> None:
+            while not got.endswith(b"end"):
+                got.extend(await server.receive_some())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            await client.send_all_parts(())  # writes the leftover
+            await client.send_all(b"end")
+        assert got == b"y" * sent + b"end"
+        assert client.send_parts_nowait([b"again"]) is True  # room again: written at once
+        assert await server.receive_some() == b"again"
+        await client.aclose()
         await server.aclose()

@@ -647,7 +647,7 @@ class MuxSession:
                 self._writing = False
 
     async def _wait_flushed(self) -> None:
-        while self._outbox and not self._dead:
+        while (self._outbox or self._flush_due) and not self._dead:
             await self._flushed.park()
 
     # ---- queueing -----------------------------------------------------------------------
