@@ -592,51 +592,71 @@ class Edge:
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.info("agent TLS handshake from %s failed: %s", addr, exc)
             return
+        try:
+            head = await self._first_bytes(tls)
+        except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log.info("agent %s: no usable carrier: %s", addr, exc or type(exc).__name__)
+            await trio.aclose_forcefully(tls)
+            return
+        if not looks_like_websocket(head):
+            # The mux decodes ``head`` first: no wrapper on every read of the session's life.
+            # (Made before it runs, so this frame does not keep ``head`` for the session's life.)
+            serving = self._run_session(tls, addr, head)
+            del head
+            await serving
+            return
+        log.debug("agent %s uses the WebSocket carrier", addr)
         async with trio.open_nursery() as carrier:
             try:
-                transport, head = await self._carrier(tls, carrier, addr)
+                transport = await accept_websocket(carrier, PrefixedStream(tls, head),
+                                                   timeout=HANDSHAKE_TIMEOUT)
             except (trio.TooSlowError, trio.BrokenResourceError, ConnectionClosed, HandshakeError) as exc:
                 log.info("agent %s: no usable carrier: %s", addr, exc or type(exc).__name__)
                 carrier.cancel_scope.cancel()
                 await trio.aclose_forcefully(tls)
                 return
-            # Connections still in their handshakes are not counted: they may fail yet, and
-            # the accept loop's limit (max_sessions + AGENT_REFUSE_SLOTS) bounds them anyway.
-            if len(self.sessions) >= self.max_sessions:
-                await self._refuse_agent(transport, head, addr, "this edge is at its limit of "
-                                         f"{self.max_sessions} agent sessions; try again later")
-                carrier.cancel_scope.cancel()
-                return
-            session = AgentSession(self, transport, addr)
-            session.mux.initial_data = head
-            pending = self.preauth_by_host.get(session.remote_host, {})
-            if len(pending) >= MAX_PREAUTH_PER_ADDRESS:
-                oldest = next(iter(pending))
-                oldest.end_preauth()
-                log.info("agent %s: too many unauthenticated sessions from its address; closing the "
-                         "oldest, from %s", addr, oldest.remote_addr)
-                oldest.mux.close_reason = "evicted: too many unauthenticated sessions from its address"
-                await oldest.mux.aclose()
-            self.preauth_by_host.setdefault(session.remote_host, {})[session] = None
-            self.sessions.add(session)
-            try:
-                await session.run()
-            except* RemoteProtocolError as group:
-                log.warning("agent %s broke the protocol: %s", addr, "; ".join(map(str, group.exceptions)))
-            except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
-                log.info("agent %s connection failed: %s", addr, "; ".join(map(str, group.exceptions)))
-            finally:
-                self.sessions.discard(session)
-                session.end_preauth()
-                self._ended_since_trim += 1
-                _gcpace.sessions_ended()
-                if session.counted:
-                    self._count(self.sessions_by_token, session.token_id, -1)
-                session.ended.set()
-                log.info("agent session %s from %s ended (%s)", session.client_id or "-", addr,
-                         session.mux.close_reason or "closed")
-                # The WebSocket reader task, if any, ends with its connection.
-                carrier.cancel_scope.cancel()
+            del head
+            await self._run_session(transport, addr, b"")
+            # The WebSocket reader task ends with its connection.
+            carrier.cancel_scope.cancel()
+
+    async def _run_session(self, transport: trio.abc.Stream, addr: str, head: bytes) -> None:
+        """Serve one agent's session on ``transport`` (``head``: carrier bytes already read)."""
+        # Connections still in their handshakes are not counted: they may fail yet, and
+        # the accept loop's limit (max_sessions + AGENT_REFUSE_SLOTS) bounds them anyway.
+        if len(self.sessions) >= self.max_sessions:
+            await self._refuse_agent(transport, head, addr, "this edge is at its limit of "
+                                     f"{self.max_sessions} agent sessions; try again later")
+            return
+        session = AgentSession(self, transport, addr)
+        session.mux.initial_data = head
+        del head
+        pending = self.preauth_by_host.get(session.remote_host, {})
+        if len(pending) >= MAX_PREAUTH_PER_ADDRESS:
+            oldest = next(iter(pending))
+            oldest.end_preauth()
+            log.info("agent %s: too many unauthenticated sessions from its address; closing the "
+                     "oldest, from %s", addr, oldest.remote_addr)
+            oldest.mux.close_reason = "evicted: too many unauthenticated sessions from its address"
+            await oldest.mux.aclose()
+        self.preauth_by_host.setdefault(session.remote_host, {})[session] = None
+        self.sessions.add(session)
+        try:
+            await session.run()
+        except* RemoteProtocolError as group:
+            log.warning("agent %s broke the protocol: %s", addr, "; ".join(map(str, group.exceptions)))
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            log.info("agent %s connection failed: %s", addr, "; ".join(map(str, group.exceptions)))
+        finally:
+            self.sessions.discard(session)
+            session.end_preauth()
+            self._ended_since_trim += 1
+            _gcpace.sessions_ended()
+            if session.counted:
+                self._count(self.sessions_by_token, session.token_id, -1)
+            session.ended.set()
+            log.info("agent session %s from %s ended (%s)", session.client_id or "-", addr,
+                     session.mux.close_reason or "closed")
 
     async def _handshake(self, stream: trio.SocketStream) -> trio.abc.Stream:
         """The TLS handshake of an agent connection holding an admission slot (taken by the
@@ -692,10 +712,8 @@ class Edge:
                 pass
         await mux.aclose()
 
-    async def _carrier(self, tls: trio.abc.Stream, nursery: trio.Nursery,
-                       addr: str) -> tuple[trio.abc.Stream, bytes]:
-        """The mux's byte stream, and the bytes already read from it: the TLS stream itself and
-        its first bytes, or a WebSocket inside it (which replays them itself) and b""."""
+    async def _first_bytes(self, tls: trio.abc.Stream) -> bytes:
+        """The carrier's first bytes (4 at least): a muxado frame, or a WebSocket upgrade."""
         head = b""
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             while len(head) < 4:
@@ -703,11 +721,27 @@ class Edge:
                 if not data:
                     raise trio.BrokenResourceError("closed before the first frame")
                 head += data
-        if not looks_like_websocket(head):
-            # The mux decodes ``head`` first: no wrapper on every read of the session's life.
-            return tls, head
-        log.debug("agent %s uses the WebSocket carrier", addr)
-        return await accept_websocket(nursery, PrefixedStream(tls, head), timeout=HANDSHAKE_TIMEOUT), b""
+        return head
+
+
+class _StartedOnce:
+    """A task status that passes ``started()`` on once and then lets go of trio's.
+
+    A tunnel's ``run`` holds its ``task_status`` argument for life, and trio's keeps the
+    nursery of ``Nursery.start`` alive, with the finished Bind handler that called it: about
+    2.5 KB per tunnel, for as long as the tunnel lives.
+    """
+
+    __slots__ = ("_status",)
+
+    def __init__(self, status: trio.TaskStatus[Any]) -> None:
+        self._status: trio.TaskStatus[Any] | None = status
+
+    def started(self, value: Any = None) -> None:
+        status, self._status = self._status, None
+        if status is None:
+            raise RuntimeError("called 'started' twice on the same task status")
+        status.started(value)
 
 
 @attrs.define(eq=False)
@@ -799,14 +833,10 @@ class AgentSession:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await nursery.start(self.mux.run)
             nursery.start_soon(self._auth_deadline)
-            while True:
-                try:
-                    stream = await self.mux.accept_stream()
-                except (trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-                nursery.start_soon(self._handle_stream, stream)
+            # The mux's reader runs in this task and starts a handler for each stream the agent
+            # opens: no accept loop, no task in between (an idle session keeps few objects).
+            await self.mux.run(on_stream=partial(nursery.start_soon, self._handle_stream), nursery=nursery)
             nursery.cancel_scope.cancel()
 
     async def _auth_deadline(self) -> None:
@@ -1087,6 +1117,8 @@ class AgentSession:
 
     async def _run_tunnel(self, tunnel_id: str, tunnel: EdgeTunnel, reservation: list[bool], *,
                           task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        status = _StartedOnce(task_status)
+        del task_status  # see _StartedOnce
         done = trio.Event()
         with trio.CancelScope() as scope:
             entry = (scope, done)
@@ -1095,7 +1127,7 @@ class AgentSession:
             reservation[0] = False
             self._pending_binds -= 1
             try:
-                await tunnel.run(task_status=task_status)
+                await tunnel.run(task_status=status)
             finally:
                 if self.tunnels.get(tunnel_id) is entry:
                     del self.tunnels[tunnel_id]

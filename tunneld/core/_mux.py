@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -100,13 +101,16 @@ class MuxStream(trio.abc.HalfCloseableStream):
     _credit: int
     _window: ReceiveWindow
     _syn_pending: bool = False
-    _chunks: collections.deque[bytes] = attrs.field(factory=collections.deque)
+    #: Received, unread (made on the first DATA: an echoing or send-only stream never needs it).
+    _chunks: collections.deque[bytes] | None = None
     _eof_received: bool = False
     _fin_sent: bool = False
     _closed: bool = False
     _error: BaseException | None = None
-    _readable: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
-    _writable: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    #: The task waiting to receive / to send (one at most each: ``_receiving``/``_sending``).
+    #: Plain slots, not ParkingLots: tens of thousands of streams each keep two, mostly empty.
+    _read_waiter: trio.lowlevel.Task | None = None
+    _write_waiter: trio.lowlevel.Task | None = None
     _receiving: bool = False
     _sending: bool = False
     #: Opened by the peer (counted in ``MuxSession.remote_stream_count``).
@@ -157,12 +161,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if self._error is not None:
                     raise self._error_copy()
                 waited = True
-                await self._readable.park()
+                await _wait_in_slot(self, "_read_waiter")
         finally:
             self._receiving = False
 
     def _take(self, max_bytes: int | None) -> bytes:
         chunks = self._chunks
+        assert chunks  # the caller checked
         first = chunks[0]
         if max_bytes is None or max_bytes >= len(first):
             chunks.popleft()
@@ -206,8 +211,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise ValueError("echo unit must be at least 1 byte")
         self._echo = _Echo(unit, trio.current_time())
         # Bytes that arrived before (e.g. in the SYN frame, after the stream type) go first.
-        while self._chunks:
-            self._echo.pending += self._chunks.popleft()
+        if self._chunks:
+            self._echo.pending += b"".join(self._chunks)
+        self._chunks = None  # the stream type was read from it: keep no empty deque for life
         self._echo_flush()
         if self._eof_received:
             self._echo_fin()
@@ -246,25 +252,34 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if self._echo is not None:
                 self._echo.pending += data
                 self._echo_flush()
+            elif self._chunks is None:
+                self._chunks = collections.deque((data,))
             else:
                 self._chunks.append(data)
         if fin:
             self._eof_received = True
             if self._echo is not None:
                 self._echo_fin()
-        self._readable.unpark_all()
+        if self._read_waiter is not None:
+            _wake_slot(self, "_read_waiter")
 
     def _on_credit(self, inc: int) -> None:
         self._credit += inc
         if self._echo is not None and self._echo.pending:
             self._echo_flush()
-        self._writable.unpark_all()
+        if self._write_waiter is not None:
+            _wake_slot(self, "_write_waiter")
 
     def _on_broken(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
-        self._readable.unpark_all()
-        self._writable.unpark_all()
+        self._wake_both()
+
+    def _wake_both(self) -> None:
+        if self._read_waiter is not None:
+            _wake_slot(self, "_read_waiter")
+        if self._write_waiter is not None:
+            _wake_slot(self, "_write_waiter")
 
     # ---- sending ------------------------------------------------------------------------
 
@@ -290,7 +305,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 while self._credit <= 0:
                     self._check_writable()
                     waited = True
-                    await self._writable.park()
+                    await _wait_in_slot(self, "_write_waiter")
                 self._check_writable()
                 n = min(len(view), self._credit, MAX_DATA_FRAME)
                 self._credit -= n
@@ -318,7 +333,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._enter_send()
         try:
             while self._credit <= 0 and self._error is None and not self._closed:
-                await self._writable.park()
+                await _wait_in_slot(self, "_write_waiter")
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
             await trio.lowlevel.checkpoint()
@@ -364,8 +379,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._closed = True
             self._discard_unread()
             self.session._forget(self)
-            self._readable.unpark_all()
-            self._writable.unpark_all()
+            self._wake_both()
         await trio.lowlevel.checkpoint()
 
     def _discard_unread(self) -> None:
@@ -373,7 +387,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._metered:
             self.session._remote_buffered -= self._window.buffered
         self._window.buffered = 0
-        self._chunks.clear()
+        self._chunks = None
         if self._echo is not None:
             self._echo.pending = b""
 
@@ -434,15 +448,22 @@ class MuxSession:
     _decoder: FrameDecoder = attrs.field(init=False)
     _streams: dict[int, MuxStream] = attrs.field(factory=dict, init=False)
     _next_id: int = attrs.field(init=False)
-    _accept_send: Any = attrs.field(init=False)
-    _accept_recv: Any = attrs.field(init=False)
+    #: Peer-opened streams for :meth:`accept_stream` (made on first use; never when :meth:`run`
+    #: was given ``on_stream``, which receives them instead).
+    _accept_send: Any = attrs.field(default=None, init=False)
+    _accept_recv: Any = attrs.field(default=None, init=False)
+    _on_stream: Callable[[MuxStream], object] | None = attrs.field(default=None, init=False)
     _pending_accept: int = attrs.field(default=0, init=False)
     _outbox: list[bytes | memoryview] = attrs.field(factory=list, init=False)
     _outbox_bytes: int = attrs.field(default=0, init=False)
-    _outbox_ready: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
-    _outbox_space: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
-    _flushed: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
-    _stream_gone: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
+    #: The writer task while it waits for frames (a slot: there is one writer).
+    _writer_waiter: trio.lowlevel.Task | None = attrs.field(default=None, init=False)
+    #: Made by the first task that has to wait (an idle session keeps none):
+    #: data writers waiting for room in the outbox, tasks waiting for it to be written,
+    #: openers waiting for a stream to end (``max_local_streams``).
+    _outbox_space: trio.lowlevel.ParkingLot | None = attrs.field(default=None, init=False)
+    _flushed: trio.lowlevel.ParkingLot | None = attrs.field(default=None, init=False)
+    _stream_gone: trio.lowlevel.ParkingLot | None = attrs.field(default=None, init=False)
     _dead: bool = attrs.field(default=False, init=False)
     _error: BaseException | None = attrs.field(default=None, init=False)
     _last_remote_id: int = attrs.field(default=0, init=False)
@@ -471,7 +492,6 @@ class MuxSession:
         self._decoder = FrameDecoder(max_data_frame=max(self.window, MAX_DATA_FRAME))
         # Go and Rust clients number their streams 3, 5, 7, ...; servers 2, 4, 6, ...
         self._next_id = 3 if self.client else 2
-        self._accept_send, self._accept_recv = trio.open_memory_channel[MuxStream](math.inf)
         self._send_parts = getattr(self.transport, "send_all_parts", None)
         self._send_nowait = getattr(self.transport, "send_parts_nowait", None)
 
@@ -486,28 +506,45 @@ class MuxSession:
 
     # ---- the two tasks ------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the reader and writer until the carrier ends; then break every stream.
+    async def run(self, *, on_stream: Callable[[MuxStream], object] | None = None,
+                  nursery: trio.Nursery | None = None,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the reader (in this task) and the writer until the carrier ends; then break
+        every stream.
+
+        ``on_stream``, if given, is called (by the reader, so it must not block: typically a
+        nursery's ``start_soon``) with each stream the peer opens, instead of queueing it for
+        :meth:`accept_stream`: no accept loop and no queue per session.  ``nursery``, if given,
+        runs the writer task (which ends soon after this returns), instead of a nursery of
+        this call's own: one nursery fewer per session.
 
         ``started()`` is reported at once.  Returns normally on EOF or GOAWAY; when the peer
         broke the protocol it sends a GOAWAY and raises :class:`RemoteProtocolError` (wrapped
         in an ExceptionGroup, as everything leaving a nursery: catch it with ``except*``).
         """
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer_task)
+        if nursery is None:
+            async with trio.open_nursery() as own:
                 task_status.started()
-                try:
-                    await self._reader_task()
-                except RemoteProtocolError as exc:
-                    self.close_reason = f"protocol error: {exc}"
-                    self._queue_control(encode_goaway(self._last_remote_id, exc.code, str(exc).encode()))
-                    with trio.move_on_after(1):
-                        await self._wait_flushed()
-                    raise
-                finally:
-                    nursery.cancel_scope.cancel()
+                del task_status  # its nursery (Nursery.start's) is not ours to keep alive
+                await self.run(on_stream=on_stream, nursery=own)
+                own.cancel_scope.cancel()
+            return
+        task_status.started()
+        del task_status
+        self._on_stream = on_stream
+        try:
+            nursery.start_soon(self._writer_task)
+            try:
+                await self._reader_task()
+            except RemoteProtocolError as exc:
+                self.close_reason = f"protocol error: {exc}"
+                self._queue_control(encode_goaway(self._last_remote_id, exc.code, str(exc).encode()))
+                with trio.move_on_after(1):
+                    await self._wait_flushed()
+                raise
         finally:
+            self._on_stream = None  # often a nursery's start_soon: no cycle through it after the end
+            # The writer sees the session dead and ends (or fails on the closed carrier).
             self._die(self._error or trio.BrokenResourceError(self.close_reason or "session closed"))
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await trio.aclose_forcefully(self.transport)
@@ -569,6 +606,7 @@ class MuxSession:
                         return
             finally:
                 self._end_dispatch()
+            data = b""  # not kept while the reader waits
 
     def _end_dispatch(self) -> None:
         """After dispatching frames: write what they queued (echoes, credit, resets) from this
@@ -581,12 +619,18 @@ class MuxSession:
             if sent is not None:
                 self._outbox = []
                 self._outbox_bytes = 0
-                self._outbox_space.unpark_all()
+                if self._outbox_space:
+                    self._outbox_space.unpark_all()
                 if sent:
-                    self._flushed.unpark_all()
+                    if self._flushed:
+                        self._flushed.unpark_all()
                     return
                 self._flush_due = True  # the writer sends the rest
-        self._outbox_ready.unpark_all()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._writer_waiter is not None:
+            _wake_slot(self, "_writer_waiter")
 
     def _on_data(self, event: Data) -> None:
         sid = event.stream_id
@@ -605,8 +649,11 @@ class MuxSession:
                                remote=True, metered=self.max_remote_buffered is not None)
             self._streams[sid] = stream
             self._remote_open += 1
-            self._pending_accept += 1
-            self._accept_send.send_nowait(stream)
+            if self._on_stream is not None:
+                self._on_stream(stream)
+            else:
+                self._pending_accept += 1
+                self._accept_channel()[0].send_nowait(stream)
         elif stream is None:
             reply = orphan_frame_reply(bool(event.data))
             if reply is not None:
@@ -621,13 +668,19 @@ class MuxSession:
         send_all = self.transport.send_all
         while True:
             while not self._outbox and not self._flush_due:
-                self._flushed.unpark_all()
-                await self._outbox_ready.park()
+                if self._flushed:
+                    self._flushed.unpark_all()
+                if self._dead:
+                    return
+                await _wait_in_slot(self, "_writer_waiter")
+            if self._dead:
+                return
             parts = self._outbox
             self._outbox = []
             self._outbox_bytes = 0
             self._flush_due = False
-            self._outbox_space.unpark_all()
+            if self._outbox_space:
+                self._outbox_space.unpark_all()
             self._writing = True
             try:
                 if send_parts is not None:
@@ -645,9 +698,12 @@ class MuxSession:
                 return
             finally:
                 self._writing = False
+            del parts  # not kept while the writer waits (an idle session's last reply)
 
     async def _wait_flushed(self) -> None:
         while (self._outbox or self._flush_due) and not self._dead:
+            if self._flushed is None:
+                self._flushed = trio.lowlevel.ParkingLot()
             await self._flushed.park()
 
     # ---- queueing -----------------------------------------------------------------------
@@ -658,20 +714,22 @@ class MuxSession:
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
         if not self._dispatching:
-            self._outbox_ready.unpark_all()
+            self._wake_writer()
 
     async def _queue_data(self, header: bytes, payload: memoryview) -> bool:
         """Queue one DATA frame, first waiting for room in the outbox; True if it waited."""
         waited = False
         while self._outbox_bytes >= OUTBOX_LIMIT and not self._dead:
             waited = True
+            if self._outbox_space is None:
+                self._outbox_space = trio.lowlevel.ParkingLot()
             await self._outbox_space.park()
         if self._dead:
             raise trio.BrokenResourceError(self.close_reason or "session closed")
         self._outbox.append(header)
         self._outbox.append(payload)
         self._outbox_bytes += len(header) + len(payload)
-        self._outbox_ready.unpark_all()
+        self._wake_writer()
         return waited
 
     # ---- streams ------------------------------------------------------------------------
@@ -684,6 +742,8 @@ class MuxSession:
         """
         if self.max_local_streams is not None:
             while self.local_stream_count >= self.max_local_streams and not self._dead:
+                if self._stream_gone is None:
+                    self._stream_gone = trio.lowlevel.ParkingLot()
                 await self._stream_gone.park()
         if self._dead:
             raise trio.BrokenResourceError(self.close_reason or "session closed")
@@ -698,9 +758,16 @@ class MuxSession:
 
     async def accept_stream(self) -> MuxStream:
         """The next stream the peer opened; raises ``trio.EndOfChannel`` once the session ended."""
-        stream: MuxStream = await self._accept_recv.receive()
+        stream: MuxStream = await self._accept_channel()[1].receive()
         self._pending_accept -= 1
         return stream
+
+    def _accept_channel(self) -> tuple[Any, Any]:
+        if self._accept_send is None:
+            self._accept_send, self._accept_recv = trio.open_memory_channel[MuxStream](math.inf)
+            if self._dead:
+                self._accept_send.close()
+        return self._accept_send, self._accept_recv
 
     def _maybe_forget(self, stream: MuxStream) -> None:
         if stream._fin_sent and stream._eof_received:
@@ -746,15 +813,16 @@ class MuxSession:
             return
         self._dead = True
         self._error = exc
-        self._accept_send.close()
+        if self._accept_send is not None:
+            self._accept_send.close()
         for stream in list(self._streams.values()):
             stream._on_broken(exc)
         self._streams.clear()
         self._remote_open = self._local_open = 0
-        self._outbox_space.unpark_all()
-        self._outbox_ready.unpark_all()
-        self._flushed.unpark_all()
-        self._stream_gone.unpark_all()
+        for lot in (self._outbox_space, self._flushed, self._stream_gone):
+            if lot:
+                lot.unpark_all()
+        self._wake_writer()
         self.closed.set()
 
     async def go_away(self, code: int = ErrorCode.NONE, debug: str = "") -> None:
@@ -772,3 +840,27 @@ class MuxSession:
         self._die(trio.BrokenResourceError(self.close_reason))
         await trio.aclose_forcefully(self.transport)
 
+
+
+async def _wait_in_slot(owner: Any, slot: str) -> None:
+    """Park the current task in ``owner.<slot>`` until :func:`_wake_slot` or cancellation.
+
+    A one-task ParkingLot: the slot is the only record of the waiter (no queue object), for
+    waits that have one task at most by construction (one receiver, one sender, one writer).
+    """
+    assert getattr(owner, slot) is None, f"{slot} already has a waiting task"
+    setattr(owner, slot, trio.lowlevel.current_task())
+
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        setattr(owner, slot, None)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def _wake_slot(owner: Any, slot: str) -> None:
+    """Reschedule the task waiting in ``owner.<slot>``, if any."""
+    task = getattr(owner, slot)
+    if task is not None:
+        setattr(owner, slot, None)
+        trio.lowlevel.reschedule(task)
