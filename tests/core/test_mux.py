@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import trio
@@ -430,6 +431,57 @@ async def test_carrier_death_breaks_every_stream(side: str) -> None:
                 await session.accept_stream()
             with pytest.raises(trio.BrokenResourceError):
                 await session.open_stream(b"x")
+
+
+async def test_streams_go_to_on_stream_and_the_writer_runs_in_the_given_nursery() -> None:
+    """``run(on_stream=..., nursery=...)``: the reader hands each new stream to the callback (none
+    is queued for accept_stream), the writer is a task of the given nursery, and it ends soon
+    after run() returns, so that nursery closes by itself."""
+    with trio.fail_after(5):
+        a, b = trio.testing.memory_stream_pair()
+        client = MuxSession(a, client=True)
+        server = MuxSession(b, client=False)
+        got: list[MuxStream] = []
+
+        async def handle(stream: MuxStream) -> None:
+            got.append(stream)
+            await stream.send_all((await stream.receive_some()).upper())
+            await stream.send_eof()
+
+        async with trio.open_nursery() as outer:
+            await outer.start(client.run)
+            async with trio.open_nursery() as session:
+
+                async def serve() -> None:
+                    await server.run(on_stream=lambda stream: session.start_soon(handle, stream),
+                                     nursery=session)
+
+                session.start_soon(serve)
+                await trio.testing.wait_all_tasks_blocked()
+                names = sorted(t.name.rsplit(".", 1)[-1] for t in session.child_tasks)
+                assert names == ["_writer_task", "serve"]
+                for word in (b"one", b"two"):
+                    stream = await client.open_stream(word)
+                    assert await read_all(stream) == word.upper()
+                assert [s.id for s in got] == [3, 5]
+                assert server._accept_send is None  # no queue was made
+                await client.aclose()
+            # The session nursery closed without being cancelled: the writer saw the end.
+            assert not session.cancel_scope.cancel_called
+        assert server.is_closed
+
+
+async def test_a_protocol_error_with_a_given_nursery_still_sends_goaway() -> None:
+    with trio.fail_after(5):
+        a, b = trio.testing.memory_stream_pair()
+        server = MuxSession(b, client=False)
+        await a.send_all(b"\xff" * 12)  # not a frame
+        with pytest.raises(BaseExceptionGroup) as caught:
+            async with trio.open_nursery() as session:
+                session.start_soon(partial(server.run, nursery=session))
+        assert any(isinstance(e, RemoteProtocolError) for e in leaves(caught.value))
+        events = FrameDecoder().receive_data(await a.receive_some())
+        assert [type(e) for e in events] == [GoAway]
 
 
 async def test_blocked_accept_ends_with_end_of_channel(nursery: trio.Nursery) -> None:
