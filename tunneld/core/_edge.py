@@ -836,7 +836,10 @@ class AgentSession:
             nursery.start_soon(self._auth_deadline)
             # The mux's reader runs in this task and starts a handler for each stream the agent
             # opens: no accept loop, no task in between (an idle session keeps few objects).
-            await self.mux.run(on_stream=partial(nursery.start_soon, self._handle_stream), nursery=nursery)
+            def on_stream(stream: MuxStream) -> None:
+                nursery.start_soon(self._handle_stream, stream)
+
+            await self.mux.run(on_stream=on_stream, nursery=nursery)
             nursery.cancel_scope.cancel()
 
     async def _auth_deadline(self) -> None:
