@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from tunneld.core._streams import PrefixedStream as PrefixedStream
     from tunneld.core._tunnel import AgentTunnelContext as AgentTunnelContext
     from tunneld.core._tunnel import BindRequest as BindRequest
+    from tunneld.core._tunnel import ClaimTunnel as ClaimTunnel
     from tunneld.core._tunnel import EdgeContext as EdgeContext
     from tunneld.core._tunnel import EdgeService as EdgeService
     from tunneld.core._tunnel import EdgeTunnel as EdgeTunnel
@@ -97,6 +98,7 @@ _EXPORTS: dict[str, str] = {
     "TunnelInfo": "tunneld.core._tunnel",
     "BindRequest": "tunneld.core._tunnel",
     "EdgeTunnel": "tunneld.core._tunnel",
+    "ClaimTunnel": "tunneld.core._tunnel",
     "LabeledTunnels": "tunneld.core._tunnel",
     "EdgeService": "tunneld.core._tunnel",
     "TlsFront": "tunneld.core._tunnel",

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import trio
 import trio.testing
 
-from tunneld.core import TunnelConfig
+from tunneld.core import TunnelConfig, TunnelInfo, proto
 from tunneld.core._edge import AgentSession
+from tunneld.core._rpc import call
+from tunneld.plugins.http._edge import HttpEdgeTunnel
 
 from ..conftest import EdgeEnv
+from .test_agent_port_hardening import _bind, auth, raw_session
 
 
 def _short(task: trio.lowlevel.Task) -> str:
@@ -34,7 +38,7 @@ async def _idle_session(edge_env: EdgeEnv) -> AgentSession:
     return sessions[0]
 
 
-async def test_an_idle_session_is_one_reader_one_writer_and_its_tunnel(edge_env: EdgeEnv) -> None:
+async def test_an_idle_session_is_one_reader_and_one_writer(edge_env: EdgeEnv) -> None:
     session = await _idle_session(edge_env)
     nursery = session._nursery
     assert nursery is not None
@@ -42,7 +46,9 @@ async def test_an_idle_session_is_one_reader_one_writer_and_its_tunnel(edge_env:
     # session nursery is its only nursery (no carrier nursery for a TLS carrier).
     reader = nursery.parent_task
     assert reader.child_nurseries == [nursery]
-    assert sorted(map(_short, nursery.child_tasks)) == ["_run_tunnel", "_writer_task"]
+    # Its HTTP tunnel is a claim the session holds (ClaimTunnel), not a task.
+    assert [_short(t) for t in nursery.child_tasks] == ["_writer_task"]
+    assert [type(t).__name__ for t in session.tunnels.values()] == ["HttpEdgeTunnel"]
     # Nothing queued or waited on besides: no accept queue, no parking lots.
     mux = session.mux
     assert mux._accept_send is None
@@ -59,3 +65,42 @@ async def test_an_idle_session_keeps_no_finished_task_alive(edge_env: EdgeEnv) -
                 if type(o) is trio.lowlevel.Task and o.coro.cr_frame is None
                 and o.name.startswith("tunneld.core._edge.")]
     assert finished == []
+
+
+async def test_a_claim_finishing_after_its_session_ended_is_released(
+        edge_env: EdgeEnv, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim may outlive the session's cancellation (the HTTPS certificate is made in a
+    thread, which trio does not abandon): the session lets go of it once its handlers ended."""
+    finish = trio.Event()
+    claiming = trio.Event()
+    original = HttpEdgeTunnel.claim
+
+    async def slow_claim(self: HttpEdgeTunnel) -> TunnelInfo:
+        claiming.set()
+        with trio.CancelScope(shield=True):
+            await finish.wait()
+        return await original(self)
+
+    monkeypatch.setattr(HttpEdgeTunnel, "claim", slow_claim)
+    mux = await raw_session(edge_env, nursery)
+    assert not (await call(mux, proto.StreamType.AUTH, auth(edge_env.token), proto.AuthResp)).error
+
+    async def bind() -> None:
+        with pytest.raises(trio.BrokenResourceError):  # the session ends before the answer
+            await _bind(mux, [], [])
+
+    nursery.start_soon(bind)
+    try:
+        with trio.fail_after(5):
+            await claiming.wait()
+            (session,) = edge_env.edge.sessions
+            await mux.aclose()
+            await trio.sleep(0.1)  # the session is ending, its Bind handler still claiming
+            assert not session.ended.is_set()
+            finish.set()
+            await session.ended.wait()
+    finally:
+        finish.set()  # never leave the handler waiting: the edge could not stop
+    assert session.tunnels == {}
+    assert edge_env.edge.tunnels_by_token == {}
+    assert not [h for h in edge_env.edge.routes.hosts.values() if isinstance(h, HttpEdgeTunnel)]

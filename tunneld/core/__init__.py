@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ._streams import PrefixedStream as PrefixedStream
     from ._tls import accept_tls as accept_tls
     from ._tunnel import BindRequest as BindRequest
+    from ._tunnel import ClaimTunnel as ClaimTunnel
     from ._tunnel import EdgeService as EdgeService
     from ._tunnel import EdgeTunnel as EdgeTunnel
     from ._tunnel import TlsFront as TlsFront
@@ -95,6 +96,7 @@ _EXPORTS: dict[str, str] = {
     "accept_tls": "._tls",
     "PrefixedStream": "._streams",
     "BindRequest": "._tunnel",
+    "ClaimTunnel": "._tunnel",
     "EdgeService": "._tunnel",
     "EdgeTunnel": "._tunnel",
     "TlsFront": "._tunnel",

@@ -64,6 +64,7 @@ from ._store import Store, is_token_format
 from ._streams import PrefixedStream
 from ._tls import accept_tls, server_context
 from ._tunnel import (
+    ClaimTunnel,
     EdgeContext,
     EdgeTunnel,
     ListedSession,
@@ -760,8 +761,9 @@ class AgentSession:
     account_id: str = ""
     #: When the agent connected (wall clock, for the tunnel-sessions API).
     started_at: float = attrs.field(factory=time.time)
-    #: Tunnel id → (cancel scope, event set once the tunnel has released its address).
-    tunnels: dict[str, tuple[trio.CancelScope, trio.Event]] = attrs.field(factory=dict)
+    #: Tunnel id → the tunnel, if it is only a claim (:class:`ClaimTunnel`: released by the
+    #: session), else its task's (cancel scope, event set once it has released its address).
+    tunnels: dict[str, ClaimTunnel | tuple[trio.CancelScope, trio.Event]] = attrs.field(factory=dict)
     #: Tunnel id → the public name it claimed (for Unbind to let go of the hold).
     tunnel_names: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     #: Set once the session is over and every tunnel has released its address.
@@ -831,16 +833,34 @@ class AgentSession:
         return name
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._auth_deadline)
-            # The mux's reader runs in this task and starts a handler for each stream the agent
-            # opens: no accept loop, no task in between (an idle session keeps few objects).
-            def on_stream(stream: MuxStream) -> None:
-                nursery.start_soon(self._handle_stream, stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._auth_deadline)
 
-            await self.mux.run(on_stream=on_stream, nursery=nursery)
-            nursery.cancel_scope.cancel()
+                # The mux's reader runs in this task and starts a handler for each stream the
+                # agent opens: no accept loop, no task in between (an idle session keeps few
+                # objects).
+                def on_stream(stream: MuxStream) -> None:
+                    nursery.start_soon(self._handle_stream, stream)
+
+                await self.mux.run(on_stream=on_stream, nursery=nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            # Only now: every Bind handler has ended, so no claim is still being made.
+            self._release_claims()
+
+    def _release_claims(self) -> None:
+        for tunnel_id, entry in list(self.tunnels.items()):
+            if isinstance(entry, ClaimTunnel):
+                del self.tunnels[tunnel_id]
+                self._release(entry)
+
+    def _release(self, tunnel: ClaimTunnel) -> None:
+        try:
+            tunnel.release()
+        finally:
+            self.edge._count(self.edge.tunnels_by_token, self.token_id, -1)
 
     async def _auth_deadline(self) -> None:
         # The agent must *send* its Auth in time; the answer (token check, and the limiter's
@@ -1108,7 +1128,14 @@ class AgentSession:
         self._pending_binds += 1
         self.edge._count(self.edge.tunnels_by_token, self.token_id, +1)
         try:
-            info: TunnelInfo = await self._nursery.start(self._run_tunnel, tunnel_id, tunnel, reservation)
+            if isinstance(tunnel, ClaimTunnel):
+                # No task: the session holds the claim and releases it (Unbind, or its end).
+                info = await tunnel.claim()
+                self.tunnels[tunnel_id] = tunnel
+                reservation[0] = False
+                self._pending_binds -= 1
+            else:
+                info = await self._nursery.start(self._run_tunnel, tunnel_id, tunnel, reservation)
         finally:
             if reservation[0]:
                 self._pending_binds -= 1
@@ -1144,11 +1171,14 @@ class AgentSession:
             await reply(stream, proto.UnbindResp(
                 error=wire_error(f"no tunnel {msg.id!r}", Code.NO_SUCH_TUNNEL)))
             return
-        scope, done = entry
-        scope.cancel()
-        # Answer once the address is really free, so the agent may bind it again at once.
-        with trio.move_on_after(5):
-            await done.wait()
+        if isinstance(entry, ClaimTunnel):
+            self._release(entry)
+        else:
+            scope, done = entry
+            scope.cancel()
+            # Answer once the address is really free, so the agent may bind it again at once.
+            with trio.move_on_after(5):
+                await done.wait()
         name = self.tunnel_names.pop(msg.id, None)
         if name is not None:
             # Let go on purpose: no hold.

@@ -65,6 +65,38 @@ class EdgeTunnel(Protocol):
         ...
 
 
+class ClaimTunnel:
+    """Base for an edge tunnel that is a claim on a public address and nothing more (a hostname
+    route, a label group's membership): no task of its own while it exists.
+
+    Subclasses implement :meth:`claim` and :meth:`release`.  An agent session calls them
+    directly (an idle tunnel then costs the edge no task, nursery or cancel scope: about 3 KB
+    each, issue 17); :meth:`run`, the :class:`EdgeTunnel` protocol, is made of them for
+    everyone else (the SSH gateway, third-party sessions).
+    """
+
+    __slots__ = ()
+
+    async def claim(self) -> TunnelInfo:
+        """Claim the public address and say what it is; TunnelRejected if it cannot be had.
+
+        Nothing may stay claimed if this raises (it may be cancelled at any await).
+        """
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Let go of what :meth:`claim` took (called once, only after it succeeded)."""
+        raise NotImplementedError
+
+    async def run(self, *, task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        info = await self.claim()
+        try:
+            task_status.started(info)
+            await trio.sleep_forever()
+        finally:
+            self.release()
+
+
 class EdgeService(Protocol):
     """A long-running edge service contributed by a plugin (public listeners, gateways)."""
 

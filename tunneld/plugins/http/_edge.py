@@ -27,7 +27,16 @@ from tunneld.http1 import (
     set_header,
     wants_json,
 )
-from tunneld.plugin import Code, EdgeContext, SessionContext, TunnelInfo, TunnelRejected, lean, peer_addr
+from tunneld.plugin import (
+    ClaimTunnel,
+    Code,
+    EdgeContext,
+    SessionContext,
+    TunnelInfo,
+    TunnelRejected,
+    lean,
+    peer_addr,
+)
 from tunneld.tlsutil import accept_tls
 
 from ._auth import BasicAuth, challenge_headers
@@ -76,7 +85,7 @@ def refuse_sdk_host_rewrite(session: SessionContext, opts: dict[str, Any]) -> No
 
 
 @attrs.define(eq=False)
-class HttpEdgeTunnel:
+class HttpEdgeTunnel(ClaimTunnel):
     """A hostname route on the public HTTP or HTTPS listener."""
 
     edge: EdgeContext
@@ -87,7 +96,7 @@ class HttpEdgeTunnel:
     #: Credentials every request must carry (None: the tunnel is public).
     auth: BasicAuth | None = None
 
-    async def run(self, *, task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    async def claim(self) -> TunnelInfo:
         if self.scheme not in self.edge.ports:
             raise TunnelRejected(f"this edge has no public {self.scheme} listener", Code.PROTO_UNSUPPORTED)
         domain = self.edge.domain
@@ -97,12 +106,10 @@ class HttpEdgeTunnel:
             # ``*.team.DOMAIN``), is not covered by the edge's ``*.DOMAIN`` certificate.
             await trio.to_thread.run_sync(self.edge.ensure_certificate, self.host)
         self.edge.claim_host(self.scheme, self.host, self, self.session.owner)
-        try:
-            task_status.started(TunnelInfo(self.edge.public_url(self.scheme, self.host), self.scheme,
-                                           ("host", self.host)))
-            await trio.sleep_forever()
-        finally:
-            self.edge.release_host(self.scheme, self.host, self)
+        return TunnelInfo(self.edge.public_url(self.scheme, self.host), self.scheme, ("host", self.host))
+
+    def release(self) -> None:
+        self.edge.release_host(self.scheme, self.host, self)
 
     async def open_stream(self, client_addr: str, first: bytes = b"") -> trio.abc.HalfCloseableStream:
         return await self.session.open_stream(self.tunnel_id, client_addr, self.scheme, first=first)

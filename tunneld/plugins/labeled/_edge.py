@@ -34,6 +34,7 @@ import trio
 
 from tunneld.plugin import (
     ByteCounts,
+    ClaimTunnel,
     Code,
     EdgeContext,
     SessionContext,
@@ -387,7 +388,7 @@ class LabeledService:
 
 
 @attrs.define(eq=False)
-class LabeledEdgeTunnel:
+class LabeledEdgeTunnel(ClaimTunnel):
     """One labeled tunnel: a member of every group whose edge selects its labels, while it runs."""
 
     router: LabeledRouter
@@ -395,16 +396,19 @@ class LabeledEdgeTunnel:
     tunnel_id: str
     labels: dict[str, str]
 
-    async def run(self, *, task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    _member: Member | None = None
+
+    async def claim(self) -> TunnelInfo:
         account = await self.router.account_of(self.session.owner)
-        member = Member(self.session, self.tunnel_id, self.labels, account)
-        self.router.join(member)
-        try:
-            text = ",".join(f"{k}={v}" for k, v in self.labels.items())
-            task_status.started(TunnelInfo(f"labels:{text}", "labeled"))
-            await trio.sleep_forever()
-        finally:
-            self.router.leave(member)
+        self._member = Member(self.session, self.tunnel_id, self.labels, account)
+        self.router.join(self._member)
+        text = ",".join(f"{k}={v}" for k, v in self.labels.items())
+        return TunnelInfo(f"labels:{text}", "labeled")
+
+    def release(self) -> None:
+        if self._member is not None:
+            self.router.leave(self._member)
+            self._member = None
 
 
 class LabeledTunnelsServer:

@@ -31,6 +31,7 @@ import trio
 
 from tunneld.plugin import (
     ByteCounts,
+    ClaimTunnel,
     Code,
     EdgeContext,
     PrefixedStream,
@@ -56,7 +57,7 @@ _PEEK = 16 * 1024 + 5
 
 
 @attrs.define(eq=False)
-class TlsEdgeTunnel:
+class TlsEdgeTunnel(ClaimTunnel):
     """The route ``("tls", host)``: connections whose SNI is ``host`` go to this agent."""
 
     edge: EdgeContext
@@ -67,18 +68,17 @@ class TlsEdgeTunnel:
     proxy_proto: int = 0
     url: str = ""
 
-    async def run(self, *, task_status: trio.TaskStatus[TunnelInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    async def claim(self) -> TunnelInfo:
         port = self.edge.ports.get("https")
         if port is None:
             raise TunnelRejected("this edge has no public https listener, which TLS tunnels share",
                                  Code.PROTO_UNSUPPORTED)
         self.edge.claim_host("tls", self.host, self, self.session.owner)
-        try:
-            self.url = f"tls://{self.host}" if port == 443 else f"tls://{self.host}:{port}"
-            task_status.started(TunnelInfo(self.url, "tls", ("host", self.host)))
-            await trio.sleep_forever()
-        finally:
-            self.edge.release_host("tls", self.host, self)
+        self.url = f"tls://{self.host}" if port == 443 else f"tls://{self.host}:{port}"
+        return TunnelInfo(self.url, "tls", ("host", self.host))
+
+    def release(self) -> None:
+        self.edge.release_host("tls", self.host, self)
 
     async def serve(self, public: trio.SocketStream, client_addr: str, peeked: bytes,
                     started: float) -> None:
