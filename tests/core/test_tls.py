@@ -17,6 +17,7 @@ import trio.testing
 import trustme
 from OpenSSL import SSL
 
+from tunneld.core import _tls
 from tunneld.core._tls import (
     MAX_RECEIVE,
     BulkTLSStream,
@@ -573,3 +574,57 @@ async def test_receiver_flushes_only_what_the_engine_holds(listener: trio.Socket
                 assert await _recv_exactly(server, 16) == b"queued, not sent"
                 assert not client._outgoing_pending()
                 await server.send_all(b"x")
+
+
+class _Dribble(trio.abc.Stream):
+    """A transport whose reads return at most ``piece`` bytes: records arrive split anywhere."""
+
+    def __init__(self, inner: trio.abc.Stream, piece: int) -> None:
+        self.inner, self.piece, self.held = inner, piece, b""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self.held:
+            self.held = await self.inner.receive_some()
+        out, self.held = self.held[:self.piece], self.held[self.piece:]
+        return out
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("piece", [1, 7, 100, 65536])
+async def test_records_split_anywhere_and_no_idle_ssl_read(pki: Pki, piece: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver skips SSL_read while the engine holds no whole record (``_needs_input``):
+    a small message costs one SSL_read, yet records split at any byte, or several in one read,
+    all arrive intact and in order."""
+    assert _tls._FAST
+    calls = 0
+    real = _tls._SSL_read
+
+    def counting(*args: object) -> int:
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    a, b = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        client, server = await _over(a, _Dribble(b, piece), pki)
+        monkeypatch.setattr(_tls, "_SSL_read", counting)
+        for i in range(20):
+            await client.send_all(b"%04d" % i)
+            assert await server.receive_some() == b"%04d" % i
+        if piece >= 100:
+            # One per message (and one after the handshake), none that only says "need more":
+            # three per message before.
+            assert calls <= 20 + 1, calls
+        burst = b"".join(b"%04d" % i for i in range(200))
+        for i in range(200):
+            await client.send_all(b"%04d" % i)  # 200 records, read in pieces or all at once
+        assert await _recv_exactly(server, len(burst)) == burst

@@ -487,6 +487,8 @@ class Edge:
             except sqlite3.Error as exc:
                 log.error("cannot check for revoked authtokens: %s", exc)
                 continue
+            if not revoked:
+                continue
             for session in [s for s in self.sessions if s.token_id in revoked]:
                 log.warning("agent %s: authtoken %s was revoked; closing its session", session.remote_addr,
                             session.token_id)
@@ -527,7 +529,9 @@ class Edge:
         trim = True  # until we learn there is no glibc
         while True:
             await trio.sleep(TRIM_INTERVAL)
-            self.metrics.prune(self.live_tunnel_ids())
+            # Tunnels that never carried traffic have no series: an idle edge walks nothing.
+            if self.metrics.has_tunnel_series:
+                self.metrics.prune(self.live_tunnel_ids())
             # Ended sessions' cycles may be frozen (``_gcpace``): collected first when due.
             reclaimed = _gcpace.maybe_reclaim(len(self.sessions))
             if trim and (self._ended_since_trim or reclaimed):

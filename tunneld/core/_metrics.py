@@ -85,6 +85,11 @@ class EdgeMetrics:
     def refused_bind(self, code: str) -> None:
         self.refused_binds[code] = self.refused_binds.get(code, 0) + 1
 
+    @property
+    def has_tunnel_series(self) -> bool:
+        """True if some tunnel has per-tunnel series (then :meth:`prune` has work)."""
+        return bool(self.tunnel_connections or self.tunnel_bytes or self.tunnel_requests)
+
     def prune(self, live: Collection[str]) -> None:
         """Forget the per-tunnel series of tunnels not in ``live`` (ids of tunnels that exist)."""
         for table in (self.tunnel_connections, self.tunnel_bytes):

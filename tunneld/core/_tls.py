@@ -103,6 +103,7 @@ try:
     from OpenSSL._util import lib as _lib
 
     _SSL_read = _lib.SSL_read
+    _SSL_pending = _lib.SSL_pending
     _SSL_get_error = _lib.SSL_get_error
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _BIO_read = _lib.BIO_read
@@ -319,6 +320,9 @@ class BulkTLSStream(trio.abc.Stream):
         #: not since it was new).  Fresh ones replace them once traffic is small again.
         self._rbio_grown: float | None = None
         self._wbio_grown: float | None = None
+        #: The engine holds no complete record: SSL_read would only say WANT_READ until more
+        #: ciphertext is fed (an SSL_read fewer at both ends of an idle heartbeat's read).
+        self._needs_input = False
         self._recv_conflict = _Conflict("another task is using this stream for receive")
 
     # ---- introspection ---------------------------------------------------------------------
@@ -581,19 +585,24 @@ class BulkTLSStream(trio.abc.Stream):
             while got < max_bytes:
                 want_read = False
                 try:
-                    if ptr is not None:
+                    if ptr is None:
+                        n = conn.recv_into(view[got:], max_bytes - got)
+                    elif self._needs_input:
+                        want_read = True
+                    else:
                         # SSL_read decrypts one record straight into the staging buffer.
                         n = _SSL_read(ssl, ptr + got, max_bytes - got)
                         if n <= 0:
                             # "Need more ciphertext" is the common case (every read ends with
                             # it): told apart without raising, the rest as recv_into raises it.
                             if _SSL_get_error(ssl, n) == _WANT_READ:
-                                want_read = True
+                                want_read = self._needs_input = True
                             else:
                                 conn._raise_ssl_error(ssl, n)
                                 raise SSL.SysCallError(-1, f"SSL_read returned {n}")
-                    else:
-                        n = conn.recv_into(view[got:], max_bytes - got)
+                        elif not _SSL_pending(ssl) and not _BIO_pending(conn._into_ssl, _ffi.NULL):
+                            # That was the last whole record: no SSL_read to learn so.
+                            self._needs_input = True
                 except SSL.WantReadError:
                     want_read = True
                 except SSL.ZeroReturnError:
@@ -618,10 +627,12 @@ class BulkTLSStream(trio.abc.Stream):
                             if _quiet_since(self._rbio_grown):
                                 self._renew_bios(read=True, write=False)
                             conn.bio_write(data)
+                            self._needs_input = False
                             continue
                         self._rbio_grown = trio.current_time()
                         chunk = memoryview(data)
                     conn.bio_write(chunk[:_FEED])
+                    self._needs_input = False
                     self._backlog = chunk[_FEED:] if len(chunk) > _FEED else None
                     continue
                 got += n
