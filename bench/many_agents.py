@@ -76,7 +76,10 @@ def start_edge(data: Path, agent_port: int, http_port: int, sessions: int = 6000
             f"127.0.0.1:{http_port}", "--https-addr", "false", "--tcp-ports", "127.0.0.1:61000-61001",
             "--max-sessions", str(sessions), "--max-sessions-per-token", "60000",
             "--max-tunnels-per-token", "60000", "--log", "false", *(extra or [])]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=repo_env())
+    # cwd: ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH
+    # (repo_env's checkout): run from the repository, it would shadow another checkout's code.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=repo_env(),
+                            cwd=data)
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
     for line in proc.stdout:
