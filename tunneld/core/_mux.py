@@ -3,19 +3,22 @@
 Theory of operation
 -------------------
 One :class:`MuxSession` owns one carrier stream (TLS over TCP, or a WebSocket adapter) and two
-tasks, both started by :meth:`MuxSession.run`:
+tasks: :meth:`MuxSession.run` is the reader and starts the writer.
 
 * the **reader** feeds carrier bytes to the sans-IO :class:`~tunneld.core.proto.FrameDecoder`
   and routes each event: DATA into the stream's receive buffer, WNDINC into its send credit,
   RST and GOAWAY into errors.  It never blocks on a slow stream: per-stream credit bounds what a
   peer may send, and a peer that overruns it is a protocol error that ends the session.
-* the **writer** is the only task that writes to the carrier.  Streams append frames to an
-  outbox and the writer flushes everything queued in one carrier write, so many small frames
-  (WNDINC, short responses) coalesce into one TLS record run and one syscall.  The outbox is
-  bounded in bytes: data writers wait when it is full; control frames never wait.
+* the **writer** is the only task that writes to the carrier, but for the reader's inline
+  writes (below).  Streams append frames to an outbox and the writer flushes everything queued
+  in one carrier write, so many small frames (WNDINC, short responses) coalesce into one TLS
+  record run and one syscall.  The outbox is bounded in bytes: data writers wait when it is
+  full; control frames never wait.  Frames the reader's own dispatch queued (heartbeat echoes,
+  credit) it writes itself when the writer is idle and the carrier takes them at once.
 
 Ownership: the session's owner runs :meth:`run` in its own nursery and consumes
-:meth:`accept_stream`.  When the carrier dies every stream becomes broken
+:meth:`accept_stream`, or has :meth:`run` hand it each new stream (``on_stream``; the edge's
+agent sessions: no accept loop, no queue).  When the carrier dies every stream becomes broken
 (``trio.BrokenResourceError``), which is how the news reaches forwarders owned elsewhere —
 cancellation flows down the tree, across owners it travels as a broken resource.
 """
@@ -520,7 +523,7 @@ class MuxSession:
 
         ``started()`` is reported at once.  Returns normally on EOF or GOAWAY; when the peer
         broke the protocol it sends a GOAWAY and raises :class:`RemoteProtocolError` (wrapped
-        in an ExceptionGroup, as everything leaving a nursery: catch it with ``except*``).
+        in an ExceptionGroup when this call made its own nursery: catch it with ``except*``).
         """
         if nursery is None:
             async with trio.open_nursery() as own:
