@@ -265,3 +265,32 @@ async def test_remote_commands_in_process(edge_env: Any) -> None:
         with pytest.raises(RemoteCommandError, match="predates") as old:
             await remote_restart(session)
         assert not old.value.answered
+
+
+async def test_accepted_command_survives_the_session_ending_at_once(nursery: trio.Nursery,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link may end the moment the agent accepts a command (the edge closes it on the
+    agent's GOAWAY): the command must still reach the program, not turn into a reconnect."""
+    from tunneld.core import AgentConfig, proto
+
+    from .core.test_mux import session_pair
+
+    agent_side, edge_side = await session_pair(nursery)
+    agent = Agent(AgentConfig(), [])
+    session: trio.CancelScope | None = None
+
+    async def accepted_as_the_link_ends(self: Agent, stream: Any, op: Op) -> None:
+        # What the accept loop does when the session ends: cancel the session's nursery.
+        assert session is not None
+        session.cancel()
+        raise RemoteCommandReceived(op)
+
+    monkeypatch.setattr(Agent, "_remote_command", accepted_as_the_link_ends)
+    await edge_side.open_stream(proto.encode_stream_type(Op.RESTART.stream_type))
+    stream = await agent_side.accept_stream()
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with trio.open_nursery() as handlers:
+            session = handlers.cancel_scope
+            handlers.start_soon(agent._handle_stream, stream)
+    [received] = info.value.exceptions
+    assert isinstance(received, RemoteCommandReceived) and received.op is Op.RESTART

@@ -824,7 +824,12 @@ class Agent:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             stream.reset()
         finally:
-            await stream.aclose()
+            # Shielded (the close itself never waits): when the session ends just as a remote
+            # command is accepted, a cancelled checkpoint here would replace the
+            # RemoteCommandReceived on its way out with Cancelled, and the agent would reconnect
+            # instead of restarting.
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def _proxy(self, stream: MuxStream, header: proto.ProxyHeader, leftover: bytes) -> None:
         tunnel = self._by_id.get(header.id)
