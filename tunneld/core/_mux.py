@@ -54,6 +54,7 @@ from .proto import (
     encode_wndinc,
     orphan_frame_reply,
 )
+from .proto._frames import Event
 
 log = logging.getLogger("tunneld.mux")
 
@@ -553,33 +554,32 @@ class MuxSession:
                 await trio.aclose_forcefully(self.transport)
 
     async def _reader_task(self) -> None:
-        decoder = self._decoder
+        decode = self._decode
         receive = self.transport.receive_some
+        # A carrier that lends its plaintext (BulkTLSStream) is decoded in place: the frames'
+        # payloads are the only copies made of what it received.
+        receive_with = getattr(self.transport, "receive_with", None)
         pending, self.initial_data = self.initial_data, b""
-        data: bytes | bytearray
+        events: list[Event] | None
         while True:
             try:
                 if pending:
-                    data, pending = pending, b""
+                    events, pending = decode(pending), b""
+                elif receive_with is not None:
+                    events = await receive_with(decode, READ_SIZE)
                 else:
-                    data = await receive(READ_SIZE)
+                    events = decode(await receive(READ_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if not self._dead:
                     self.close_reason = self.close_reason or f"carrier failed: {exc}"
                 return
-            if not data:
+            if events is None:
                 self.close_reason = self.close_reason or "peer closed the connection"
                 return
-            if self.receive_budget is not None:
-                # One check per carrier read, not per frame.
-                self.receive_budget -= len(data)
-                if self.receive_budget < 0:
-                    raise RemoteProtocolError("peer sent more than it may at this point of the session",
-                                              code=ErrorCode.ENHANCE_YOUR_CALM)
             woken, last = 0, -1
             self._dispatching = True
             try:
-                for event in decoder.receive_data(data):
+                for event in events:
                     if type(event) is Data:
                         self._on_data(event)
                         if event.stream_id != last:
@@ -609,7 +609,20 @@ class MuxSession:
                         return
             finally:
                 self._end_dispatch()
-            data = b""  # not kept while the reader waits
+            events = None  # not kept while the reader waits
+
+    def _decode(self, data: bytes | bytearray | memoryview) -> list[Event] | None:
+        """The frames one carrier read completes; None at end of stream.  Keeps no reference
+        to ``data`` (see :meth:`BulkTLSStream.receive_with`)."""
+        if not data:
+            return None
+        if self.receive_budget is not None:
+            # One check per carrier read, not per frame.
+            self.receive_budget -= len(data)
+            if self.receive_budget < 0:
+                raise RemoteProtocolError("peer sent more than it may at this point of the session",
+                                          code=ErrorCode.ENHANCE_YOUR_CALM)
+        return self._decoder.receive_data(data)
 
     def _end_dispatch(self) -> None:
         """After dispatching frames: write what they queued (echoes, credit, resets) from this

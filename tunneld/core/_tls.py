@@ -34,9 +34,9 @@ import ipaddress
 import operator
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import service_identity
 import trio
@@ -117,6 +117,8 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpe
 
 
 _local = threading.local()
+_T = TypeVar("_T")
+_NO_BYTES = memoryview(b"")
 
 
 def _staging() -> tuple[memoryview, Any]:
@@ -560,6 +562,16 @@ class BulkTLSStream(trio.abc.Stream):
         Returns every decrypted record already buffered (many per call), and reads the transport
         only when nothing is buffered.
         """
+        return await self.receive_with(bytes, max_bytes)
+
+    async def receive_with(self, consume: Callable[[memoryview], _T], max_bytes: int | None = None) -> _T:
+        """:meth:`receive_some`, but the plaintext goes to ``consume(view)`` instead of being
+        copied into a new ``bytes``: what ``consume`` returns is returned.
+
+        ``view`` is this thread's staging buffer, valid during the call only (``consume`` must
+        copy what it keeps, and must not wait); an empty view means end of stream.  The mux
+        decodes frames straight from it: one copy of every received byte fewer.
+        """
         with self._recv_conflict:
             if max_bytes is None:
                 max_bytes = MAX_RECEIVE
@@ -575,7 +587,7 @@ class BulkTLSStream(trio.abc.Stream):
                 await trio.lowlevel.checkpoint_if_cancelled()
             if self._eof:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                return b""
+                return consume(_NO_BYTES)
 
             conn = self._conn
             view, ptr = _staging()
@@ -636,8 +648,9 @@ class BulkTLSStream(trio.abc.Stream):
                     self._backlog = chunk[_FEED:] if len(chunk) > _FEED else None
                     continue
                 got += n
-            # Copy out before the checkpoint: the staging buffer is shared by all streams.
-            result = bytes(view[:got]) if got else b""
+            # Consumed before the checkpoint: the staging buffer is shared by all streams.
+            with view[:got] as plain:
+                result = consume(plain)
             if not blocked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return result

@@ -188,8 +188,12 @@ class FrameDecoder:
         #: Set once a GOAWAY was decoded; later bytes are ignored (reference: do not resync).
         self.closed = False
 
-    def receive_data(self, data: bytes | bytearray) -> list[Event]:
-        """Consume ``data`` and return the events it completes, in order."""
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Consume ``data`` and return the events it completes, in order.
+
+        No reference to ``data`` outlives the call: every payload handed up is ``data`` itself
+        (a ``bytes`` that is one whole payload piece) or a copy, so a borrowed buffer will do.
+        """
         events: list[Event] = []
         if self.closed:
             return events
