@@ -244,6 +244,32 @@ async def test_receive_drains_many_records_per_call(listener: trio.SocketListene
             assert len(await _recv_exactly(server, 8 * 4096 - 8)) == 8 * 4096 - 8
 
 
+async def test_receive_with_lends_the_plaintext_for_the_call_only(listener: trio.SocketListener,
+                                                                  pki: Pki) -> None:
+    """``receive_with`` hands ``consume`` a view of the shared staging buffer: what it returns
+    comes back, the view is released afterwards (a kept one cannot be read later), and the
+    end of the stream is an empty view."""
+    with trio.fail_after(10):
+        client, server = await _tls_pair(listener, pki)
+        kept: list[memoryview] = []
+
+        def consume(view: memoryview) -> bytes:
+            kept.append(view)
+            return bytes(view)
+
+        data = os.urandom(100_000)
+        await client.send_all(data)
+        got = b""
+        while len(got) < len(data):
+            got += await server.receive_with(consume)
+        assert got == data
+        with pytest.raises(ValueError, match="released"):
+            bytes(kept[0])
+        await client.aclose()
+        assert await server.receive_with(len) == 0
+        await server.aclose()
+
+
 async def test_many_small_writes_and_send_all_parts(listener: trio.SocketListener, pki: Pki) -> None:
     with trio.fail_after(20):
         client, server = await _tls_pair(listener, pki)

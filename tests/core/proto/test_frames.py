@@ -203,6 +203,22 @@ def test_large_data_frame_is_streamed_in_pieces() -> None:
     assert b"".join(e.data for e in events) == payload
 
 
+
+def test_a_borrowed_buffer_is_never_handed_up() -> None:
+    """Fed a view of a buffer its owner reuses (the TLS staging buffer), the decoder hands up
+    copies: overwriting the buffer afterwards changes no decoded payload or partial header."""
+    frames = proto.encode_data(3, b"A" * 1000) + proto.encode_data(5, b"B" * 10) + proto.encode_wndinc(3, 7)
+    buf = bytearray(frames + proto.encode_data(7, b"C" * 50)[:5])  # ends inside a header
+    dec = FrameDecoder()
+    with memoryview(buf) as view:
+        events = dec.receive_data(view)
+    buf[:] = b"\xff" * len(buf)  # the owner reuses its buffer
+    events += dec.receive_data(proto.encode_data(7, b"C" * 50)[5:])
+    assert all(type(e.data) is bytes for e in events if isinstance(e, Data))
+    assert [(e.stream_id, e.data) for e in events if isinstance(e, Data)] == [
+        (3, b"A" * 1000), (5, b"B" * 10), (7, b"C" * 50)]
+    assert WindowUpdate(3, 7) in events
+
 # ---- property: any framing of any frame sequence decodes to the same content -------------
 
 sids = st.integers(1, MAX_SID)
