@@ -42,29 +42,33 @@ class LinkProxy:
         self.connections += 1
         frozen, cut = self._frozen, self._cut
         server = await trio.open_tcp_stream("127.0.0.1", self.target)
+        what: list[str] = []
 
-        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-            while data := await src.receive_some(65536):
-                await dst.send_all(data)
-            await dst.send_eof()
+        async def pump(src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope) -> None:
+            try:
+                while data := await src.receive_some(65536):
+                    await dst.send_all(data)
+                await dst.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # One end reset (or went away before our FIN): pass the reset on to the other,
+                # as a NAT would, instead of failing the test's nursery.
+                what.append("reset")
+                scope.cancel()
 
         async def on(event: trio.Event, scope: trio.CancelScope, what: list[str], name: str) -> None:
             await event.wait()
             what.append(name)
             scope.cancel()
 
-        what: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, client, server)
-                nursery.start_soon(pump, server, client)
+                nursery.start_soon(pump, client, server, nursery.cancel_scope)
+                nursery.start_soon(pump, server, client, nursery.cancel_scope)
                 nursery.start_soon(on, frozen, nursery.cancel_scope, what, "freeze")
                 nursery.start_soon(on, cut, nursery.cancel_scope, what, "cut")
             if what == ["freeze"]:
                 # Keep both sockets open and silent until the test ends.
                 await cut.wait()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
         finally:
             for stream in (client, server):
                 # SO_LINGER 0: close with RST, as a crashed peer's kernel would.
