@@ -56,6 +56,40 @@ async def test_an_idle_session_is_one_reader_and_one_writer(edge_env: EdgeEnv) -
     assert session._heartbeat is not None and session._heartbeat._chunks is None
 
 
+async def test_an_idle_sessions_reader_sleeps_through_its_heartbeats(edge_env: EdgeEnv) -> None:
+    """The edge's idle watcher answers an idle agent's heartbeats (``_idlewatch``): the
+    session's reader stays parked, and a proxied request still wakes it."""
+    agent = await edge_env.start_agent(TunnelConfig("web", "http", "127.0.0.1:9", schemes=["http"]),
+                                       heartbeat_interval=0.05)
+    watcher = edge_env.edge.idle_watcher
+    with trio.fail_after(10):
+        while not (watcher.parked and watcher.answered >= 3):
+            await trio.sleep(0.01)
+    (session,) = edge_env.edge.sessions
+    assert session.mux.parked_fd is not None
+    handed_back = watcher.handed_back
+    answered = watcher.answered
+    with trio.fail_after(10):
+        while watcher.answered < answered + 5:
+            await trio.sleep(0.01)
+    assert watcher.handed_back == handed_back
+    assert not session.silent(trio.current_time())
+    # A public request opens a stream: the agent's answer (a 502, nothing listens on port 9)
+    # comes back through the reader, which parks again once the stream is gone.
+    stream = await trio.open_tcp_stream("127.0.0.1", edge_env.http_port)
+    host = agent.tunnels[0].public_url.split("://", 1)[1]
+    await stream.send_all(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    with trio.fail_after(10):
+        reply = b""
+        while chunk := await stream.receive_some():
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 502 ")
+    assert watcher.handed_back > handed_back
+    with trio.fail_after(10):
+        while session.mux.parked_fd is None:
+            await trio.sleep(0.01)
+
+
 async def test_an_idle_session_keeps_no_finished_task_alive(edge_env: EdgeEnv) -> None:
     """The Auth and Bind handlers, and Nursery.start's nursery around the tunnel's start, are
     garbage once they are done (trio's task status, kept by a tunnel's run, held them)."""

@@ -52,6 +52,7 @@ from ._certs import certificate_names, ensure_dev_host_cert, name_matches
 from ._errors import Code, ConfigError, PluginError, RemoteProtocolError, TunnelRejected, wire_error
 from ._forward import ByteCounts
 from ._hostnames import AllowedHostname, HostChooser, HostPolicy
+from ._idlewatch import IdleWatcher
 from ._lean import lean
 from ._metrics import EdgeMetrics
 from ._mux import MAX_REMOTE_STREAMS, MuxSession, MuxStream
@@ -242,6 +243,8 @@ class Edge:
     limiter: FailureLimiter = attrs.field(factory=lambda: FailureLimiter(max_delay=MAX_AUTH_DELAY),
                                           init=False)
     sessions: set[AgentSession] = attrs.field(factory=set, init=False)
+    #: Answers the heartbeats of idle sessions while their readers are parked (``_idlewatch``).
+    idle_watcher: IdleWatcher = attrs.field(factory=IdleWatcher, init=False)
     #: Sessions plugins run (the ssh gateway's), listed by the admin API beside agent sessions.
     plugin_sessions: set[ListedSession] = attrs.field(factory=set, init=False)
     #: Authtoken id → its authenticated sessions, and its tunnels (bound or being bound).
@@ -448,6 +451,7 @@ class Edge:
             outer.start_soon(self._end_revoked_sessions)
             outer.start_soon(self._trim_memory)
             outer.start_soon(self._watch_heartbeats)
+            await outer.start(self.idle_watcher.run)
             async with trio.open_nursery() as root:
                 for service in self._services():
                     await root.start(service.run)
@@ -1015,6 +1019,7 @@ class AgentSession:
         self.mux.max_remote_streams = MAX_CONTROL_STREAMS
         self.mux.remote_window = None
         self.mux.receive_budget = None
+        self.mux.idle_watcher = self.edge.idle_watcher
         self.authed = True
         self.end_preauth()
         log.info("agent %s authenticated with token %s (session %s, client %s)", self.remote_addr,

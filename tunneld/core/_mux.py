@@ -29,7 +29,7 @@ import collections
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -55,6 +55,9 @@ from .proto import (
     orphan_frame_reply,
 )
 from .proto._frames import Event
+
+if TYPE_CHECKING:
+    from ._idlewatch import IdleWatcher
 
 log = logging.getLogger("tunneld.mux")
 
@@ -491,6 +494,10 @@ class MuxSession:
     _writing: bool = attrs.field(default=False, init=False)
     #: The carrier holds ciphertext an inline write left: the writer must flush it.
     _flush_due: bool = attrs.field(default=False, init=False)
+    #: Where the reader parks while the session is idle (the edge's; see ``_idlewatch``), and
+    #: the socket it parked with (None: not parked).
+    idle_watcher: IdleWatcher | None = attrs.field(default=None, init=False)
+    parked_fd: int | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._decoder = FrameDecoder(max_data_frame=max(self.window, MAX_DATA_FRAME))
@@ -566,7 +573,15 @@ class MuxSession:
                 if pending:
                     events, pending = decode(pending), b""
                 elif receive_with is not None:
-                    events = await receive_with(decode, READ_SIZE)
+                    events = None
+                    watcher = self.idle_watcher
+                    if watcher is not None and self._idle():
+                        fd = self.transport.socket_fileno()  # type: ignore[attr-defined]
+                        if fd is not None:
+                            # Heartbeats are answered there; back with frames, or None: read.
+                            events = await watcher.park(self, fd)
+                    if events is None:
+                        events = await receive_with(decode, READ_SIZE)
                 else:
                     events = decode(await receive(READ_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -610,6 +625,36 @@ class MuxSession:
             finally:
                 self._end_dispatch()
             events = None  # not kept while the reader waits
+
+    def _idle(self) -> bool:
+        """No stream open but an echoing one (the heartbeat): the reader may park."""
+        streams = self._streams
+        if len(streams) > 1 or self._dead or self.receive_budget is not None:
+            return False
+        return not streams or next(iter(streams.values()))._echo is not None
+
+    def dispatch_echoes(self, events: list[Event]) -> bool:
+        """Dispatch ``events`` as the reader would, if they are only data for echoing streams
+        (and credit): the parked reader's :class:`IdleWatcher` answers heartbeats so.  False,
+        doing nothing, when anything else came (the reader dispatches it)."""
+        streams = self._streams
+        for event in events:
+            if type(event) is Data:
+                stream = streams.get(event.stream_id)
+                if stream is None or stream._echo is None or event.syn or event.fin:
+                    return False
+            elif type(event) is not WindowUpdate or event.stream_id not in streams:
+                return False
+        self._dispatching = True
+        try:
+            for event in events:
+                if type(event) is Data:
+                    self._on_data(event)
+                else:
+                    streams[event.stream_id]._on_credit(event.increment)  # type: ignore[union-attr]
+        finally:
+            self._end_dispatch()
+        return True
 
     def _decode(self, data: bytes | bytearray | memoryview) -> list[Event] | None:
         """The frames one carrier read completes; None at end of stream.  Keeps no reference
@@ -829,6 +874,8 @@ class MuxSession:
             return
         self._dead = True
         self._error = exc
+        if self.parked_fd is not None and self.idle_watcher is not None:
+            self.idle_watcher.unpark(self)  # before the carrier closes: the reader ends itself
         if self._accept_send is not None:
             self._accept_send.close()
         for stream in list(self._streams.values()):

@@ -655,6 +655,58 @@ class BulkTLSStream(trio.abc.Stream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return result
 
+    # ---- receiving for a parked reader (the edge's idle-session watcher) -----------------
+
+    def socket_fileno(self) -> int | None:
+        """The descriptor of the socket under this stream when :meth:`decrypt_nowait` can serve
+        it (a plain socket, the cffi fast path, handshake done, nothing buffered either way);
+        else None."""
+        if not (_FAST and self._handshook and self._state is _State.OK and self._needs_input) \
+                or self._eof or self._backlog is not None or self._recv_conflict._held \
+                or self._outgoing_pending():
+            return None
+        socket = getattr(self.transport_stream, "socket", None)
+        if socket is None or not hasattr(self.transport_stream, "write_nowait"):
+            return None
+        fd: int = socket.fileno()
+        return fd if fd >= 0 else None
+
+    def decrypt_nowait(self, ciphertext: bytes, consume: Callable[[memoryview], _T]) -> _T | None:
+        """Feed ``ciphertext`` (read by the caller from :meth:`socket_fileno`) to the engine and
+        hand every whole record's plaintext to ``consume`` as :meth:`receive_with` does; None
+        while no record is complete.
+
+        For the one caller that stands in for a receiver parked outside :meth:`receive_with`
+        (never during one).  Engine errors raise as :meth:`receive_some` would raise them,
+        except a close_notify, which is left for that receiver to find (returns None).
+        """
+        conn = self._conn
+        ssl = conn._ssl
+        conn.bio_write(ciphertext)
+        self._needs_input = False
+        view, ptr = _staging()
+        got = 0
+        try:
+            while got < MAX_RECEIVE:
+                n = _SSL_read(ssl, ptr + got, MAX_RECEIVE - got)
+                if n > 0:
+                    got += n
+                    continue
+                if _SSL_get_error(ssl, n) == _WANT_READ:
+                    self._needs_input = True
+                    break
+                conn._raise_ssl_error(ssl, n)
+                raise SSL.SysCallError(-1, f"SSL_read returned {n}")
+        except SSL.ZeroReturnError:
+            # close_notify: SSL_read keeps answering so; the receiver ends the stream.
+            pass
+        except SSL.Error as exc:
+            raise self._broken(exc, "receive") from exc
+        if not got:
+            return None
+        with view[:got] as plain:
+            return consume(plain)
+
     # ---- send ------------------------------------------------------------------------------
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
