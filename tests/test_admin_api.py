@@ -324,6 +324,7 @@ async def test_sessions_tunnels_metrics_and_deletion_disconnects(api: Api, nurse
         assert 'tunneld_http_requests_total{code="2xx"} 1.0' in text
         assert 'tunneld_http_request_duration_seconds_bucket{code="2xx",le="+Inf"} 1.0' in text
         assert 'tunneld_auth_failures_total{kind="agent"} 0.0' in text
+        assert "tunneld_idle_sessions_parked " in text and "tunneld_idle_heartbeats_answered_total " in text
         assert any(line.startswith('tunneld_tunnels{proto="http') and not line.endswith(" 0.0")
                    for line in text.splitlines())
         # Deleting the credential ends its session within 5 s.

@@ -451,6 +451,13 @@ class EdgeCollector:
         for pool, n in sorted(edge.open_connections.items()):
             g.add_metric([pool], n)
         yield g
+        watcher = edge.idle_watcher
+        yield GaugeMetricFamily("tunneld_idle_sessions_parked",
+                                "Agent sessions idle now, their heartbeats answered by the idle watcher.",
+                                value=watcher.parked)
+        yield CounterMetricFamily("tunneld_idle_heartbeats_answered",
+                                  "Heartbeats the idle watcher answered without waking a session.",
+                                  value=watcher.answered)
         yield GaugeMetricFamily("tunneld_auth_limited_addresses",
                                 "Client addresses with recent failed logins (agents, ssh, API keys).",
                                 value=len(edge.limiter))
