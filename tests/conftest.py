@@ -74,6 +74,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("edge_env", ["tls", "websocket"], indirect=True)
 
 
+@pytest.fixture(scope="module", params=["compiled", "python"])
+def both_head_parsers(request: pytest.FixtureRequest) -> object:
+    """Run a module's tests with the compiled head-parser fast path and without it.
+
+    Module-scoped (hypothesis refuses function-scoped fixtures around ``@given`` tests).
+    """
+    from tunneld.http1 import _wire
+
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "python":
+            mp.setattr(_wire, "_scan_request", None)
+            mp.setattr(_wire, "_scan_response", None)
+        elif not _wire.SPEEDUPS:
+            pytest.skip("the compiled fast path is not built here")
+        yield request.param
+
+
 @pytest.fixture
 async def edge_env(request: pytest.FixtureRequest, tmp_path: Path,
                    nursery: trio.Nursery) -> AsyncIterator[EdgeEnv]:

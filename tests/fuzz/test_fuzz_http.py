@@ -26,6 +26,9 @@ from tunneld.http1._wire import (
 
 from ._limits import budget, fuzz_settings, split
 
+#: Every test here runs with the compiled fast path of the head parsers and without it.
+pytestmark = pytest.mark.usefixtures("both_head_parsers")
+
 FUZZ = fuzz_settings(1000)
 
 

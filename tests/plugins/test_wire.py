@@ -19,6 +19,9 @@ from tunneld.http1._wire import BadMessage, BodyKind, parse_request_head, parse_
 
 from . import wire_reference as ref
 
+#: Every test here runs with the compiled fast path of the head parsers and without it.
+pytestmark = pytest.mark.usefixtures("both_head_parsers")
+
 NAMES = [b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Transfer-Encoding",
          b"transfer-encoding", b"Expect", b"X-Forwarded-For", b"x-forwarded-for", b"Connection",
          b"Upgrade", b"Tunneld-Error-Code", b"Accept", b"Location", b"X-Host", b"Hostname",

@@ -32,6 +32,9 @@ from tunneld.http1._wire import (
     parse_response_head,
 )
 
+#: Every test here runs with the compiled fast path of the head parsers and without it.
+pytestmark = pytest.mark.usefixtures("both_head_parsers")
+
 CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n"
 NEXT = b"GET /next HTTP/1.1\r\nHost: a.example\r\n\r\n"
 
