@@ -57,9 +57,9 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("wheels")
     src = root / "src"
     src.mkdir()
-    for name in ("tunneld", "setup.cfg", "pyproject.toml", "README.md"):
+    for name in ("tunneld", "setup.cfg", "setup.py", "pyproject.toml", "README.md"):
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         else:
             shutil.copy(REPO / name, src / name)
     dirs = {name: root / name for name in ("channels", "foreign")}

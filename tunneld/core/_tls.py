@@ -103,6 +103,8 @@ try:
     from OpenSSL._util import lib as _lib
 
     _SSL_read = _lib.SSL_read
+    _SSL_write = _lib.SSL_write
+    _BIO_write = _lib.BIO_write
     _SSL_pending = _lib.SSL_pending
     _SSL_get_error = _lib.SSL_get_error
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
@@ -305,6 +307,11 @@ class BulkTLSStream(trio.abc.Stream):
             if server_hostname and not _is_ip_literal(server_hostname):
                 self._conn.set_tlsext_host_name(server_hostname.encode("idna"))
             self._conn.set_connect_state()
+        if _FAST:
+            # pyOpenSSL turns partial writes on, so that SSL_write seals one 16 KiB record per
+            # call; into a memory BIO (which never blocks) one call can seal a whole send chunk.
+            # Bulk: 64 calls through the wrapper per MB -> 4, ~10 % of the sender's CPU.
+            _lib.SSL_clear_mode(self._conn._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
         self._state = _State.OK
         self._handshook = False
@@ -638,12 +645,12 @@ class BulkTLSStream(trio.abc.Stream):
                         if len(data) <= _RECORD:
                             if _quiet_since(self._rbio_grown):
                                 self._renew_bios(read=True, write=False)
-                            conn.bio_write(data)
+                            self._feed(data)
                             self._needs_input = False
                             continue
                         self._rbio_grown = trio.current_time()
                         chunk = memoryview(data)
-                    conn.bio_write(chunk[:_FEED])
+                    self._feed(chunk[:_FEED])
                     self._needs_input = False
                     self._backlog = chunk[_FEED:] if len(chunk) > _FEED else None
                     continue
@@ -682,7 +689,7 @@ class BulkTLSStream(trio.abc.Stream):
         """
         conn = self._conn
         ssl = conn._ssl
-        conn.bio_write(ciphertext)
+        self._feed(ciphertext)
         self._needs_input = False
         view, ptr = _staging()
         got = 0
@@ -711,13 +718,35 @@ class BulkTLSStream(trio.abc.Stream):
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn
-        view = memoryview(data)
         try:
+            if _FAST:
+                ssl = conn._ssl
+                with _from_buffer(data) as buf:
+                    total, done = len(buf), 0
+                    while done < total:
+                        n = _SSL_write(ssl, buf + done, total - done)
+                        if n <= 0:
+                            conn._raise_ssl_error(ssl, n)
+                            raise SSL.SysCallError(-1, f"SSL_write returned {n}")
+                        done += n
+                return
+            view = memoryview(data)
             while view:
                 n = conn.send(view)
                 view = view[n:]
         except SSL.Error as exc:
             raise self._broken(exc, "send") from exc
+
+    def _feed(self, ciphertext: bytes | memoryview) -> None:
+        """Hand ciphertext to the engine's incoming memory BIO (which takes all of it)."""
+        conn = self._conn
+        if not _FAST:
+            conn.bio_write(ciphertext)
+            return
+        with _from_buffer(ciphertext) as buf:
+            n = _BIO_write(conn._into_ssl, buf, len(buf))
+        if n != len(buf):  # a memory BIO refuses only when out of memory
+            raise self._broken(MemoryError(f"BIO_write took {n} of {len(buf)} bytes"), "receive")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt *data* and send it; one transport ``send_all`` per 256 KiB of plaintext."""
