@@ -737,7 +737,7 @@ class BulkTLSStream(trio.abc.Stream):
         except SSL.Error as exc:
             raise self._broken(exc, "send") from exc
 
-    def _feed(self, ciphertext: bytes | memoryview) -> None:
+    def _feed(self, ciphertext: bytes | bytearray | memoryview) -> None:
         """Hand ciphertext to the engine's incoming memory BIO (which takes all of it)."""
         conn = self._conn
         if not _FAST:
