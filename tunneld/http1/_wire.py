@@ -33,11 +33,11 @@ import httptools
 from tunneld.plugin import ERROR_HEADER, Code
 
 try:
-    from . import _speedups
+    from ._speedups import scan_request as _scan_request
+    from ._speedups import scan_response as _scan_response
 except ImportError:  # not built (no C compiler at install time): the parsers below do it all
-    _speedups = None  # type: ignore[assignment]
-_scan_request = _speedups.scan_request if _speedups is not None else None
-_scan_response = _speedups.scan_response if _speedups is not None else None
+    _scan_request = None  # type: ignore[assignment]
+    _scan_response = None  # type: ignore[assignment]
 
 #: Whether the compiled fast path of the head parsers is in use.
 SPEEDUPS = _scan_request is not None
