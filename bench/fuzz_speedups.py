@@ -46,12 +46,12 @@ def fuzz(so: Path, examples: int) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
+    from tests.fuzz.test_fuzz_http import heads_from
     from tests.plugins.test_wire_speedups import (
         COMMON_REQUESTS,
         COMMON_RESPONSES,
         full_request,
         full_response,
-        mutated,
         request_heads,
         response_heads,
     )
@@ -61,7 +61,7 @@ def fuzz(so: Path, examples: int) -> None:
     taken = [0, 0]
 
     @run
-    @given(st.one_of(request_heads(), mutated(COMMON_REQUESTS), st.binary(max_size=300)))
+    @given(st.one_of(request_heads(), heads_from(COMMON_REQUESTS)))
     def requests(head: bytes) -> None:
         for k in range(0, len(head), 7):
             fast.scan_request(head[:k])
@@ -71,7 +71,7 @@ def fuzz(so: Path, examples: int) -> None:
             assert fields == full_request(head), head
 
     @run
-    @given(st.one_of(response_heads(), mutated(COMMON_RESPONSES), st.binary(max_size=300)),
+    @given(st.one_of(response_heads(), heads_from(COMMON_RESPONSES)),
            st.sampled_from([b"GET", b"POST", b"HEAD", b"CONNECT", b"", b"HEAD\0"]))
     def responses(head: bytes, method: bytes) -> None:
         for k in range(0, len(head), 7):

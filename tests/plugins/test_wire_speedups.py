@@ -10,7 +10,6 @@ take the fast path, or it bought nothing.
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 import pytest
@@ -20,19 +19,12 @@ from hypothesis import strategies as st
 from tunneld.http1 import _wire
 from tunneld.http1._wire import BadMessage
 
+from ..conftest import require_compiled_parser
 from ..fuzz._limits import fuzz_settings
+from ..fuzz.test_fuzz_http import heads_from
 
-try:
-    from tunneld.http1 import _speedups
-except ImportError:
-    _speedups = None
-    if shutil.which("cc") or shutil.which("gcc"):
-        # With a compiler at hand the extension should have been built: a silent skip here
-        # would leave the compiled parser untested in CI.
-        pytest.fail("tunneld.http1._speedups is not built: run `python3 -m pip install -e .`",
-                    pytrace=False)
-    pytest.skip("the compiled fast path is not built here (no C compiler)", allow_module_level=True)
-
+require_compiled_parser()
+from tunneld.http1 import _speedups  # noqa: E402 - built, or the module was skipped above
 
 FUZZ = fuzz_settings(3000)
 
@@ -270,31 +262,14 @@ def response_heads(draw: st.DrawFn) -> bytes:
     return b"\r\n".join([line, *lines]) + b"\r\n\r\n"
 
 
-@st.composite
-def mutated(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
-    """A common head with a few byte flips, inserts and deletions, cut at its first blank line."""
-    buf = bytearray(draw(st.sampled_from(seeds)))
-    for _ in range(draw(st.integers(1, 4))):
-        pos = draw(st.integers(0, len(buf)))
-        op = draw(st.integers(0, 2))
-        if op == 0 and buf:
-            buf[min(pos, len(buf) - 1)] ^= 1 << draw(st.integers(0, 7))
-        elif op == 1:
-            buf[pos:pos] = draw(st.sampled_from(_ODD + [b"\r\n", b"Host: b\r\n", b"Content-Length: 3\r\n"]))
-        else:
-            del buf[pos:pos + draw(st.integers(1, 6))]
-    end = _wire.find_head_end(bytes(buf))
-    return bytes(buf[:end]) if end > 0 else bytes(buf) + b"\r\n\r\n"
-
-
 @FUZZ
-@given(st.one_of(request_heads(), mutated(COMMON_REQUESTS), st.binary(max_size=120)))
+@given(st.one_of(request_heads(), heads_from(COMMON_REQUESTS)))
 def test_requests_fast_path_answers_as_the_full_parser(head: bytes) -> None:
     check_request(head)
 
 
 @FUZZ
-@given(st.one_of(response_heads(), mutated(COMMON_RESPONSES), st.binary(max_size=120)),
+@given(st.one_of(response_heads(), heads_from(COMMON_RESPONSES)),
        st.sampled_from([b"GET", b"POST", b"HEAD", b"CONNECT", b"PUT"]))
 def test_responses_fast_path_answers_as_the_full_parser(head: bytes, method: bytes) -> None:
     check_response(head, method)
