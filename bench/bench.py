@@ -1371,6 +1371,10 @@ def main() -> int:
     tunneld = shlex.split(args.tunneld) if args.tunneld else [sys.executable, "-m", "tunneld"]
     tmp = Path(tempfile.mkdtemp(prefix="tunneld-bench-"))
     procs = Procs(tmp)
+    # A benchmark stopped with kill or by a closed terminal must not leave its edge, agents,
+    # nginx and sshd running (they would skew every later run): unwind through ``finally``.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     started = time.monotonic()
     load0 = os.getloadavg()
     try:
