@@ -16,15 +16,15 @@ so the call must not fail with ``Cancelled``.
 
 from __future__ import annotations
 
-import contextvars
 import errno
 import operator
 import os
 import sys
 
 import trio
+from trio.lowlevel import current_task
 
-__all__ = ["LeanSocketStream", "ReadyStreak", "lean", "task_streak", "YIELD_EVERY"]
+__all__ = ["LeanSocketStream", "ReadyStreak", "STREAK", "lean", "task_streak", "YIELD_EVERY"]
 
 #: Calls in a row that completed without waiting before the task yields anyway.
 YIELD_EVERY = 8
@@ -37,47 +37,60 @@ _CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 
 class ReadyStreak:
-    """Counts a task's calls that completed without waiting; see the module docstring.
+    """Counts the calls in a row that completed without waiting; see the module docstring.
 
-    One per task (:func:`task_streak`), not per stream: a relay that reads a socket and waits
-    for the mux in turn has yielded on every round, and must not be made to yield again
-    because one of its streams alone kept being ready.
+    One for the process (:data:`STREAK`), following the task that made the last such call: a
+    call from another task starts the count afresh.  That is the per-task rule, since a task
+    cannot lose the CPU between two of its calls without yielding, and it is kept without a
+    context variable lookup per call.  Counting per task, not per stream, matters: a relay that
+    reads a socket and waits for the mux in turn has yielded on every round, and must not be
+    made to yield again because one of its streams alone kept being ready.
     """
 
     __slots__ = ("count", "task_id")
 
-    def __init__(self, task_id: int = 0) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        #: ``id()`` of the owning task: a reference would make task, context and streak a
-        #: cycle for the garbage collector to find after every connection.
-        self.task_id = task_id
+        #: ``id()`` of the task counted: a reference would keep a finished task alive.  (An id
+        #: reused by a new task only makes that task yield a little early.)
+        self.task_id = 0
 
-    async def completed(self, nbytes: int) -> None:
-        """After an operation that did not wait: yield (shielded) if it moved BULK_BYTES or
-        more, or if it is the YIELD_EVERY-th in a row."""
-        self.count += 1
+    def ready(self, nbytes: int) -> bool:
+        """Count a call that did not wait; True when it must yield (shielded) now: it moved
+        BULK_BYTES or more, or it is the YIELD_EVERY-th in a row."""
+        task_id = id(current_task())
+        if task_id != self.task_id:
+            self.task_id = task_id
+            self.count = 1
+        else:
+            self.count += 1
         if self.count >= YIELD_EVERY or nbytes >= BULK_BYTES:
             self.count = 0
+            return True
+        return False
+
+    async def completed(self, nbytes: int) -> None:
+        """:meth:`ready`, and the yield it calls for."""
+        if self.ready(nbytes):
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def waited(self) -> None:
         """The operation waited (and so yielded): start counting afresh."""
         self.count = 0
+        self.task_id = 0  # whoever calls next starts at 1
 
 
-_streak: contextvars.ContextVar[ReadyStreak] = contextvars.ContextVar("tunneld_ready_streak")
+#: The process's streak (Trio runs one task at a time).
+STREAK = ReadyStreak()
 
 
 def task_streak() -> ReadyStreak:
-    """The current task's :class:`ReadyStreak`."""
-    task_id = id(trio.lowlevel.current_task())
-    streak = _streak.get(None)
-    # A child task starts with a copy of its parent's context: the parent's streak is not its
-    # own.  (An id reused after a task ended only means sharing a counter with no live task.)
-    if streak is None or streak.task_id != task_id:
-        streak = ReadyStreak(task_id)
-        _streak.set(streak)
-    return streak
+    """:data:`STREAK`, counting for the current task from now on."""
+    task_id = id(current_task())
+    if STREAK.task_id != task_id:
+        STREAK.task_id = task_id
+        STREAK.count = 0
+    return STREAK
 
 
 def checked_max_bytes(max_bytes: int | None) -> int | None:
@@ -105,13 +118,15 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.socket = stream.socket
+        #: The stdlib socket inside trio's (one call less per ``fileno()``).
+        self._raw = getattr(stream.socket, "_sock", stream.socket)
         self._receiving = False
         self._sending = False
 
     def _fileno(self) -> int:
         # Looked up on every call, never cached: once the socket is closed its number may
         # already belong to another connection.
-        fd = self.socket.fileno()
+        fd: int = self._raw.fileno()
         if fd < 0:
             raise trio.ClosedResourceError("this socket was already closed")
         return fd
@@ -133,9 +148,9 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
                     raise _stream_error(exc) from exc
                 else:
                     if waited:
-                        task_streak().waited()
-                    else:
-                        await task_streak().completed(len(data))
+                        STREAK.waited()
+                    elif STREAK.ready(len(data)):
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 waited = True
                 await trio.lowlevel.wait_readable(self.socket)
@@ -163,9 +178,9 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
                     except OSError as exc:
                         raise _stream_error(exc) from exc
             if waited:
-                task_streak().waited()
-            else:
-                await task_streak().completed(total)
+                STREAK.waited()
+            elif STREAK.ready(total):
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 

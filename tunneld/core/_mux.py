@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ._lean import checked_max_bytes, task_streak
+from ._lean import STREAK, checked_max_bytes
 from .proto import (
     DEFAULT_WINDOW,
     MAX_DATA_FRAME,
@@ -161,9 +161,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
                             self.session._queue_control(encode_wndinc(self.id, inc))
                     # Receives and sends that needed no wait skip the scheduler (``_lean``).
                     if waited:
-                        task_streak().waited()
-                    else:
-                        await task_streak().completed(len(data))
+                        STREAK.waited()
+                    elif STREAK.ready(len(data)):
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 if self._error is not None:
                     raise self._error_copy()
@@ -323,10 +323,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if not data:
                 self._check_writable()
             if waited:
-                task_streak().waited()
-            else:
+                STREAK.waited()
+            elif STREAK.ready(len(data)):
                 # Queued without waiting: the writer runs when this task next yields.
-                await task_streak().completed(len(data))
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 
