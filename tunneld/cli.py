@@ -679,6 +679,9 @@ def main() -> None:
     # Plugins' commands (the built-in http, tcp and tls too) are added by the group on first need.
     # SIGPIPE stays ignored (Python's default): the edge and the agent write to sockets that
     # clients may reset at any moment, and must get EPIPE as an error, not die of the signal.
+    # The process is ours: its relay buffers stay in the C heap.
+    from .core._util import tune_malloc
+    tune_malloc()
     cli(prog_name="tunneld")
 
 
