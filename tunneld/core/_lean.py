@@ -69,11 +69,6 @@ class ReadyStreak:
             return True
         return False
 
-    async def completed(self, nbytes: int) -> None:
-        """:meth:`ready`, and the yield it calls for."""
-        if self.ready(nbytes):
-            await trio.lowlevel.cancel_shielded_checkpoint()
-
     def waited(self) -> None:
         """The operation waited (and so yielded): start counting afresh."""
         self.count = 0
