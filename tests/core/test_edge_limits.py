@@ -202,6 +202,30 @@ async def test_expired_holds_are_swept_from_memory_and_store(tmp_path: Path) -> 
     store.close()
 
 
+async def test_written_names_are_not_kept_by_the_writer(tmp_path: Path) -> None:
+    """Once the swept names are in the store, nothing keeps them: the writer's last batch held
+    every name of a crowd of agents that left, scattered over the memory of their sessions."""
+    now = [1000.0]
+    store = Store.open(tmp_path, clock=lambda: now[0])
+    claims = NameClaims(store, hold_period=5, clock=lambda: now[0], sweep_interval=0.05)
+    names = ["".join(("gone", str(i), ".example")) for i in range(50)]  # made here: not interned
+    baseline = [sys.getrefcount(name) for name in names]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claims.run)
+        for name in names:
+            claims.acquire("host", name, "owner", name)
+            claims.release("host", name, name)
+        del name
+        now[0] += 6  # the holds end; the sweeper drops them, the writer deletes their rows
+        with trio.fail_after(5):
+            while store.all_names() or claims._claims:
+                await trio.sleep(0.02)
+        await trio.sleep(0.1)  # the writer is waiting for the next change
+        assert [sys.getrefcount(name) for name in names] == baseline
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
 def test_sweep_keeps_live_and_unexpired_holds() -> None:
     now = [0.0]
     claims = NameClaims(None, hold_period=10, clock=lambda: now[0])

@@ -287,7 +287,7 @@ class Edge:
 
     def __attrs_post_init__(self) -> None:
         self.registry = build_registry(self.pm)
-        self.routes.names = NameClaims(self.store, self.config.hold_period)
+        self.routes.names = NameClaims(self.store, self.config.hold_period, on_swept=self._holds_swept)
         self.routes.tcp_host = self.config.domain
         self.signer = Signer(load_secret(self.config.data_dir))
         self.context = EdgeAdapter(self)
@@ -526,6 +526,12 @@ class Edge:
                 if tid:
                     live.add(tid)
         return live
+
+    def _holds_swept(self, count: int) -> None:
+        # The names a crowd of departed agents held are the last of what they allocated: once
+        # they go, reclaim and trim as for the sessions themselves (``_gcpace``, see README).
+        _gcpace.sessions_ended(count)
+        self._ended_since_trim += count
 
     async def _trim_memory(self) -> None:
         """Now and then, give the memory of ended sessions back to the OS (``malloc_trim``), and

@@ -14,11 +14,18 @@ TLS state of an ended session) would stay allocated.  :func:`sessions_ended` cou
 endings and :func:`maybe_reclaim` unfreezes and collects everything once they add up to a
 quarter of the sessions alive (CPython's own rule, counted in sessions rather than objects) or
 are older than :data:`RECLAIM_AFTER` seconds — then the memory can go back to the OS.
+
+That collection also empties CPython's attribute lookup cache first.  Each of its 4,096 entries
+keeps the name it was last looked up with, and names made at run time (from an agent's JSON
+messages, by ``BaseExceptionGroup.split``) are small objects allocated while the sessions were
+there: a few hundred of them, scattered, kept 6 one-MiB arenas of CPython's allocator from being
+returned after 3,000 agents left.  The cache refills with the next lookups.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from typing import Any
 
@@ -75,6 +82,11 @@ def maybe_reclaim(live_sessions: int, *, now: float | None = None) -> bool:
     if _ended * 4 < live_sessions and now - _first_ended < RECLAIM_AFTER:
         return False
     _ended = 0
+    _clear_type_cache()
     gc.unfreeze()
-    gc.collect()  # full: its callback freezes the survivors again
+    gc.collect()  # full (which also empties the free lists): its callback freezes the survivors again
     return True
+
+
+#: CPython's ``sys._clear_type_cache`` (a no-op where the interpreter has none).
+_clear_type_cache = getattr(sys, "_clear_type_cache", lambda: None)

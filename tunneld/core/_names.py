@@ -116,6 +116,8 @@ class NameClaims:
     hold_period: float = 60.0
     clock: Callable[[], float] = time.time
     sweep_interval: float = SWEEP_INTERVAL
+    #: Called with how many holds a sweep dropped (the edge gives their memory back).
+    on_swept: Callable[[int], object] | None = None
     _claims: dict[tuple[str, str], _Claim] = attrs.field(factory=dict)
     _dirty: set[tuple[str, str]] = attrs.field(factory=set)
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
@@ -234,6 +236,8 @@ class NameClaims:
         while True:
             await trio.sleep(self.sweep_interval)
             swept = self.sweep()
+            if swept and self.on_swept is not None:
+                self.on_swept(swept)
             if self.store is not None:
                 try:
                     # Rows no claim in memory stands for (another edge process, an old bug).
@@ -255,6 +259,9 @@ class NameClaims:
                 except sqlite3.Error as exc:
                     # Holds still work in memory; only a restart would forget them.
                     log.error("could not record name holds in the store: %s", exc)
+            # Not kept while waiting for the next change: after a crowd of agents left, the
+            # last batch (their names) would pin the memory of their sessions (see README).
+            del upserts, deletes
             # Coalesce bursts (many tunnels binding at once) into one transaction.
             await trio.sleep(0.01)
 
