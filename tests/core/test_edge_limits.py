@@ -177,7 +177,9 @@ async def test_expired_holds_are_swept_from_memory_and_store(tmp_path: Path) -> 
     its very name was looked up again."""
     now = [1000.0]
     store = Store.open(tmp_path, clock=lambda: now[0])
-    claims = NameClaims(store, hold_period=5, clock=lambda: now[0], sweep_interval=0.05)
+    swept: list[int] = []
+    claims = NameClaims(store, hold_period=5, clock=lambda: now[0], sweep_interval=0.05,
+                        on_swept=swept.append)
     holders = [object() for _ in range(200)]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(claims.run)
@@ -198,6 +200,7 @@ async def test_expired_holds_are_swept_from_memory_and_store(tmp_path: Path) -> 
                 await trio.sleep(0.02)
         assert len(claims._claims) == 1
         assert store.all_names() == [("port", "20001", "keeper", -1.0)]
+        assert sum(swept) == 200  # the edge is told (it reclaims their memory as for ended sessions)
         nursery.cancel_scope.cancel()
     store.close()
 
