@@ -92,7 +92,7 @@ async def test_ready_calls_yield_every_n(monkeypatch: pytest.MonkeyPatch, every:
     assert await yields.during(every, lambda: b.receive_some(4)) == 1
     # A call that moves BULK_BYTES or more yields at once, as trio's streams do.
     big = b"x" * (2 * _lean.BULK_BYTES)
-    _lean.task_streak().waited()
+    _lean.STREAK.waited()
     assert await yields.during(1, lambda: a.send_all(big)) == 1
     assert await yields.during(1, lambda: b.receive_some(_lean.BULK_BYTES)) == 1
 
@@ -205,7 +205,7 @@ async def test_mux_stream_ready_calls_skip_the_scheduler(nursery: trio.Nursery,
     await trio.testing.wait_all_tasks_blocked()
     yields = Yields()
     # The streak went on across the sends above: count from a fresh one.
-    _lean.task_streak().waited()
+    _lean.STREAK.waited()
     assert await yields.during(3, lambda: c.send_all(b"x")) == 0
     assert await yields.during(1, lambda: c.send_all(b"y")) == 1
     # The 8 small sends arrived as separate chunks: one byte at a time, no yield until the
@@ -222,7 +222,7 @@ async def test_the_streak_belongs_to_the_task(monkeypatch: pytest.MonkeyPatch) -
     a, b = socket_pair()
     c, d = socket_pair()
     yields = Yields()
-    _lean.task_streak().waited()
+    _lean.STREAK.waited()
     assert await yields.during(1, lambda: a.send_all(b"1")) == 0
     assert await yields.during(2, lambda: c.send_all(b"2")) == 0
     assert await yields.during(1, lambda: b.receive_some(1)) == 1  # 4th ready call of this task
@@ -240,15 +240,17 @@ async def test_the_streak_belongs_to_the_task(monkeypatch: pytest.MonkeyPatch) -
     assert await yields.during(3, lambda: a.send_all(b"x")) == 0
     assert await yields.during(1, lambda: a.send_all(b"x")) == 1
 
+    _lean.STREAK.waited()
+    for _ in range(3):
+        assert not _lean.STREAK.ready(1)  # this task is at 3
     counted = []
 
     async def child() -> None:
-        counted.append(_lean.task_streak().count)
+        counted.append((_lean.STREAK.ready(1), _lean.STREAK.count))
 
-    _lean.task_streak().count = 3
     async with trio.open_nursery() as nursery:
         nursery.start_soon(child)
-    assert counted == [0]
+    assert counted == [(False, 1)]  # the child counts from 1, not on from its parent's 3
 
 
 async def test_receive_some_validates_max_bytes() -> None:

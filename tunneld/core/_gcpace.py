@@ -61,12 +61,17 @@ def installed() -> bool:
 
 
 def sessions_ended(count: int = 1) -> None:
-    """Note that ``count`` long-lived sessions ended (their cycles may be frozen garbage)."""
+    """Note that ``count`` long-lived sessions ended, or name holds they left expired (their
+    cycles may be frozen garbage)."""
     global _ended, _first_ended
     if count > 0:
         if not _ended:
             _first_ended = time.monotonic()
         _ended += count
+
+
+#: CPython's ``sys._clear_type_cache`` (a no-op where the interpreter has none).
+_clear_type_cache = getattr(sys, "_clear_type_cache", lambda: None)
 
 
 def maybe_reclaim(live_sessions: int, *, now: float | None = None) -> bool:
@@ -88,6 +93,3 @@ def maybe_reclaim(live_sessions: int, *, now: float | None = None) -> bool:
     gc.collect()  # full (which also empties the free lists): its callback freezes the survivors again
     return True
 
-
-#: CPython's ``sys._clear_type_cache`` (a no-op where the interpreter has none).
-_clear_type_cache = getattr(sys, "_clear_type_cache", lambda: None)

@@ -24,7 +24,7 @@ import sys
 import trio
 from trio.lowlevel import current_task
 
-__all__ = ["LeanSocketStream", "ReadyStreak", "STREAK", "lean", "task_streak", "YIELD_EVERY"]
+__all__ = ["LeanSocketStream", "ReadyStreak", "STREAK", "lean", "YIELD_EVERY"]
 
 #: Calls in a row that completed without waiting before the task yields anyway.
 YIELD_EVERY = 8
@@ -77,15 +77,6 @@ class ReadyStreak:
 
 #: The process's streak (Trio runs one task at a time).
 STREAK = ReadyStreak()
-
-
-def task_streak() -> ReadyStreak:
-    """:data:`STREAK`, counting for the current task from now on."""
-    task_id = id(current_task())
-    if STREAK.task_id != task_id:
-        STREAK.task_id = task_id
-        STREAK.count = 0
-    return STREAK
 
 
 def checked_max_bytes(max_bytes: int | None) -> int | None:

@@ -9,18 +9,17 @@ pieces as they arrive.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import math
 import socket
 import struct
-import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
 import trio
 
+from tunneld.core._util import release_free_memory
 from tunneld.plugin import RELAY_CHUNK, PrefixedStream, forward
 
 from ._wire import (
@@ -88,24 +87,9 @@ class HeadBudget:
 TRIM_AFTER = 16 * 1024 * 1024
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-_malloc_trim = _load_malloc_trim() if sys.platform.startswith("linux") else None
-
-
 def trim_heap() -> None:
     """Hand free heap memory back to the OS (glibc keeps freed megabytes in its arenas)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    release_free_memory()
 
 
 def _bare_lf(buf: bytearray, start: int, end: int) -> bool:
