@@ -92,4 +92,3 @@ def maybe_reclaim(live_sessions: int, *, now: float | None = None) -> bool:
     gc.unfreeze()
     gc.collect()  # full (which also empties the free lists): its callback freezes the survivors again
     return True
-

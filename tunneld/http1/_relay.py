@@ -86,10 +86,8 @@ class HeadBudget:
 #: A drained budget whose peak reached this many bytes returns freed memory to the OS.
 TRIM_AFTER = 16 * 1024 * 1024
 
-
-def trim_heap() -> None:
-    """Hand free heap memory back to the OS (glibc keeps freed megabytes in its arenas)."""
-    release_free_memory()
+#: Public as ``tunneld.http1.trim_heap``: hand free C-heap memory back to the OS.
+trim_heap = release_free_memory
 
 
 def _bare_lf(buf: bytearray, start: int, end: int) -> bool:
