@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -168,6 +169,49 @@ async def test_large_send_waits_for_the_reader() -> None:
         nursery.start_soon(reader)
         await a.send_all(payload)
     assert received == payload
+
+
+async def test_send_all_parts_writes_every_piece_in_order_through_partial_writes() -> None:
+    """One writev for many pieces; when the socket takes only part of them, the rest (from
+    the middle of a piece) follows once it drains."""
+    a, b = socket_pair()
+    parts = [os.urandom(n) for n in (1, 300_000, 17, 2_000_000, 65_536, 3)] * 3
+    total = sum(map(len, parts))
+    received = bytearray()
+
+    async def reader() -> None:
+        while len(received) < total:
+            received.extend(await b.receive_some(min(100_000, total - len(received))))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await a.send_all_parts(parts)
+    assert received == b"".join(parts)
+    await a.send_all_parts([b"!"])  # a single piece goes through send_all
+    assert await b.receive_some(1) == b"!"
+    await a.send_eof()
+    with pytest.raises(trio.ClosedResourceError):
+        await a.send_all_parts([b"x", b"y"])
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_read_into_nowait_reads_what_is_there() -> None:
+    a, b = socket_pair()
+    buf = memoryview(bytearray(10))
+    assert b.read_into_nowait(buf) is None  # nothing yet: the caller waits
+    await a.send_all(b"hello, world")
+    await b.wait_readable()
+    assert b.read_into_nowait(buf) == 10 and bytes(buf) == b"hello, wor"
+    assert b.read_into_nowait(buf) == 2 and bytes(buf[:2]) == b"ld"
+    await a.send_eof()
+    await b.wait_readable()
+    assert b.read_into_nowait(buf) == 0  # end of stream
+    await b.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        b.read_into_nowait(buf)
+    await a.aclose()
 
 
 async def test_concurrent_use_is_refused() -> None:

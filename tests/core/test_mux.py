@@ -171,6 +171,29 @@ async def test_large_transfer(nursery: trio.Nursery, window: int | None) -> None
         assert got[0] == payload
 
 
+async def test_receive_parts_hands_out_frames_unjoined(nursery: trio.Nursery) -> None:
+    """receive_parts returns the frames as they came, bounded by max_bytes, returns credit for
+    what it handed out, and ends with an empty list."""
+    with trio.fail_after(10):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        pieces = [os.urandom(n) for n in (1000, 70_000, 5, 100_000)]  # within one window
+        for piece in pieces:
+            await c.send_all(piece)  # one DATA frame each (all under MAX_DATA_FRAME)
+        await c.send_eof()
+        await trio.testing.wait_all_tasks_blocked()
+        assert await s.receive_parts(71_000) == pieces[:2]  # whole frames up to the bound
+        # Whole frames only after the first; a first frame over the bound is split.
+        assert await s.receive_parts(60_000) == [pieces[2]]
+        assert await s.receive_parts(60_000) == [pieces[3][:60_000]]
+        assert await s.receive_parts(1 << 20) == [pieces[3][60_000:]]
+        assert await s.receive_parts(1 << 20) == []
+        # Everything handed out was credited back: nothing counts as buffered any more.
+        assert s._window.buffered == 0
+        with pytest.raises(ValueError):
+            await s.receive_parts(0)
+
+
 @pytest.mark.parametrize("window", [None, 4 * MiB])
 async def test_sender_stops_at_the_window_and_resumes(nursery: trio.Nursery, window: int | None) -> None:
     expected_window = window or proto.DEFAULT_WINDOW

