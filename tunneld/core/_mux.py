@@ -142,16 +142,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     # ---- receiving ----------------------------------------------------------------------
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._receive(checked_max_bytes(max_bytes), False)  # type: ignore[return-value]
-
     async def receive_parts(self, max_bytes: int) -> list[bytes]:
         """:meth:`receive_some`, but the pieces as they arrived instead of one joined ``bytes``
         (an empty list at end of stream): a relay hands them to ``writev`` and copies nothing.
         """
-        return await self._receive(checked_max_bytes(max_bytes), True)  # type: ignore[return-value]
+        return await self.receive_some(max_bytes, _parts=True)  # type: ignore[return-value]
 
-    async def _receive(self, max_bytes: int | None, parts: bool) -> bytes | list[bytes]:
+    async def receive_some(self, max_bytes: int | None = None, _parts: bool = False) -> bytes:
+        # One body for both (``_parts``: receive_parts), without a frame more on the request path.
+        max_bytes = checked_max_bytes(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
@@ -163,7 +162,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     raise trio.ClosedResourceError("stream was closed")
                 if self._chunks or self._eof_received:
                     data: bytes | list[bytes]
-                    if parts:
+                    if _parts:
                         data = self._take_parts(max_bytes) if self._chunks else []
                         size = sum(map(len, data))
                     else:
@@ -180,7 +179,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                         STREAK.waited()
                     elif STREAK.ready(size):
                         await trio.lowlevel.cancel_shielded_checkpoint()
-                    return data
+                    return data  # type: ignore[return-value]  # a list only for receive_parts
                 if self._error is not None:
                     raise self._error_copy()
                 waited = True

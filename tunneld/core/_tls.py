@@ -76,6 +76,9 @@ _OBUF_SIZE = SEND_CHUNK + 8 * 1024
 _SMALL_OBUF_SIZE = 2 * _RECORD + 256
 #: Idle ciphertext buffers kept per thread (one is in use per connection that is sending).
 _OBUF_POOL = 4
+#: Socket reads up to this size are copied into the engine's BIO (which then never grows
+#: past a record); larger ones it reads in place (``_engine_reads``).
+_IN_PLACE_MIN = _RECORD
 #: Ciphertext handed to the engine's incoming BIO at once.  A memory BIO never gives back the
 #: room it grew to: fed whole 1 MiB reads, every session that once received a bulk transfer
 #: kept ~1.3 MB for the rest of its life.
@@ -348,9 +351,10 @@ class BulkTLSStream(trio.abc.Stream):
         self._needs_input = False
         self._recv_conflict = _Conflict("another task is using this stream for receive")
         #: The transport's ``read_into_nowait`` when the engine can read socket reads in place
-        #: (a plain socket and the cffi fast path; see ``_read_ciphertext``), else None.
+        #: (a plain socket and the cffi fast path; see ``_engine_reads``), else None.
         self._read_into: Callable[[memoryview], int | None] | None = (
             getattr(transport, "read_into_nowait", None) if _FAST else None)
+        self._wait_readable = getattr(transport, "wait_readable", None)
         #: The engine's incoming BIO is a read-only view of this thread's ciphertext buffer,
         #: ``_ro_len`` bytes long.
         self._rbio_ro = False
@@ -661,10 +665,17 @@ class BulkTLSStream(trio.abc.Stream):
                             break
                         await self._flush_from_receiver()
                         if self._read_into is not None:
-                            n, waited = await self._read_ciphertext()
-                            if not n:
+                            # Read and decrypted with no checkpoint between: the buffer is
+                            # shared.  Waits happen before the read, never after.
+                            cview, cptr = _cipher_staging()
+                            waited = False
+                            while (nread := self._read_into(cview)) is None:
+                                waited = True
+                                await self._wait_readable()  # type: ignore[misc]
+                            if not nread:
                                 self._eof = True  # EOF without close_notify, as below
                                 break
+                            self._engine_reads(cview, cptr, nread)
                             self._needs_input = False
                             # Yield as the transport would have (``_lean``), after the data
                             # is consumed: the ciphertext buffer is shared until then.
@@ -672,7 +683,7 @@ class BulkTLSStream(trio.abc.Stream):
                                 STREAK.waited()
                                 blocked = True
                             else:
-                                blocked = not STREAK.ready(n)
+                                blocked = not STREAK.ready(nread)
                             continue
                         data = await self.transport_stream.receive_some(TRANSPORT_READ)
                         blocked = True
@@ -701,33 +712,28 @@ class BulkTLSStream(trio.abc.Stream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return result
 
-    async def _read_ciphertext(self) -> tuple[int, bool]:
-        """Read the socket into this thread's ciphertext buffer and let the engine read it
-        there: (bytes read, 0 at EOF; whether it waited).
+    def _engine_reads(self, cview: memoryview, cptr: Any, n: int) -> None:
+        """Hand the engine the ``n`` bytes just read into this thread's ciphertext buffer.
 
-        One copy of every received byte fewer than feeding a memory BIO (and no 1 MiB
-        ``bytes`` per read).  The caller decrypts before it next yields, and
-        :meth:`_detach_ciphertext` copies out what the engine did not take.
+        A bulk read is read by the engine where it lies, through a read-only BIO: a copy of
+        every received byte fewer than feeding a memory BIO.  The caller decrypts before it
+        next yields, and :meth:`_detach_ciphertext` copies out what the engine left.  A small
+        read is copied into the engine's own BIO, which is cheaper than making a BIO for it.
         """
-        read = self._read_into
-        assert read is not None
-        view, ptr = _cipher_staging()
-        waited = False
-        while (n := read(view)) is None:
-            waited = True
-            await self.transport_stream.wait_readable()  # type: ignore[attr-defined]
-        if n:
-            bio = _BIO_new_mem_buf(ptr, n)
-            if bio == _ffi.NULL:
-                raise self._broken(MemoryError("BIO_new_mem_buf failed"), "receive")
-            _BIO_set_mem_eof_return(bio, -1)  # empty means "more to come", not end of stream
-            conn = self._conn
-            # The SSL object frees the BIO it no longer uses (SSL_set_bio's ownership rules).
-            _SSL_set_bio(conn._ssl, bio, conn._from_ssl)
-            conn._into_ssl = bio
-            self._rbio_ro = True
-            self._ro_len = n
-        return n, waited
+        if n <= _IN_PLACE_MIN:
+            self._feed(cview[:n])
+            return
+        bio = _BIO_new_mem_buf(cptr, n)
+        if bio == _ffi.NULL:
+            raise self._broken(MemoryError("BIO_new_mem_buf failed"), "receive")
+        _BIO_set_mem_eof_return(bio, -1)  # empty means "more to come", not end of stream
+        conn = self._conn
+        # The SSL object frees the BIO it no longer uses (SSL_set_bio's ownership rules).
+        _SSL_set_bio(conn._ssl, bio, conn._from_ssl)
+        conn._into_ssl = bio
+        self._rbio_ro = True
+        self._ro_len = n
+        self._rbio_grown = None
 
     def _detach_ciphertext(self) -> None:
         """Give the engine a memory BIO of its own holding whatever it has not yet read of the
