@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tunneld.core import TunnelConfig
+from tunneld.core._tls import CARRIER_SEND_CHUNK, BulkTLSStream
 
 from ..conftest import EdgeEnv
 
@@ -119,6 +120,11 @@ async def test_tcp_tunnel_bulk_both_directions(edge_env: EdgeEnv, nursery: trio.
     port = await _serve(nursery, _tcp_upstream)
     agent = await edge_env.start_agent(TunnelConfig(name="bulk", proto="tcp", addr=str(port)))
     public = int(agent.tunnels[0].public_url.rsplit(":", 1)[1])
+    if edge_env.carrier == "tls":
+        # Both ends of a TLS agent link write 1 MiB at a time (public connections 256 KiB).
+        (session,) = edge_env.edge.sessions
+        for carrier in (agent._mux.transport, session.transport):
+            assert isinstance(carrier, BulkTLSStream) and carrier._send_chunk == CARRIER_SEND_CHUNK
     with trio.fail_after(60):
         stream = await trio.open_tcp_stream("127.0.0.1", public)
         async with stream:

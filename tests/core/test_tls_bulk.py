@@ -141,7 +141,7 @@ async def test_idle_stream_holds_no_ciphertext_buffer(lst: trio.SocketListener, 
                 nursery.start_soon(one, c, s)
         for c, _s in pairs:
             assert not any(isinstance(v, bytearray) and len(v) > 4096 for v in vars(c).values())
-        pool = _tls._local.obufs
+        pool = _tls._local.obufs[_tls.SEND_CHUNK + _tls._OBUF_SLACK]
         assert 1 <= len(pool) <= _tls._OBUF_POOL
         for c, s in pairs:
             await c.aclose()
@@ -179,6 +179,51 @@ async def test_parked_reader_decrypts_after_in_place_reads(lst: trio.SocketListe
         await client.aclose()
         assert await server.receive_some() == b""
         await server.aclose()
+
+
+class _Recording(trio.abc.Stream):
+    """A transport that notes the size of every ``send_all``."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.sends: list[int] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sends.append(len(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("chunk", [_tls.SEND_CHUNK, _tls.CARRIER_SEND_CHUNK])
+async def test_ciphertext_goes_out_a_send_chunk_at_a_time(bulk_pki: Pki, chunk: int) -> None:
+    """256 KiB of plaintext per transport write by default; an agent link asks for 1 MiB."""
+    with trio.fail_after(20):
+        a, b = trio.testing.memory_stream_pair()
+        rec = _Recording(a)
+        client = BulkTLSStream(rec, bulk_pki.client_ctx(), server_side=False,
+                               server_hostname="127.0.0.1", send_chunk=chunk)
+        server = BulkTLSStream(b, bulk_pki.server_ctx(), server_side=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        rec.sends.clear()
+        data = os.urandom(4 * 1024 * 1024)
+        await client.send_all(data)
+        assert await _recv(server, len(data)) == data
+        # Each chunk sealed in 16 KiB records: 22 bytes of overhead each (TLS 1.3).
+        sealed = chunk + chunk // (16 * 1024) * 22
+        assert rec.sends == [sealed] * (len(data) // chunk), rec.sends[:8]
+    with pytest.raises(ValueError):
+        BulkTLSStream(a, bulk_pki.client_ctx(), server_side=False, server_hostname="127.0.0.1",
+                      send_chunk=1000)
 
 
 def test_contexts_release_buffers_and_prefer_aes128(bulk_pki: Pki) -> None:

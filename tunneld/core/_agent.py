@@ -64,7 +64,7 @@ from ._plugins import build_registry, get_plugin_manager
 from ._remote import Op, RemoteCommandReceived, remote_error
 from ._rpc import call, read_message, reply
 from ._streams import PrefixedStream
-from ._tls import BulkTLSStream, client_context, start_tls_client
+from ._tls import CARRIER_SEND_CHUNK, BulkTLSStream, client_context, start_tls_client
 from ._tunnel import AgentTunnelContext, TunnelType, TunnelTypeRegistry
 from ._util import connect_tcp, set_nodelay, split_host_port
 from ._websocket import connect_websocket, is_websocket_url
@@ -858,7 +858,7 @@ async def open_edge_tls(host: str, port: int, context: Any) -> BulkTLSStream:
     the scheduler (one each per batch of frames; an idle session's heartbeat is one batch).
     """
     return await start_tls_client(await open_edge_tcp(host, port), context, server_hostname=host,
-                                  timeout=TLS_TIMEOUT, lean_io=True)
+                                  timeout=TLS_TIMEOUT, lean_io=True, send_chunk=CARRIER_SEND_CHUNK)
 
 
 def _transient(group: BaseExceptionGroup[Any]) -> bool:

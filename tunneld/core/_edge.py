@@ -63,7 +63,7 @@ from ._routes import RouteTable, address_name
 from ._rpc import read_message, reply
 from ._store import Store, is_token_format
 from ._streams import PrefixedStream
-from ._tls import accept_tls, server_context
+from ._tls import CARRIER_SEND_CHUNK, accept_tls, server_context
 from ._tunnel import (
     ClaimTunnel,
     EdgeContext,
@@ -695,7 +695,8 @@ class Edge:
                 try:
                     # Lean socket I/O (``_lean``): the mux carrier's reads and writes that need
                     # no wait skip the scheduler; an idle session's heartbeat is one of each.
-                    tls = await accept_tls(lean(stream), self.ssl_context, timeout=HANDSHAKE_FINISH_TIME)
+                    tls = await accept_tls(lean(stream), self.ssl_context, timeout=HANDSHAKE_FINISH_TIME,
+                                           send_chunk=CARRIER_SEND_CHUNK)
                 except (trio.TooSlowError, trio.BrokenResourceError) as exc:
                     error = exc  # raised below, not wrapped in the nursery's ExceptionGroup
                 finally:
