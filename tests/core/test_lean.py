@@ -190,11 +190,21 @@ async def test_send_all_parts_writes_every_piece_in_order_through_partial_writes
     assert received == b"".join(parts)
     await a.send_all_parts([b"!"])  # a single piece goes through send_all
     assert await b.receive_some(1) == b"!"
+    many = [bytes([i % 256]) * 3 for i in range(3000)]  # more pieces than one writev takes
+    await a.send_all_parts(many)
+    assert await _receive_exactly(b, 9000) == b"".join(many)
     await a.send_eof()
     with pytest.raises(trio.ClosedResourceError):
         await a.send_all_parts([b"x", b"y"])
     await a.aclose()
     await b.aclose()
+
+
+async def _receive_exactly(stream: LeanSocketStream, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        got += await stream.receive_some(n - len(got))
+    return bytes(got)
 
 
 async def test_read_into_nowait_reads_what_is_there() -> None:

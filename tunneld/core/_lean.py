@@ -35,6 +35,8 @@ BULK_BYTES = 16384
 #: Bytes asked for when the caller gives no ``max_bytes`` (trio's default).
 DEFAULT_RECEIVE_SIZE = 65536
 _CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+#: Pieces one ``writev`` may take (POSIX's minimum for IOV_MAX is 16; Linux allows 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16
 
 
 class ReadyStreak:
@@ -192,8 +194,8 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def send_all_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-        """Like ``send_all(b"".join(parts))``, without the join: one ``writev`` for all of
-        them (at most IOV_MAX pieces)."""
+        """Like ``send_all(b"".join(parts))``, without the join: one ``writev`` for up to
+        IOV_MAX of them."""
         if len(parts) == 1:
             await self.send_all(parts[0])
             return
@@ -211,7 +213,7 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
             i = 0
             while i < len(views):
                 try:
-                    n = os.writev(self._fileno(), views[i:])
+                    n = os.writev(self._fileno(), views[i : i + _IOV_MAX])
                 except BlockingIOError:
                     waited = True
                     await trio.lowlevel.wait_writable(self.socket)
