@@ -47,10 +47,10 @@ async def _pair(lst: trio.SocketListener, pki: Pki, path: str) -> tuple[BulkTLSS
     ctcp, stcp = await _tcp_pair(lst)
     if path == "inplace":
         client, server = await _over(lean(ctcp), lean(stcp), pki)
-        assert client._read_into is not None and server._read_into is not None
+        assert client._in_place and server._in_place
         return client, server
     client, server = await _over(ctcp, stcp, pki)
-    assert client._read_into is None and server._read_into is None
+    assert not client._in_place and not server._in_place
     return client, server
 
 

@@ -63,9 +63,8 @@ __all__ = [
 MAX_RECEIVE = 1024 * 1024
 #: Size of each read from the transport (a short read returns what the socket holds).
 TRANSPORT_READ = 1024 * 1024
-#: Plaintext encrypted before ciphertext is pushed to the transport (bounds memory per send:
-#: 1 MiB measured no better, and a blocked sender holds this much twice, in the engine's BIO
-#: and in its ciphertext buffer).
+#: Plaintext encrypted before ciphertext is pushed to the transport (bounds memory per send: a
+#: blocked sender holds this much twice, in the engine's BIO and in its ciphertext buffer).
 SEND_CHUNK = 256 * 1024
 #: The same for an agent link (the mux's carrier; ``send_chunk`` of :func:`accept_tls` and
 #: :func:`start_tls_client`): its sender writes 1 MiB at a time and the receiving end reads,
@@ -153,7 +152,7 @@ def _staging() -> tuple[memoryview, Any]:
 def _cipher_staging() -> tuple[memoryview, Any]:
     """This thread's ciphertext buffer for socket reads, and a cffi pointer to it (fast path
     only).  The engine reads it through a read-only BIO and takes all of it, or the rest is
-    copied out, before the reader next yields (see ``_attach_ciphertext``)."""
+    copied out, before the reader next yields (see ``_engine_reads``)."""
     try:
         return _local.cipher  # type: ignore[no-any-return]
     except AttributeError:
@@ -368,11 +367,9 @@ class BulkTLSStream(trio.abc.Stream):
         #: ciphertext is fed (an SSL_read fewer at both ends of an idle heartbeat's read).
         self._needs_input = False
         self._recv_conflict = _Conflict("another task is using this stream for receive")
-        #: The transport's ``read_into_nowait`` when the engine can read socket reads in place
-        #: (a plain socket and the cffi fast path; see ``_engine_reads``), else None.
-        self._read_into: Callable[[memoryview], int | None] | None = (
-            getattr(transport, "read_into_nowait", None) if _FAST else None)
-        self._wait_readable = getattr(transport, "wait_readable", None)
+        #: The engine can read socket reads in place: the transport has ``read_into_nowait``
+        #: (a plain socket, see ``_lean``) and the cffi fast path is there (``_engine_reads``).
+        self._in_place = _FAST and hasattr(transport, "read_into_nowait")
         #: The engine's incoming BIO is a read-only view of this thread's ciphertext buffer,
         #: ``_ro_len`` bytes long.
         self._rbio_ro = False
@@ -682,14 +679,15 @@ class BulkTLSStream(trio.abc.Stream):
                         if got:
                             break
                         await self._flush_from_receiver()
-                        if self._read_into is not None:
+                        if self._in_place:
                             # Read and decrypted with no checkpoint between: the buffer is
                             # shared.  Waits happen before the read, never after.
                             cview, cptr = _cipher_staging()
                             waited = False
-                            while (nread := self._read_into(cview)) is None:
+                            transport: Any = self.transport_stream
+                            while (nread := transport.read_into_nowait(cview)) is None:
                                 waited = True
-                                await self._wait_readable()  # type: ignore[misc]
+                                await transport.wait_readable()
                             if not nread:
                                 self._eof = True  # EOF without close_notify, as below
                                 break
