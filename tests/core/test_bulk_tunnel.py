@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import ssl
 from functools import partial
 
 import pytest
@@ -88,9 +89,13 @@ async def _serve(nursery: trio.Nursery, handler: object) -> int:
 # ---- clients ----------------------------------------------------------------------------------
 
 
-async def _http_exchange(port: int, host: str, request: bytes, body: bytes = b"") -> bytes:
-    """One request on a fresh connection; the response body's SHA-256 (or the body if short)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+async def _http_exchange(port: int, host: str, request: bytes, body: bytes = b"",
+                         tls: ssl.SSLContext | None = None) -> bytes:
+    """One request on a fresh connection (over TLS if given a context); the response body's
+    SHA-256 (or the body if short)."""
+    stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if tls is not None:
+        stream = trio.SSLStream(stream, tls, server_hostname=host.rsplit(":", 1)[0])
     async with stream:
         async with trio.open_nursery() as nursery:
             async def send() -> None:
@@ -142,16 +147,22 @@ async def test_tcp_tunnel_bulk_both_directions(edge_env: EdgeEnv, nursery: trio.
 
 
 @pytest.mark.carriers
-async def test_http_tunnel_bulk_both_directions(edge_env: EdgeEnv, nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_http_tunnel_bulk_both_directions(edge_env: EdgeEnv, nursery: trio.Nursery,
+                                                scheme: str) -> None:
+    """Over HTTPS the edge's public side is TLS too: the mux frames go to its TLS layer's
+    send_all_parts unjoined."""
     port = await _serve(nursery, _http_upstream)
     agent = await edge_env.start_agent(TunnelConfig(name="bulk", proto="http", addr=f"127.0.0.1:{port}",
-                                                    schemes=["http"]))
+                                                    schemes=[scheme]))
     host = agent.tunnels[0].public_url.split("://", 1)[1]
+    public = edge_env.http_port if scheme == "http" else edge_env.https_port
+    tls = ssl.create_default_context(cafile=str(edge_env.ca)) if scheme == "https" else None
     with trio.fail_after(60):
         post = b"POST /up HTTP/1.1\r\nHost: %%(host)s\r\nContent-Length: %d\r\n\r\n" % SIZE
-        up = await _http_exchange(edge_env.http_port, host, post, PAYLOAD)
+        up = await _http_exchange(public, host, post, PAYLOAD, tls)
         assert up == DIGEST
-        down = await _http_exchange(edge_env.http_port, host, b"GET /down HTTP/1.1\r\nHost: %(host)s\r\n\r\n")
+        down = await _http_exchange(public, host, b"GET /down HTTP/1.1\r\nHost: %(host)s\r\n\r\n", tls=tls)
         assert down == DIGEST
 
 
