@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import trio
 
-from tunneld.core import TunnelConfig
+from tunneld.core import TunnelConfig, _tls
 from tunneld.core._tls import CARRIER_SEND_CHUNK, BulkTLSStream
 
 from ..conftest import EdgeEnv
@@ -149,9 +149,18 @@ async def test_tcp_tunnel_bulk_both_directions(edge_env: EdgeEnv, nursery: trio.
 @pytest.mark.carriers
 @pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_http_tunnel_bulk_both_directions(edge_env: EdgeEnv, nursery: trio.Nursery,
-                                                scheme: str) -> None:
+                                                scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Over HTTPS the edge's public side is TLS too: the mux frames go to its TLS layer's
-    send_all_parts unjoined."""
+    send_all_parts unjoined, and it decrypts the upload where the socket read put it."""
+    public_in_place = []
+    engine_reads = _tls.BulkTLSStream._engine_reads
+
+    def counting(self: _tls.BulkTLSStream, cview: memoryview, cptr: object, n: int) -> None:
+        if self.server_side and self._send_chunk == _tls.SEND_CHUNK and n > _tls._IN_PLACE_MIN:
+            public_in_place.append(n)  # a public HTTPS connection's bulk read, read in place
+        engine_reads(self, cview, cptr, n)
+
+    monkeypatch.setattr(_tls.BulkTLSStream, "_engine_reads", counting)
     port = await _serve(nursery, _http_upstream)
     agent = await edge_env.start_agent(TunnelConfig(name="bulk", proto="http", addr=f"127.0.0.1:{port}",
                                                     schemes=[scheme]))
@@ -164,6 +173,7 @@ async def test_http_tunnel_bulk_both_directions(edge_env: EdgeEnv, nursery: trio
         assert up == DIGEST
         down = await _http_exchange(public, host, b"GET /down HTTP/1.1\r\nHost: %(host)s\r\n\r\n", tls=tls)
         assert down == DIGEST
+    assert bool(public_in_place) == (scheme == "https")
 
 
 async def test_simultaneous_upload_and_download_share_the_session(edge_env: EdgeEnv,

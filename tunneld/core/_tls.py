@@ -321,6 +321,7 @@ class BulkTLSStream(trio.abc.Stream):
         server_side: bool,
         server_hostname: str | None = None,
         send_chunk: int = SEND_CHUNK,
+        initial_data: bytes = b"",
     ) -> None:
         if send_chunk < _RECORD:
             raise ValueError(f"send_chunk must be at least {_RECORD} bytes")
@@ -346,6 +347,9 @@ class BulkTLSStream(trio.abc.Stream):
             # call; into a memory BIO (which never blocks) one call can seal a whole send chunk.
             # Bulk: 64 calls through the wrapper per MB -> 4, ~10 % of the sender's CPU.
             _lib.SSL_clear_mode(self._conn._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+        if initial_data:
+            # Bytes already read from the transport (a peeked ClientHello): the engine's first.
+            self._conn.bio_write(initial_data)
 
         self._state = _State.OK
         self._handshook = False
@@ -1029,10 +1033,17 @@ async def start_tls_client(
 
 async def accept_tls(
     transport: trio.abc.Stream, context: SSL.Context, *, timeout: float = 10, send_chunk: int = SEND_CHUNK,
+    initial_data: bytes = b"",
 ) -> BulkTLSStream:
     """Server-side handshake on an accepted transport within *timeout* seconds.  On failure the
-    transport is closed and the error (BrokenResourceError / TooSlowError) re-raised."""
-    stream = BulkTLSStream(transport, context, server_side=True, send_chunk=send_chunk)
+    transport is closed and the error (BrokenResourceError / TooSlowError) re-raised.
+
+    ``initial_data``: bytes the caller already read from the transport (a ClientHello it
+    peeked at), handed to the engine first.  Passing them so, rather than wrapping the
+    transport in a :class:`PrefixedStream`, keeps a plain socket's fast paths (see ``_lean``).
+    """
+    stream = BulkTLSStream(transport, context, server_side=True, send_chunk=send_chunk,
+                           initial_data=initial_data)
     try:
         with trio.fail_after(timeout):
             await stream.do_handshake()
