@@ -153,14 +153,15 @@ async def test_http_tunnel_bulk_both_directions(edge_env: EdgeEnv, nursery: trio
     """Over HTTPS the edge's public side is TLS too: the mux frames go to its TLS layer's
     send_all_parts unjoined, and it decrypts the upload where the socket read put it."""
     public_in_place = []
-    engine_reads = _tls.BulkTLSStream._engine_reads
+    read_in_place = _tls.BulkTLSStream._read_in_place
 
-    def counting(self: _tls.BulkTLSStream, cview: memoryview, cptr: object, n: int) -> None:
-        if self.server_side and self._send_chunk == _tls.SEND_CHUNK and n > _tls._IN_PLACE_MIN:
+    def counting(self: _tls.BulkTLSStream) -> int | None:
+        n = read_in_place(self)
+        if self.server_side and self._send_chunk == _tls.SEND_CHUNK and n and n > _tls._IN_PLACE_MIN:
             public_in_place.append(n)  # a public HTTPS connection's bulk read, read in place
-        engine_reads(self, cview, cptr, n)
+        return n
 
-    monkeypatch.setattr(_tls.BulkTLSStream, "_engine_reads", counting)
+    monkeypatch.setattr(_tls.BulkTLSStream, "_read_in_place", counting)
     port = await _serve(nursery, _http_upstream)
     agent = await edge_env.start_agent(TunnelConfig(name="bulk", proto="http", addr=f"127.0.0.1:{port}",
                                                     schemes=[scheme]))

@@ -66,7 +66,8 @@ log = logging.getLogger("tunneld.mux")
 #: read: bulk CPU per MB 3-6 % lower again (issue 17; near the noise of a shared machine).  A
 #: read returns what is buffered, so small exchanges are unaffected.
 READ_SIZE = 1024 * 1024
-#: Pieces :meth:`MuxStream.receive_parts` returns at most (well under ``writev``'s IOV_MAX).
+#: Received pieces one receive takes at most: joined by ``receive_some``, handed to ``writev``
+#: by ``receive_parts`` (well under its IOV_MAX).
 MAX_PARTS = 64
 #: Streams handed data before the reader lets them run.  One read can carry the frames of
 #: dozens of requests; dispatched all at once, every reply waits for the whole batch and the
@@ -188,25 +189,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._receiving = False
 
     def _take(self, max_bytes: int | None) -> bytes:
-        chunks = self._chunks
-        assert chunks  # the caller checked
-        first = chunks[0]
-        if max_bytes is None or max_bytes >= len(first):
-            chunks.popleft()
-            # Coalesce small pieces so a reader doing 256 KiB reads does not pay per frame.
-            if max_bytes is None:
-                max_bytes = READ_SIZE
-            if chunks and len(first) < max_bytes:
-                parts = [first]
-                total = len(first)
-                while chunks and total + len(chunks[0]) <= max_bytes:
-                    nxt = chunks.popleft()
-                    parts.append(nxt)
-                    total += len(nxt)
-                first = b"".join(parts)
-            return first
-        chunks[0] = first[max_bytes:]
-        return first[:max_bytes]
+        # Small pieces coalesced, so a reader doing 1 MiB reads does not pay per frame (a join
+        # of one piece is that piece).
+        return b"".join(self._take_parts(max_bytes))
 
     def _take_parts(self, max_bytes: int | None) -> list[bytes]:
         chunks = self._chunks

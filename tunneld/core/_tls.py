@@ -84,7 +84,7 @@ _SMALL_OBUF_SIZE = 2 * _RECORD + 256
 #: Idle ciphertext buffers kept per thread (one is in use per connection that is sending).
 _OBUF_POOL = 4
 #: Socket reads up to this size are copied into the engine's BIO (which then never grows
-#: past a record); larger ones it reads in place (``_engine_reads``).
+#: past a record); larger ones it reads in place (``_read_in_place``).
 _IN_PLACE_MIN = _RECORD
 #: Ciphertext handed to the engine's incoming BIO at once.  A memory BIO never gives back the
 #: room it grew to: fed whole 1 MiB reads, every session that once received a bulk transfer
@@ -152,7 +152,7 @@ def _staging() -> tuple[memoryview, Any]:
 def _cipher_staging() -> tuple[memoryview, Any]:
     """This thread's ciphertext buffer for socket reads, and a cffi pointer to it (fast path
     only).  The engine reads it through a read-only BIO and takes all of it, or the rest is
-    copied out, before the reader next yields (see ``_engine_reads``)."""
+    copied out, before the reader next yields (see ``_read_in_place``)."""
     try:
         return _local.cipher  # type: ignore[no-any-return]
     except AttributeError:
@@ -372,12 +372,8 @@ class BulkTLSStream(trio.abc.Stream):
         self._needs_input = False
         self._recv_conflict = _Conflict("another task is using this stream for receive")
         #: The engine can read socket reads in place: the transport has ``read_into_nowait``
-        #: (a plain socket, see ``_lean``) and the cffi fast path is there (``_engine_reads``).
+        #: (a plain socket, see ``_lean``) and the cffi fast path is there (``_read_in_place``).
         self._in_place = _FAST and hasattr(transport, "read_into_nowait")
-        #: The engine's incoming BIO is a read-only view of this thread's ciphertext buffer,
-        #: ``_ro_len`` bytes long.
-        self._rbio_ro = False
-        self._ro_len = 0
 
     # ---- introspection ---------------------------------------------------------------------
 
@@ -599,7 +595,6 @@ class BulkTLSStream(trio.abc.Stream):
         if new_r:
             rbio = _BIO_new_mem()
             self._rbio_grown = None
-            self._rbio_ro = False
         if new_w:
             wbio = _BIO_new_mem()
             self._wbio_grown = None
@@ -647,6 +642,7 @@ class BulkTLSStream(trio.abc.Stream):
             ssl = conn._ssl if ptr is not None else None
             got = 0
             blocked = False
+            in_place = 0  # bytes of the shared ciphertext buffer the engine reads in place
             while got < max_bytes:
                 want_read = False
                 try:
@@ -684,18 +680,17 @@ class BulkTLSStream(trio.abc.Stream):
                             break
                         await self._flush_from_receiver()
                         if self._in_place:
-                            # Read and decrypted with no checkpoint between: the buffer is
-                            # shared.  Waits happen before the read, never after.
-                            cview, cptr = _cipher_staging()
+                            # Waits happen before the read, never between it and decryption:
+                            # the ciphertext buffer is shared by all connections.
                             waited = False
-                            transport: Any = self.transport_stream
-                            while (nread := transport.read_into_nowait(cview)) is None:
+                            while (nread := self._read_in_place()) is None:
                                 waited = True
-                                await transport.wait_readable()
+                                await self.transport_stream.wait_readable()  # type: ignore[attr-defined]
                             if not nread:
                                 self._eof = True  # EOF without close_notify, as below
                                 break
-                            self._engine_reads(cview, cptr, nread)
+                            if nread > _IN_PLACE_MIN:
+                                in_place = nread
                             self._needs_input = False
                             # Yield as the transport would have (``_lean``), after the data
                             # is consumed: the ciphertext buffer is shared until then.
@@ -723,8 +718,8 @@ class BulkTLSStream(trio.abc.Stream):
                     self._backlog = chunk[_FEED:] if len(chunk) > _FEED else None
                     continue
                 got += n
-            if self._rbio_ro:
-                self._detach_ciphertext()
+            if in_place:
+                self._detach_ciphertext(in_place)
             # Consumed before the checkpoint: the staging buffer is shared by all streams.
             with view[:got] as plain:
                 result = consume(plain)
@@ -732,17 +727,22 @@ class BulkTLSStream(trio.abc.Stream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return result
 
-    def _engine_reads(self, cview: memoryview, cptr: Any, n: int) -> None:
-        """Hand the engine the ``n`` bytes just read into this thread's ciphertext buffer.
+    def _read_in_place(self) -> int | None:
+        """Read the socket into this thread's ciphertext buffer and hand what came to the
+        engine: the byte count (0 at end of stream), or None when nothing is there yet.
 
-        A bulk read is read by the engine where it lies, through a read-only BIO: a copy of
-        every received byte fewer than feeding a memory BIO.  The caller decrypts before it
-        next yields, and :meth:`_detach_ciphertext` copies out what the engine left.  A small
-        read is copied into the engine's own BIO, which is cheaper than making a BIO for it.
+        A bulk read the engine reads where it lies, through a read-only BIO: a copy of every
+        received byte fewer than feeding a memory BIO.  The caller decrypts before it next
+        yields and then calls :meth:`_detach_ciphertext`.  A small read is copied into the
+        engine's own BIO, which is cheaper than making a BIO for it.
         """
+        cview, cptr = _cipher_staging()
+        n: int | None = self.transport_stream.read_into_nowait(cview)  # type: ignore[attr-defined]
+        if not n:
+            return n
         if n <= _IN_PLACE_MIN:
             self._feed(cview[:n])
-            return
+            return n
         bio = _BIO_new_mem_buf(cptr, n)
         if bio == _ffi.NULL:
             raise self._broken(MemoryError("BIO_new_mem_buf failed"), "receive")
@@ -751,26 +751,24 @@ class BulkTLSStream(trio.abc.Stream):
         # The SSL object frees the BIO it no longer uses (SSL_set_bio's ownership rules).
         _SSL_set_bio(conn._ssl, bio, conn._from_ssl)
         conn._into_ssl = bio
-        self._rbio_ro = True
-        self._ro_len = n
         self._rbio_grown = None
+        return n
 
-    def _detach_ciphertext(self) -> None:
-        """Give the engine a memory BIO of its own holding whatever it has not yet read of the
-        shared ciphertext buffer (nothing, unless a caller asked for less than it holds)."""
+    def _detach_ciphertext(self, length: int) -> None:
+        """Give the engine a memory BIO of its own in place of the read-only one over the first
+        ``length`` bytes of the shared ciphertext buffer, holding what it has not read of them
+        (nothing, unless a caller asked for less than they hold)."""
         conn = self._conn
         left = _BIO_pending(conn._into_ssl, _ffi.NULL)
-        if not left:
-            return  # drained: the read-only BIO will never be read again; replaced on next use
-        view, _ = _cipher_staging()
         bio = _BIO_new_mem()
-        with view[self._ro_len - left : self._ro_len] as rest, _from_buffer(rest) as buf:
-            if _BIO_write(bio, buf, left) != left:
-                _lib.BIO_free(bio)
-                raise self._broken(MemoryError("BIO_write failed"), "receive")
+        if left:
+            view, _ = _cipher_staging()
+            with view[length - left : length] as rest, _from_buffer(rest) as buf:
+                if _BIO_write(bio, buf, left) != left:
+                    _lib.BIO_free(bio)
+                    raise self._broken(MemoryError("BIO_write failed"), "receive")
         _SSL_set_bio(conn._ssl, bio, conn._from_ssl)
         conn._into_ssl = bio
-        self._rbio_ro = False
 
     # ---- receiving for a parked reader (the edge's idle-session watcher) -----------------
 
@@ -853,10 +851,6 @@ class BulkTLSStream(trio.abc.Stream):
         if not _FAST:
             conn.bio_write(ciphertext)
             return
-        if self._rbio_ro:  # a read-only view, drained: the engine gets a writable BIO again
-            self._detach_ciphertext()
-            if self._rbio_ro:
-                self._renew_bios(read=True, write=False)
         with _from_buffer(ciphertext) as buf:
             n = _BIO_write(conn._into_ssl, buf, len(buf))
         if n != len(buf):  # a memory BIO refuses only when out of memory
