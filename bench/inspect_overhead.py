@@ -115,7 +115,8 @@ def main() -> int:
         for name in ("on", "off"):
             print(f"  inspect {name:3}: {statistics.median(rps[name]):8.0f} req/s "
                   f"[{', '.join(f'{x:.0f}' for x in rps[name])}]   agent CPU "
-                  f"{statistics.median(cpu_per_req[name]):6.1f} us/request")
+                  f"{statistics.median(cpu_per_req[name]):6.1f} us/request "
+                  f"[{', '.join(f'{x:.1f}' for x in cpu_per_req[name])}]")
         ratio = statistics.median(rps["on"]) / statistics.median(rps["off"])
         cpu = statistics.median(cpu_per_req["on"]) / statistics.median(cpu_per_req["off"])
         print(f"  inspection on / off: {ratio:.3f} of the req/s ({(1 - ratio) * 100:+.1f} % cost; "

@@ -94,6 +94,49 @@ def test_an_entry_larger_than_the_whole_bound_is_dropped() -> None:
     assert len(store) == 0 and store.size == 0
 
 
+def test_ids_still_found_past_a_dropped_entry_and_a_counter_wrap() -> None:
+    store = CaptureStore(limit=100 * (ENTRY_OVERHEAD + 200), body_cap=100_000)
+    store._counter = 0xFFFFFFFF - 3  # the ids' counter shows 32 bits: cross that
+    before = [_entry(store, b"a") for _ in range(3)]
+    rec = store.recorder("t", "203.0.113.9:5123", b"POST /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert rec is not None
+    rec.request_body(b"x" * 50_000)  # larger than the whole bound: dropped, its number not reused
+    dropped = rec.finish()
+    after = [_entry(store, b"b") for _ in range(3)]
+    assert dropped is not None and store.get(dropped) is None
+    ids = [e.id for e in before + after]
+    assert len(set(ids + [dropped])) == 7 and ids[2].endswith("ffffffff") and dropped.endswith("00000000")
+    for entry in before + after:
+        found = store.get(entry.id)
+        assert found is not None and found.id == entry.id and found.request.body == entry.request.body
+    assert [e.id for e in store.newest()] == ids[::-1]
+    for bad in ("", "x" * 16, store._prefix + "zzzzzzzz", "00000000" + ids[0][8:], ids[0] + "0"):
+        assert store.get(bad) is None
+
+
+def test_the_bound_is_the_memory_the_entries_take() -> None:
+    """What an entry is charged (ENTRY_OVERHEAD besides its bytes) is what it really costs."""
+    tracemalloc = pytest.importorskip("tracemalloc")
+    limit = 2 * MiB
+    store = CaptureStore(limit=limit)
+    head = b"GET /1k.bin HTTP/1.1\r\nHost: nginx.bench.localhost\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 100\r\n\r\n"
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):  # the store fills and then evicts
+            rec = store.recorder("t", f"127.0.0.1:{1024 + i % 60000}", bytes(bytearray(head)))
+            assert rec is not None
+            rec.response_head(bytes(bytearray(resp)))
+            rec.response_body(bytes(bytearray(100)))
+            rec.finish()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert store.size <= limit
+    assert 0.8 * limit < held < 1.1 * limit, held
+
+
 def test_bodies_are_truncated_at_the_cap_and_marked() -> None:
     store = CaptureStore(body_cap=1000)
     rec = store.recorder("t", "[2001:db8::1]:443", b"PUT /up HTTP/1.1\r\nHost: a\r\n\r\n")
