@@ -47,7 +47,9 @@ def _entry(store: CaptureStore, body: bytes = b"", name: str = "t") -> CapturedE
     assert rec is not None
     rec.request_body(body)
     rec.response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    entry_id = rec.finish()
+    assert rec.id is None
+    rec.finish()
+    entry_id = rec.id
     assert entry_id is not None
     entry = store.get(entry_id)
     assert entry is not None
@@ -89,7 +91,8 @@ def test_an_entry_larger_than_the_whole_bound_is_dropped() -> None:
     rec = store.recorder("t", "203.0.113.9:5123", b"POST /x HTTP/1.1\r\nHost: a\r\n\r\n")
     assert rec is not None
     rec.request_body(b"x" * 5000)
-    entry_id = rec.finish()
+    rec.finish()
+    entry_id = rec.id
     assert entry_id is not None and store.get(entry_id) is None
     assert len(store) == 0 and store.size == 0
 
@@ -101,7 +104,8 @@ def test_ids_still_found_past_a_dropped_entry_and_a_counter_wrap() -> None:
     rec = store.recorder("t", "203.0.113.9:5123", b"POST /x HTTP/1.1\r\nHost: a\r\n\r\n")
     assert rec is not None
     rec.request_body(b"x" * 50_000)  # larger than the whole bound: dropped, its number not reused
-    dropped = rec.finish()
+    rec.finish()
+    dropped = rec.id
     after = [_entry(store, b"b") for _ in range(3)]
     assert dropped is not None and store.get(dropped) is None
     ids = [e.id for e in before + after]
@@ -146,8 +150,10 @@ def test_bodies_are_truncated_at_the_cap_and_marked() -> None:
     # A response whose head and first body bytes came in one write.
     rec.response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b"b" * 700)
     rec.response_body(b"c" * 1300)
-    entry_id = rec.finish()
-    assert entry_id is not None and rec.finish() is None  # filed once
+    rec.finish()
+    entry_id = rec.id
+    rec.finish()  # filed once
+    assert entry_id is not None and rec.id == entry_id and len(store) == 1
     entry = store.get(entry_id)
     assert entry is not None
     assert entry.request.body == b"a" * 1000 and entry.request.body_size == 1500 and entry.request.truncated

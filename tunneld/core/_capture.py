@@ -110,14 +110,15 @@ def _rfc3339(t: float) -> str:
 #: is the entry's number (its id's counter), wall-clock start, duration in ns, the request
 #: head's length, the request body's kept and real sizes, the response head's length (-1: no
 #: response), the response body's kept and real sizes.  Beside it the store keeps the tunnel's
-#: name, the client's host and ``replay_of``.  Two heap objects per entry, neither seen by the
+#: name, the client's address and ``replay_of``.  Two heap objects per entry, neither seen by the
 #: garbage collector for long (kept as objects, 50 MB of small captures made every full
 #: collection longer and cost the relay ~40 µs per request, measured), and ~245 bytes besides
 #: the heads and bodies where a row of thirteen fields took ~550.  Packing costs about what
 #: filing the row did (~2.3 µs per exchange in a loop either way).
 _HEADER = struct.Struct("<QdqQQQqQQ")
 _NUMBER = struct.Struct("<Q")
-#: A kept entry: the packed exchange, the tunnel's name, the client's host, ``replay_of``.
+#: A kept entry: the packed exchange, the tunnel's name, the client's address (the edge's
+#: string, shared by the connection's requests), ``replay_of``.
 _Entry = tuple[bytes, str, str, "str | None"]
 
 
@@ -165,14 +166,14 @@ class CapturedExchange:
     @classmethod
     def unpack(cls, entry_id: str, entry: _Entry) -> CapturedExchange:
         """The exchange packed in ``entry`` (a store entry), with id ``entry_id``."""
-        blob, name, remote_addr, replay_of = entry
+        blob, name, client_addr, replay_of = entry
         (_number, start, duration, req_head, req_kept, req_size, resp_head, resp_kept,
          resp_size) = _HEADER.unpack_from(blob)
         ends = itertools.accumulate((req_head, req_kept, max(resp_head, 0), resp_kept), initial=_HEADER.size)
         pieces = [blob[a:b] for a, b in itertools.pairwise(ends)]
         request = CapturedMessage(pieces[0], pieces[1], req_size)
         response = CapturedMessage(pieces[2], pieces[3], resp_size) if resp_head >= 0 else None
-        return cls(entry_id, name, remote_addr, start, duration, request, response, replay_of)
+        return cls(entry_id, name, _client_host(client_addr), start, duration, request, response, replay_of)
 
     def as_json(self) -> dict[str, Any]:
         """ngrok's captured-request object, plus ``replay_of``, ``body_size`` and ``truncated``."""
@@ -278,14 +279,15 @@ class HttpRecorder:
         Called again (a retry, or an error page after a failed attempt), it starts the
         response afresh.
         """
-        end = head.find(b"\r\n\r\n")
-        end = len(head) if end < 0 else end + 4
-        body = len(head) - end
-        kept = min(body, self._cap)
-        self._resp_head = end
-        self._resp_parts = [head if kept == body else head[:end + kept]]
-        self._resp_kept = kept
+        end = head.find(b"\r\n\r\n") + 4
+        body = len(head) - end if end >= 4 else 0
+        self._resp_head = len(head) - body
         self._resp_size = body
+        if body > self._cap:
+            head = head[:len(head) - body + self._cap]
+            body = self._cap
+        self._resp_parts = [head]
+        self._resp_kept = body
 
     def response_body(self, data: bytes) -> None:
         """Bytes of the response body, as framed."""
@@ -296,12 +298,16 @@ class HttpRecorder:
             self._resp_kept += len(part)
         self._resp_size += len(data)
 
-    def finish(self) -> str | None:
-        """File the exchange in the store; returns its id (None if already filed)."""
-        if self.number:
-            return None
-        self.duration_ns = time.monotonic_ns() - self._t0
-        return self._store.file(self)
+    def finish(self) -> None:
+        """File the exchange in the store (once: later calls do nothing); see :attr:`id`."""
+        if not self.number:
+            self.duration_ns = time.monotonic_ns() - self._t0
+            self._store.file(self)
+
+    @property
+    def id(self) -> str | None:
+        """The entry's id once filed (None before); the entry may since have been evicted."""
+        return self._store.entry_id(self.number) if self.number else None
 
     def pack(self) -> bytes:
         """The exchange in the store's packed form (see :data:`_HEADER`)."""
@@ -352,35 +358,36 @@ class CaptureStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _id(self, number: int) -> str:
+    def entry_id(self, number: int) -> str:
+        """The id of entry number ``number``."""
         return f"{self._prefix}{number & 0xFFFFFFFF:08x}"
 
     def recorder(self, tunnel_name: str, client_addr: str, head: bytes) -> HttpRecorder | None:
         """A recorder for one request with head ``head``; None when capture is disabled."""
-        if not self.enabled:
+        if not self.limit:
             return None
         return HttpRecorder(self, tunnel_name, client_addr, head, REPLAY_OF.get())
 
-    def file(self, recorder: HttpRecorder) -> str:
-        """Take a finished recorder; returns its entry's id."""
+    def file(self, recorder: HttpRecorder) -> None:
+        """Number, pack and keep a finished recorder's exchange (dropped if it alone exceeds
+        the bound), evict the oldest beyond the bound, and notify the feeds."""
         self._counter += 1
-        recorder.number = number = self._counter
+        recorder.number = self._counter
         blob = recorder.pack()
         charge = _entry_charge(blob)
         limit = self.limit
         if charge <= limit:
             kept = self._entries
-            kept.append((blob, recorder.tunnel_name, _client_host(recorder.client_addr), recorder.replay_of))
+            kept.append((blob, recorder.tunnel_name, recorder.client_addr, recorder.replay_of))
             size = self.size + charge
             while size > limit:
                 size -= _entry_charge(kept.popleft()[0])
             self.size = size
             if self._feeds:
                 self._publish(CaptureEvent("request", self._unpack(kept[-1])))
-        return self._id(number)
 
     def _unpack(self, entry: _Entry) -> CapturedExchange:
-        return CapturedExchange.unpack(self._id(_number(entry)), entry)
+        return CapturedExchange.unpack(self.entry_id(_number(entry)), entry)
 
     def get(self, entry_id: str) -> CapturedExchange | None:
         kept = self._entries
