@@ -40,7 +40,7 @@ DEFAULT_DB_SIZE = 50_000_000
 #: Body bytes kept per message; the rest is counted and the message marked truncated.
 BODY_CAP = 1024 * 1024
 #: Bytes charged per entry besides its heads and bodies: its packed header and the objects
-#: holding it (measured with tracemalloc: ~245 for a small GET).
+#: holding it (tracemalloc: ~190, ~245 with an address string of its own).
 ENTRY_OVERHEAD = 256
 #: Events a live feed may fall behind by before it is dropped (the browser reconnects).
 FEED_BUFFER = 256
@@ -112,9 +112,10 @@ def _rfc3339(t: float) -> str:
 #: response), the response body's kept and real sizes.  Beside it the store keeps the tunnel's
 #: name, the client's address and ``replay_of``.  Two heap objects per entry, neither seen by the
 #: garbage collector for long (kept as objects, 50 MB of small captures made every full
-#: collection longer and cost the relay ~40 µs per request, measured), and ~245 bytes besides
-#: the heads and bodies where a row of thirteen fields took ~550.  Packing costs about what
-#: filing the row did (~2.3 µs per exchange in a loop either way).
+#: collection longer and cost the relay ~40 µs per request, measured), and ~190 bytes besides
+#: the heads and bodies where a row of thirteen fields took ~550.  In a loop, packing and
+#: filing cost what filing the row did (~2.2 µs per exchange); in the running agent, with the
+#: recorder's other changes, inspection went from ~10 to ~5 µs per request (README).
 _HEADER = struct.Struct("<QdqQQQqQQ")
 _NUMBER = struct.Struct("<Q")
 #: A kept entry: the packed exchange, the tunnel's name, the client's address (the edge's
@@ -333,7 +334,7 @@ class CaptureStore:
     """The agent's captured exchanges: newest kept within ``limit`` bytes, oldest evicted first.
 
     Entries are kept packed (:data:`_HEADER`), in a deque in the order they were filed, and
-    made into :class:`CapturedExchange` objects only when asked for.  A small GET costs ~245
+    made into :class:`CapturedExchange` objects only when asked for.  A small GET costs ~190
     bytes besides its heads and body this way, against ~550 as a row of its fields.
     """
 
