@@ -7,7 +7,7 @@ alternate the two: wrk keep-alive load on ``GET /1k.bin`` through each tunnel, r
 agent's CPU seconds around each run.  Then a 1 GiB upload (and download) through the inspected
 tunnel to the bulk upstream, reading the agent's peak RSS (VmHWM, reset first).
 
-    python bench/inspect_overhead.py                # 5 rounds of 3 s at 16 connections
+    python bench/inspect_overhead.py                # 6 s warm-up, 5 rounds of 3 s at 16 connections
     python bench/inspect_overhead.py --rounds 3 --duration 2 --conns 16 --size-mib 1024
 
 Needs ``wrk`` and ``nginx`` (see bench/README.md); reuses bench.py's process helpers.
@@ -44,6 +44,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of wrk per run")
     parser.add_argument("--conns", type=int, default=16, help="wrk keep-alive connections")
+    parser.add_argument("--warmup", type=float, default=6.0,
+                        help="seconds of wrk on each agent first, unmeasured: enough to fill the 50 MB "
+                             "capture store, so the rounds see its steady state (evicting), not its growth")
     parser.add_argument("--size-mib", type=int, default=1024,
                         help="upload/download size for the RSS figure")
     parser.add_argument("--py-spy", default="", metavar="DIR", help="first profile each agent with py-spy")
@@ -97,6 +100,9 @@ def main() -> int:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 b.run_wrk(script, http_port, hosts[name], "/1k.bin", args.conns, args.duration)
                 spy.wait(30)
+        for name in ("on", "off"):
+            if args.warmup > 0:
+                b.run_wrk(script, http_port, hosts[name], "/1k.bin", args.conns, args.warmup)
         rps: dict[str, list[float]] = {"on": [], "off": []}
         cpu_per_req: dict[str, list[float]] = {"on": [], "off": []}
         for r in range(args.rounds):
