@@ -114,7 +114,10 @@ def test_ids_still_found_past_a_dropped_entry_and_a_counter_wrap() -> None:
         found = store.get(entry.id)
         assert found is not None and found.id == entry.id and found.request.body == entry.request.body
     assert [e.id for e in store.newest()] == ids[::-1]
-    for bad in ("", "x" * 16, store._prefix + "zzzzzzzz", "00000000" + ids[0][8:], ids[0] + "0"):
+    last = ids[-1]
+    for bad in ("", "x" * 16, store._prefix + "zzzzzzzz", "00000000" + ids[0][8:], ids[0] + "0",
+                last[:8] + last[8:].upper().replace("0", "_", 1), last[:8] + " " + last[9:],
+                last[:8] + "+" + last[9:]):
         assert store.get(bad) is None
 
 

@@ -10,11 +10,10 @@ request body, response head and response body as they stream by
 past that the recorder only counts, so a 1 GiB upload costs one copy of the first MiB and an
 integer addition per 256 KiB chunk.
 
-When the exchange ends the recorder goes to the agent's :class:`CaptureStore`, which packs
-finished recorders in batches into one ``bytes`` each, keeps the newest entries within
-``limit`` bytes in all (ngrok's ``inspect_db_size``), evicting the oldest first, and wakes the
-live feeds (server-sent events of the local API).  A :class:`CapturedExchange` is made, and
-its heads parsed, only when someone asks.
+When the exchange ends the agent's :class:`CaptureStore` packs it into one ``bytes``, keeps
+the newest entries within ``limit`` bytes in all (ngrok's ``inspect_db_size``), evicting the
+oldest first, and wakes the live feeds (server-sent events of the local API).  A
+:class:`CapturedExchange` is made, and its heads parsed, only when someone asks.
 """
 
 from __future__ import annotations
@@ -401,6 +400,8 @@ class CaptureStore:
         # Ids show a number's low 32 bits; the kept ones span far fewer than 2**32.
         first = _number(kept[0])
         number = first + ((low - first) & 0xFFFFFFFF)
+        if self.entry_id(number) != entry_id:
+            return None  # not as this store writes ids ("0000_0AB", " +00ab"): no such entry
         # Numbers go up by one per entry, except where one too large to keep was dropped.
         at = min(number - first, len(kept) - 1)
         if _number(kept[at]) != number:
