@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import math
 import random
+import tracemalloc
 
 import httpx
 import pytest
@@ -123,7 +124,6 @@ def test_ids_still_found_past_a_dropped_entry_and_a_counter_wrap() -> None:
 
 def test_the_bound_is_the_memory_the_entries_take() -> None:
     """What an entry is charged (ENTRY_OVERHEAD besides its bytes) is what it really costs."""
-    tracemalloc = pytest.importorskip("tracemalloc")
     limit = 2 * MiB
     store = CaptureStore(limit=limit)
     head = b"GET /1k.bin HTTP/1.1\r\nHost: nginx.bench.localhost\r\n\r\n"
