@@ -144,6 +144,47 @@ def test_the_bound_is_the_memory_the_entries_take() -> None:
     assert 0.8 * limit < held < 1.1 * limit, held
 
 
+def test_what_is_packed_comes_back_as_recorded() -> None:
+    """Random exchanges (bodies in pieces, over and under the cap, head chunks carrying body
+    bytes, responses replaced, none at all) read back exactly as a plain model of them."""
+    rnd = random.Random(17)
+    for _ in range(400):
+        cap = rnd.choice([0, 1, 7, 100, 5000])
+        store = CaptureStore(limit=10 * MiB, body_cap=cap)
+        head = b"POST /%d HTTP/1.1\r\nHost: a\r\n\r\n" % rnd.randrange(10**6)
+        rec = store.recorder("t", rnd.choice(["203.0.113.9:5123", "[2001:db8::1]:443", "unix"]), head)
+        assert rec is not None
+        req = b"".join(rnd.randbytes(rnd.randrange(0, 3000)) for _ in range(rnd.randrange(0, 4)))
+        at = 0
+        while at < len(req):
+            step = rnd.randrange(1, 2000)
+            rec.request_body(req[at:at + step])
+            at += step
+        resp_head = resp_body = None
+        for _ in range(rnd.randrange(0, 3)):  # a retry or an error page replaces the response
+            resp_head = b"HTTP/1.1 %d X\r\nA: b\r\n\r\n" % rnd.randrange(200, 600)
+            first = rnd.randbytes(rnd.choice([0, 0, 5, 3000]))
+            rec.response_head(resp_head + first)
+            resp_body = first
+            for _ in range(rnd.randrange(0, 3)):
+                more = rnd.randbytes(rnd.randrange(0, 3000))
+                rec.response_body(more)
+                resp_body += more
+        rec.finish()
+        assert rec.id is not None
+        entry = store.get(rec.id)
+        assert entry is not None
+        assert entry.request == CapturedMessage(head, req[:cap], len(req))
+        if resp_head is None:
+            assert entry.response is None
+        else:
+            assert resp_body is not None
+            assert entry.response == CapturedMessage(resp_head, resp_body[:cap], len(resp_body))
+        assert entry.size == ENTRY_OVERHEAD + len(head) + min(cap, len(req)) + (
+            0 if resp_head is None or resp_body is None else len(resp_head) + min(cap, len(resp_body)))
+        assert store.size == entry.size
+
+
 def test_bodies_are_truncated_at_the_cap_and_marked() -> None:
     store = CaptureStore(body_cap=1000)
     rec = store.recorder("t", "[2001:db8::1]:443", b"PUT /up HTTP/1.1\r\nHost: a\r\n\r\n")
