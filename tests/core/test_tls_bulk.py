@@ -199,6 +199,56 @@ async def test_parked_reader_decrypts_after_in_place_reads(lst: trio.SocketListe
         await server.aclose()
 
 
+class _Capture(trio.abc.SendStream):
+    """A transport's sending side that keeps the ciphertext instead of sending it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.data += data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_in_place_read_ending_inside_a_record_then_a_small_read(
+        lst: trio.SocketListener, bulk_pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read larger than a record's plaintext can still end inside a (full) record: the engine
+    takes what there is and waits for more, and the rest, even a read of a few bytes, must
+    reach it (it went to the read-only BIO over the shared buffer, and broke the stream)."""
+    with trio.fail_after(10):
+        client, server = await _pair(lst, bulk_pki, "inplace")
+        sizes = _count_in_place(monkeypatch)
+        sock, capture = client.transport_stream, _Capture()
+        client.transport_stream = capture  # the next record is cut in two by hand
+        payload = os.urandom(_tls._RECORD)
+        await client.send_all(payload)
+        client.transport_stream = sock
+        cut = _tls._IN_PLACE_MIN + 6
+        assert len(capture.data) > cut + 8  # one full record: its header, plaintext and tag
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                while len(got) < len(payload):
+                    got.extend(await server.receive_some())
+
+            nursery.start_soon(read)
+            await sock.send_all(capture.data[:cut])
+            await trio.sleep(0.3)  # read on its own, in place
+            await sock.send_all(capture.data[cut:])
+        assert got == payload and sizes == [cut]
+        # And the stream goes on: the engine has a BIO of its own again.
+        await client.send_all(b"after")
+        assert await server.receive_some() == b"after"
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
+
+
 class _Recording(trio.abc.Stream):
     """A transport that notes the size of every ``send_all``."""
 

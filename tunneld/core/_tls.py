@@ -194,8 +194,11 @@ def _put_obuf(buf: bytearray) -> None:
 
 
 def _BIO_new_mem() -> Any:  # noqa: N802 - named as the other OpenSSL calls here
-    """A new, empty memory BIO (fast path only)."""
-    return _lib.BIO_new(_lib.BIO_s_mem())
+    """A new, empty memory BIO (fast path only); MemoryError if OpenSSL has no memory for one."""
+    bio = _lib.BIO_new(_lib.BIO_s_mem())
+    if bio == _ffi.NULL:
+        raise MemoryError("BIO_new failed")
+    return bio
 
 
 def _quiet_since(grown: float | None) -> bool:
@@ -678,6 +681,12 @@ class BulkTLSStream(trio.abc.Stream):
                     if chunk is None:
                         if got:
                             break
+                        if in_place:
+                            # A read that ended inside a record: the engine took all of it
+                            # and wants more.  Its own BIO again before anything yields or
+                            # reads (the buffer is shared; a small read is fed to that BIO).
+                            self._detach_ciphertext(in_place)
+                            in_place = 0
                         await self._flush_from_receiver()
                         if self._in_place:
                             # Waits happen before the read, never between it and decryption:
