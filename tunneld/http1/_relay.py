@@ -279,8 +279,10 @@ async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: in
     receive = src.receive_some
     send: Callable[[Any], Awaitable[None]] = dst.send_all
     # A mux stream into a socket or TLS: frames go out as they came, unjoined (see ``forward``).
-    receive_parts = getattr(src.stream, "receive_parts", None)
-    send_parts = getattr(getattr(dst, "stream", None), "send_all_parts", None)
+    receive_parts: Any = getattr(src.stream, "receive_parts", None)
+    send_parts: Any = getattr(getattr(dst, "stream", None), "send_all_parts", None)
+    if receive_parts is None:
+        send_parts = None  # both ends, or neither
     if timer is not None:
         scope = timer
 
@@ -303,34 +305,22 @@ async def copy_body(src: Reader, dst: trio.abc.SendStream, kind: int, length: in
         if kind == BodyKind.LENGTH:
             left = length
             while left:
-                if receive_parts is not None and send_parts is not None and not src.buf:
-                    try:
-                        parts = await receive_parts(min(RELAY_CHUNK, left))
-                    except _ENDED as exc:
-                        raise Truncated(f"body source failed {left} bytes short: {exc}") from exc
-                    n = sum(map(len, parts))
-                    if not n:
-                        raise Truncated(f"body ended {left} bytes short")
-                    if timer is not None:
-                        deadline = _body_clock(timer, deadline, n)
-                    if tap is not None:
-                        for part in parts:
-                            tap(part)
-                    await send_parts(parts)
-                    left -= n
-                    continue
+                # Frames as they came when both ends allow it and nothing is buffered here.
+                parted = send_parts is not None and not src.buf
                 try:
-                    data = await receive(min(RELAY_CHUNK, left))
+                    got: Any = await (receive_parts if parted else receive)(min(RELAY_CHUNK, left))
                 except _ENDED as exc:
                     raise Truncated(f"body source failed {left} bytes short: {exc}") from exc
-                if not data:
+                n = sum(map(len, got)) if parted else len(got)
+                if not n:
                     raise Truncated(f"body ended {left} bytes short")
                 if timer is not None:
-                    deadline = _body_clock(timer, deadline, len(data))
+                    deadline = _body_clock(timer, deadline, n)
                 if tap is not None:
-                    tap(data)
-                await send(data)
-                left -= len(data)
+                    for part in got if parted else (got,):
+                        tap(part)
+                await (send_parts if parted else send)(got)
+                left -= n
             return length
         if kind == BodyKind.CHUNKED:
             scanner = ChunkedScanner()
