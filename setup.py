@@ -1,10 +1,14 @@
-"""Metadata is in setup.cfg; this file only declares the optional compiled fast path.
+"""Metadata is in setup.cfg; this file only declares the optional compiled fast paths.
 
 ``optional=True``: where no C compiler or Python headers are found the build goes on without
-it and tunneld runs the same head parsers in pure Python (tunneld/http1/_speedups.c says what
-the fast path covers).
+them and tunneld runs the same code in pure Python: the HTTP head parsers
+(tunneld/http1/_speedups.c says what the fast path covers) and the WebSocket carrier's masking
+(tunneld/core/proto/_wsmask.c).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("tunneld.http1._speedups", ["tunneld/http1/_speedups.c"], optional=True)])
+setup(ext_modules=[
+    Extension("tunneld.http1._speedups", ["tunneld/http1/_speedups.c"], optional=True),
+    Extension("tunneld.core.proto._wsmask", ["tunneld/core/proto/_wsmask.c"], optional=True),
+])

@@ -153,19 +153,17 @@ async def _tls(host: str, port: int, tcp: trio.SocketStream, root_cas: str) -> t
 async def _tunnel_protocol(diag: Diagnosis, carrier: trio.abc.Stream | None, cfg: Any, ws_url: str | None,
                            root_cas: str) -> None:
     """Auth through the agent's own code, then SrvInfo for the region and the latency."""
-    from trio_websocket import ConnectionClosed, HandshakeError
-
     from .core import proto
     from .core._agent import Agent
     from .core._errors import AuthFailed, RemoteProtocolError
     from .core._mux import MuxSession
     from .core._rpc import call
-    from .core._websocket import connect_websocket
+    from .core._websocket import HandshakeError, connect_websocket
 
     try:
         async with trio.open_nursery() as nursery:
             if ws_url is not None:
-                carrier = await connect_websocket(nursery, ws_url, _context(root_cas))
+                carrier = await connect_websocket(ws_url, _context(root_cas))
             assert carrier is not None
             mux = MuxSession(carrier, client=True)
             await nursery.start(mux.run)
@@ -185,7 +183,7 @@ async def _tunnel_protocol(diag: Diagnosis, carrier: trio.abc.Stream | None, cfg
         raise _Failed(f"WebSocket upgrade refused: {group.exceptions[0]}",
                       "check the path of the wss:// server_addr (the edge's default is /tunneld)") from None
     except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel,
-             RemoteProtocolError, ConnectionClosed) as group:
+             RemoteProtocolError) as group:
         hint = "the edge did not speak the tunnel protocol: is server_addr its agent address?"
         raise _Failed(f"{group.exceptions[0]}" or "session failed", hint) from None
 

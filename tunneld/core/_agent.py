@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, cast, final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError
 
 from .. import __version__
 from . import proto
@@ -67,7 +66,7 @@ from ._streams import PrefixedStream
 from ._tls import CARRIER_SEND_CHUNK, BulkTLSStream, client_context, start_tls_client
 from ._tunnel import AgentTunnelContext, TunnelType, TunnelTypeRegistry
 from ._util import connect_tcp, set_nodelay, split_host_port
-from ._websocket import connect_websocket, is_websocket_url
+from ._websocket import HandshakeError, connect_websocket, is_websocket_url
 
 log = logging.getLogger("tunneld.agent")
 
@@ -411,7 +410,7 @@ class Agent:
                 reason = "; ".join(str(e) for e in group.exceptions)
                 log.error("%s", reason)
             except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                     RemoteProtocolError, trio.EndOfChannel, HandshakeError, ConnectionClosed) as group:
+                     RemoteProtocolError, trio.EndOfChannel) as group:
                 if first and not self.online.is_set() and not _transient(group):
                     raise
                 reason = "; ".join(_reason(e) for e in group.exceptions)
@@ -439,7 +438,7 @@ class Agent:
         async with trio.open_nursery() as nursery:
             try:
                 if is_websocket_url(self.config.server_addr):
-                    carrier: trio.abc.Stream = await connect_websocket(nursery, self.config.server_addr, ctx)
+                    carrier: trio.abc.Stream = await connect_websocket(self.config.server_addr, ctx)
                 else:
                     host, port = split_host_port(self.config.server_addr, default_port=443)
                     carrier = await open_edge_tls(host.strip("[]"), port, ctx)

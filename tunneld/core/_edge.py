@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any, final
 import attrs
 import pluggy
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError
 
 from .._logging import write_access
 from . import _gcpace, proto
@@ -62,7 +61,6 @@ from ._ratelimit import FailureLimiter
 from ._routes import RouteTable, address_name
 from ._rpc import read_message, reply
 from ._store import Store, is_token_format
-from ._streams import PrefixedStream
 from ._tls import CARRIER_SEND_CHUNK, accept_tls, server_context
 from ._tunnel import (
     ClaimTunnel,
@@ -85,7 +83,7 @@ from ._util import (
     reset_connection,
     set_nodelay,
 )
-from ._websocket import accept_websocket, looks_like_websocket
+from ._websocket import HandshakeError, accept_websocket, looks_like_websocket
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -621,19 +619,14 @@ class Edge:
             await serving
             return
         log.debug("agent %s uses the WebSocket carrier", addr)
-        async with trio.open_nursery() as carrier:
-            try:
-                transport = await accept_websocket(carrier, PrefixedStream(tls, head),
-                                                   timeout=HANDSHAKE_TIMEOUT)
-            except (trio.TooSlowError, trio.BrokenResourceError, ConnectionClosed, HandshakeError) as exc:
-                log.info("agent %s: no usable carrier: %s", addr, exc or type(exc).__name__)
-                carrier.cancel_scope.cancel()
-                await trio.aclose_forcefully(tls)
-                return
-            del head
-            await self._run_session(transport, addr, b"")
-            # The WebSocket reader task ends with its connection.
-            carrier.cancel_scope.cancel()
+        try:
+            transport = await accept_websocket(tls, head, timeout=HANDSHAKE_TIMEOUT)
+        except (trio.TooSlowError, trio.BrokenResourceError, HandshakeError) as exc:
+            log.info("agent %s: no usable carrier: %s", addr, exc or type(exc).__name__)
+            await trio.aclose_forcefully(tls)
+            return
+        del head
+        await self._run_session(transport, addr, b"")
 
     async def _run_session(self, transport: trio.abc.Stream, addr: str, head: bytes) -> None:
         """Serve one agent's session on ``transport`` (``head``: carrier bytes already read)."""

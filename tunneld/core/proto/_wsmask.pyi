@@ -1,0 +1,3 @@
+"""Types of the compiled WebSocket masking (``_wsmask.c``); absent where it was not built."""
+
+def mask(data: bytes | bytearray | memoryview, key: bytes, offset: int, /) -> bytes: ...
