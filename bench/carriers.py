@@ -22,36 +22,9 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
-from tls_passthrough import HOST, MiB, Proc, free_port
-
-BUF = MiB
-
-
-def _serve_one(conn: socket.socket) -> None:
-    with conn:
-        head = b""
-        while len(head) < 9:
-            chunk = conn.recv(9 - len(head))
-            if not chunk:
-                return
-            head += chunk
-        n = int.from_bytes(head[1:], "big")
-        if head[:1] == b"D":
-            block = memoryview(bytes(BUF))
-            while n > 0:
-                conn.sendall(block[:min(BUF, n)])
-                n -= min(BUF, n)
-        else:
-            buf = bytearray(BUF)
-            while n > 0:
-                k = conn.recv_into(buf, min(BUF, n))
-                if not k:
-                    return
-                n -= k
-            conn.sendall(b"k")
+from tls_passthrough import HOST, MiB, Proc, download_on, free_port, serve_one, upload_on
 
 
 def run_upstream(port: int) -> None:
@@ -59,30 +32,13 @@ def run_upstream(port: int) -> None:
     print("upstream ready", flush=True)
     while True:
         conn, _ = server.accept()
-        threading.Thread(target=_serve_one, args=(conn,), daemon=True).start()
+        threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
 
 
-def transfer(port: int, op: bytes, size: int) -> float:
-    """MB/s of one connection moving ``size`` bytes down (``D``) or up (``U``)."""
+def transfer(port: int, op: str, size: int) -> float:
+    """MB/s of one plain TCP connection moving ``size`` bytes ``down`` or ``up``."""
     with socket.create_connection((HOST, port)) as s:
-        t0 = time.perf_counter()
-        s.sendall(op + size.to_bytes(8, "big"))
-        if op == b"D":
-            buf = bytearray(BUF)
-            got = 0
-            while got < size and (k := s.recv_into(buf)):
-                got += k
-            if got != size:
-                raise RuntimeError(f"download got {got} of {size} bytes")
-        else:
-            block = memoryview(bytes(BUF))
-            left = size
-            while left > 0:
-                s.sendall(block[:min(BUF, left)])
-                left -= min(BUF, left)
-            if s.recv(1) != b"k":
-                raise RuntimeError("upload not acknowledged")
-        return size / (time.perf_counter() - t0) / 1e6
+        return (download_on if op == "down" else upload_on)(s, size)
 
 
 def main() -> None:
@@ -132,9 +88,9 @@ def main() -> None:
             for r in range(args.rounds):
                 for name in names[r % 2:] + names[:r % 2]:
                     agent, port = agents[name]
-                    for op, label in ((b"D", "down"), (b"U", "up")):
+                    for label in ("down", "up"):
                         e0, a0 = edge.cpu(), agent.cpu()
-                        speed.setdefault((name, label), []).append(transfer(port, op, size))
+                        speed.setdefault((name, label), []).append(transfer(port, label, size))
                         gib = size / (1 << 30)
                         cpu.setdefault((name, "edge"), []).append((edge.cpu() - e0) / gib)
                         cpu.setdefault((name, "agent"), []).append((agent.cpu() - a0) / gib)

@@ -48,7 +48,7 @@ BUF = 1 * MiB
 # ---- upstream (own process: ``--upstream PORT CRT KEY``) --------------------------------------------
 
 
-def _recv_exact(sock: ssl.SSLSocket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -58,7 +58,8 @@ def _recv_exact(sock: ssl.SSLSocket, n: int) -> bytes:
     return data
 
 
-def _serve_one(conn: ssl.SSLSocket) -> None:
+def serve_one(conn: socket.socket) -> None:
+    """One upstream connection, TLS or plain (``bench/carriers.py`` serves plain TCP with it)."""
     with conn:
         try:
             head = _recv_exact(conn, 9)
@@ -97,7 +98,7 @@ def run_upstream(port: int, crt: str, key: str) -> None:
                 except (OSError, ssl.SSLError):
                     raw.close()
                     return
-                _serve_one(conn)
+                serve_one(conn)
 
             threading.Thread(target=handshake_then_serve, daemon=True).start()
 
@@ -160,16 +161,21 @@ def connect(ctx: ssl.SSLContext, port: int) -> ssl.SSLSocket:
 
 def download(ctx: ssl.SSLContext, port: int, size: int) -> float:
     with connect(ctx, port) as s:
-        t0 = time.perf_counter()
-        s.sendall(b"D" + size.to_bytes(8, "big"))
-        buf = bytearray(BUF)
-        got = 0
-        while got < size:
-            k = s.recv_into(buf)
-            if not k:
-                break
-            got += k
-        elapsed = time.perf_counter() - t0
+        return download_on(s, size)
+
+
+def download_on(s: socket.socket, size: int) -> float:
+    """MB/s of ``size`` bytes sent by the upstream on the connected ``s`` (TLS or plain)."""
+    t0 = time.perf_counter()
+    s.sendall(b"D" + size.to_bytes(8, "big"))
+    buf = bytearray(BUF)
+    got = 0
+    while got < size:
+        k = s.recv_into(buf)
+        if not k:
+            break
+        got += k
+    elapsed = time.perf_counter() - t0
     if got != size:
         raise RuntimeError(f"download got {got} of {size} bytes")
     return size / elapsed / 1e6
@@ -177,16 +183,21 @@ def download(ctx: ssl.SSLContext, port: int, size: int) -> float:
 
 def upload(ctx: ssl.SSLContext, port: int, size: int) -> float:
     with connect(ctx, port) as s:
-        t0 = time.perf_counter()
-        s.sendall(b"U" + size.to_bytes(8, "big"))
-        block = memoryview(bytes(BUF))
-        left = size
-        while left > 0:
-            s.sendall(block[: min(BUF, left)])
-            left -= min(BUF, left)
-        if s.recv(1) != b"k":
-            raise RuntimeError("upload not acknowledged")
-        return size / (time.perf_counter() - t0) / 1e6
+        return upload_on(s, size)
+
+
+def upload_on(s: socket.socket, size: int) -> float:
+    """MB/s of ``size`` bytes sent to the upstream on the connected ``s`` (TLS or plain)."""
+    t0 = time.perf_counter()
+    s.sendall(b"U" + size.to_bytes(8, "big"))
+    block = memoryview(bytes(BUF))
+    left = size
+    while left > 0:
+        s.sendall(block[: min(BUF, left)])
+        left -= min(BUF, left)
+    if s.recv(1) != b"k":
+        raise RuntimeError("upload not acknowledged")
+    return size / (time.perf_counter() - t0) / 1e6
 
 
 def connections(ctx: ssl.SSLContext, port: int, count: int) -> list[float]:

@@ -195,7 +195,8 @@ async def test_server_bytes_right_after_the_101_are_kept() -> None:
     (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "bad WebSocket upgrade response"),
     (b"HTTP/1.1 101 Switching Protocols\r\nX: " + b"a" * 20000 + b"\r\n\r\n", "head over 16384 bytes"),
     (b"", "closed the connection"),
-], ids=["403", "wrong-accept", "wrong-upgrade", "200", "not-http", "oversized", "closed"])
+    (b"HTTP/1.1 403 Forbidden\nContent-Length: 0\r\n\r\n", "bare LF"),
+], ids=["403", "wrong-accept", "wrong-upgrade", "200", "not-http", "oversized", "closed", "bare-lf"])
 async def test_client_refuses_a_bad_answer(answer: bytes, match: str) -> None:
     client, server = await socket_pair()
 
@@ -229,8 +230,9 @@ GOOD = f"GET /tunneld HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection
     (GOOD.replace("Host: edge", "Host: edge\r\nX-Big: " + "a" * 20000), b"431", "head over 16384 bytes"),
     ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"400", "no Upgrade"),
     ("GET /\x00 HTTP/1.1\r\n\r\n", b"400", "bad WebSocket upgrade request"),
+    (GOOD.replace("Host: edge\r\n", "Host: edge\n"), b"400", "bare LF"),
 ], ids=["version-8", "post", "no-upgrade", "no-connection-upgrade", "short-key", "two-keys", "extensions",
-        "body", "http-1.0", "oversized-head", "plain-get", "malformed"])
+        "body", "http-1.0", "oversized-head", "plain-get", "malformed", "bare-lf"])
 async def test_server_refuses_a_bad_upgrade(request_head: str, status: bytes, match: str) -> None:
     client, server = await socket_pair()
     data = request_head.encode("latin-1")

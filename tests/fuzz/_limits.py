@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 #: Seconds one input may take (twice that and an alarm ends a loop that never returns).
 BUDGET = 1.0
@@ -43,3 +44,19 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     """``data`` cut at the given offsets (taken modulo its length)."""
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     return [data[a:b] for a, b in zip(points, points[1:], strict=False)] or [b""]
+
+
+def mutate(draw: st.DrawFn, buf: bytearray) -> bytes:
+    """``buf`` after 1-4 byte flips, insertions, deletions or duplications of its own bytes."""
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.integers(0, 3))
+        pos = draw(st.integers(0, len(buf)))
+        if op == 0 and buf:
+            buf[min(pos, len(buf) - 1)] ^= 1 << draw(st.integers(0, 7))
+        elif op == 1:
+            buf[pos:pos] = draw(st.binary(min_size=1, max_size=9))
+        elif op == 2:
+            del buf[pos : pos + draw(st.integers(1, 9))]
+        else:
+            buf[pos:pos] = buf[pos : pos + draw(st.integers(1, 40))]
+    return bytes(buf)

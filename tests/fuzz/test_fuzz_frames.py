@@ -28,7 +28,7 @@ from tunneld.core.proto._frames import (
     encode_wndinc,
 )
 
-from ._limits import budget, fuzz_settings, split
+from ._limits import budget, fuzz_settings, mutate, split
 
 FUZZ = fuzz_settings(200)
 
@@ -107,19 +107,7 @@ cuts = st.lists(st.integers(0, 10_000), max_size=20)
 @st.composite
 def mutated(draw: st.DrawFn) -> bytes:
     """A valid frame sequence with byte flips, insertions, deletions and duplications."""
-    buf = bytearray(draw(st.lists(valid_frames, min_size=1, max_size=8).map(b"".join)))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.integers(0, 3))
-        pos = draw(st.integers(0, len(buf)))
-        if op == 0 and buf:
-            buf[min(pos, len(buf) - 1)] ^= 1 << draw(st.integers(0, 7))
-        elif op == 1:
-            buf[pos:pos] = draw(st.binary(min_size=1, max_size=9))
-        elif op == 2:
-            del buf[pos : pos + draw(st.integers(1, 9))]
-        else:
-            buf[pos:pos] = buf[pos : pos + draw(st.integers(1, 40))]
-    return bytes(buf)
+    return mutate(draw, bytearray(draw(st.lists(valid_frames, min_size=1, max_size=8).map(b"".join))))
 
 
 @FUZZ

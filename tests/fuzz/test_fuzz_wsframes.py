@@ -24,7 +24,7 @@ from tunneld.core.proto._wsframes import (
     mask,
 )
 
-from ._limits import budget, fuzz_settings, split
+from ._limits import budget, fuzz_settings, mutate, split
 
 FUZZ = fuzz_settings(200)
 
@@ -126,18 +126,9 @@ cuts = st.lists(st.integers(0, 10_000), max_size=20)
 
 @st.composite
 def mutated(draw: st.DrawFn, masked: bool) -> bytes:
+    """Valid frames with byte flips, insertions, deletions and duplications."""
     frames = draw(st.lists(valid_frames(masked), min_size=1, max_size=6))
-    buf = bytearray(b"".join(wire for wire, _ in frames))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.integers(0, 2))
-        pos = draw(st.integers(0, len(buf)))
-        if op == 0 and buf:
-            buf[min(pos, len(buf) - 1)] ^= 1 << draw(st.integers(0, 7))
-        elif op == 1:
-            buf[pos:pos] = draw(st.binary(min_size=1, max_size=9))
-        else:
-            del buf[pos:pos + draw(st.integers(1, 9))]
-    return bytes(buf)
+    return mutate(draw, bytearray(b"".join(wire for wire, _ in frames)))
 
 
 @FUZZ

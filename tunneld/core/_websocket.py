@@ -260,6 +260,8 @@ async def _client_upgrade(tls: trio.abc.Stream, authority: str, resource: str) -
             data = await _read_head(tls, b"", "server")
             if data is None:
                 raise HandshakeError(f"bad WebSocket upgrade response: head over {MAX_UPGRADE_HEAD} bytes")
+            if _bare_lf(data):
+                raise HandshakeError("bad WebSocket upgrade response: bare LF (lines must end with CRLF)")
             conn.receive_data(data)
             continue
         if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
@@ -289,6 +291,9 @@ async def accept_websocket(stream: trio.abc.Stream, head: bytes, *, timeout: flo
         if data is None:
             await _refuse(stream, conn, 431, [])
             raise HandshakeError(f"bad WebSocket upgrade request: head over {MAX_UPGRADE_HEAD} bytes")
+        if _bare_lf(data):
+            await _refuse(stream, conn, 400, [])
+            raise HandshakeError("bad WebSocket upgrade request: bare LF (lines must end with CRLF)")
         conn.receive_data(data)
         while True:
             try:
@@ -348,6 +353,12 @@ async def _read_head(stream: trio.abc.Stream, data: bytes, peer: str) -> bytes |
             raise HandshakeError(f"the {peer} closed the connection during the WebSocket upgrade")
         buf += chunk
     return bytes(buf)
+
+
+def _bare_lf(data: bytes) -> bool:
+    """Whether the head at the start of ``data`` has a line ending in LF alone (h11 takes those)."""
+    head = data[:data.find(b"\r\n\r\n") + 4]
+    return head.count(b"\n") != head.count(b"\r\n")
 
 
 def _is_key(key: bytes) -> bool:
