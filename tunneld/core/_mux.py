@@ -9,12 +9,16 @@ tasks: :meth:`MuxSession.run` is the reader and starts the writer.
   and routes each event: DATA into the stream's receive buffer, WNDINC into its send credit,
   RST and GOAWAY into errors.  It never blocks on a slow stream: per-stream credit bounds what a
   peer may send, and a peer that overruns it is a protocol error that ends the session.
-* the **writer** is the only task that writes to the carrier, but for the reader's inline
-  writes (below).  Streams append frames to an outbox and the writer flushes everything queued
-  in one carrier write, so many small frames (WNDINC, short responses) coalesce into one TLS
-  record run and one syscall.  The outbox is bounded in bytes: data writers wait when it is
-  full; control frames never wait.  Frames the reader's own dispatch queued (heartbeat echoes,
-  credit) it writes itself when the writer is idle and the carrier takes them at once.
+* frames are **written at the end of the scheduler pass** that queued them.  Streams append
+  frames to an outbox; a Trio instrument (:class:`_PassEndFlush`) writes every outbox that
+  took frames during a pass once all of the pass's runnable tasks have run, just before the
+  loop polls for I/O: many small frames (requests, responses, WNDINC) coalesce into one TLS
+  record run and one syscall, and no task is woken to write them.  Frames the reader's own
+  dispatch queued (heartbeat echoes, credit) it writes itself when it ends a dispatch.
+* the **writer** task takes what cannot be written without waiting: outboxes over
+  ``PASS_END_FLUSH_MAX`` (bulk), or any outbox while the carrier is busy or full.  It is the
+  only task that waits on the carrier.  The outbox is bounded in bytes: data writers wait
+  when it is full; control frames never wait.
 
 Ownership: the session's owner runs :meth:`run` in its own nursery and consumes
 :meth:`accept_stream`, or has :meth:`run` hand it each new stream (``on_stream``; the edge's
@@ -74,6 +78,10 @@ MAX_PARTS = 64
 #: two ends take turns instead of working in parallel (c=64 req/s 8.5-9k before, 10.8-12k
 #: after).  A bulk transfer feeds one stream: it never pauses.
 DISPATCH_SLICE = 8
+#: Outboxes up to this size are written at the end of the scheduler pass that queued them
+#: (the TLS carrier's ``send_parts_nowait`` takes two records); larger ones (bulk) go to the
+#: writer task at once.
+PASS_END_FLUSH_MAX = 32 * 1024
 #: Bytes queued for the carrier before data writers must wait.
 OUTBOX_LIMIT = 4 * 1024 * 1024
 #: Concurrent streams a peer may hold open on one session (see ``MuxSession.max_remote_streams``
@@ -342,7 +350,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if waited:
                 STREAK.waited()
             elif STREAK.ready(len(data)):
-                # Queued without waiting: the writer runs when this task next yields.
+                # Queued without waiting: let the pass end (and the frames go) now and then.
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
@@ -511,6 +519,8 @@ class MuxSession:
     _writing: bool = attrs.field(default=False, init=False)
     #: The carrier holds ciphertext an inline write left: the writer must flush it.
     _flush_due: bool = attrs.field(default=False, init=False)
+    #: Listed for the flush at the end of the scheduler's pass (:meth:`_flush_at_pass_end`).
+    _flush_queued: bool = attrs.field(default=False, init=False)
     #: Where the reader parks while the session is idle (the edge's; see ``_idlewatch``), and
     #: the socket it parked with (None: not parked).
     idle_watcher: IdleWatcher | None = attrs.field(default=None, init=False)
@@ -690,25 +700,46 @@ class MuxSession:
         """After dispatching frames: write what they queued (echoes, credit, resets) from this
         task if the writer is idle, else wake it."""
         self._dispatching = False
+        self._flush_inline()
+
+    def _flush_inline(self) -> bool:
+        """Write the outbox now, without waiting, if the writer is idle and the carrier takes it
+        at once; else leave it to the writer.  True if a task was woken (the writer, or tasks
+        waiting for room in the outbox or for it to be written)."""
         if not self._outbox or self._dead:
-            return
+            return False
+        woke = False
         if not self._writing and self._send_nowait is not None:
             sent = self._send_nowait(self._outbox)
             if sent is not None:
                 self._outbox = []
                 self._outbox_bytes = 0
                 if self._outbox_space:
-                    self._outbox_space.unpark_all()
+                    woke = bool(self._outbox_space.unpark_all())
                 if sent:
                     if self._flushed:
-                        self._flushed.unpark_all()
-                    return
+                        woke = bool(self._flushed.unpark_all()) or woke
+                    return woke
                 self._flush_due = True  # the writer sends the rest
-        self._wake_writer()
+        return self._wake_writer() or woke
 
-    def _wake_writer(self) -> None:
+    def _flush_at_pass_end(self) -> None:
+        """Have the outbox written when the scheduler's current pass ends (see
+        :class:`_PassEndFlush`): by this task's successor in the pass, not by a writer task
+        woken for it — one task step, and at low load one scheduler pass, fewer per flush."""
+        if self._send_nowait is None or self._writing or self._outbox_bytes > PASS_END_FLUSH_MAX:
+            self._wake_writer()
+            return
+        if self._flush_queued:
+            return
+        self._flush_queued = True
+        _pass_end_flush().due.append(self)
+
+    def _wake_writer(self) -> bool:
         if self._writer_waiter is not None:
             _wake_slot(self, "_writer_waiter")
+            return True
+        return False
 
     def _on_data(self, event: Data) -> None:
         sid = event.stream_id
@@ -792,7 +823,7 @@ class MuxSession:
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
         if not self._dispatching:
-            self._wake_writer()
+            self._flush_at_pass_end()
 
     async def _queue_data(self, header: bytes, payload: memoryview) -> bool:
         """Queue one DATA frame, first waiting for room in the outbox; True if it waited."""
@@ -807,7 +838,7 @@ class MuxSession:
         self._outbox.append(header)
         self._outbox.append(payload)
         self._outbox_bytes += len(header) + len(payload)
-        self._wake_writer()
+        self._flush_at_pass_end()
         return waited
 
     # ---- streams ------------------------------------------------------------------------
@@ -944,3 +975,49 @@ def _wake_slot(owner: Any, slot: str) -> None:
     if task is not None:
         setattr(owner, slot, None)
         trio.lowlevel.reschedule(task)
+
+
+class _PassEndFlush(trio.abc.Instrument):
+    """Writes the outboxes of sessions that queued frames during a scheduler pass, at its end.
+
+    Trio calls ``before_io_wait`` after running every task that was runnable, just before it
+    polls for I/O: every frame the pass queued is there, so one write carries them all (as
+    the writer task did), but no task is woken to make it.  What cannot be written at once
+    (the carrier is busy or full, or it is more than one record) goes to the writer task as
+    before.  An exception here would make Trio drop the instrument, so none escapes.
+    """
+
+    def __init__(self) -> None:
+        self.due: list[MuxSession] = []
+
+    def before_io_wait(self, timeout: float) -> None:
+        due, self.due = self.due, []
+        woke = False
+        for session in due:
+            session._flush_queued = False
+            try:
+                woke = session._flush_inline() or woke
+            except Exception:  # noqa: BLE001 - the writer meets the same failure in a task
+                session._flush_due = True
+                woke = session._wake_writer() or woke
+        if woke and timeout > 0:
+            # The loop chose to sleep before we made tasks runnable: wake it.
+            trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
+
+
+def _nothing() -> None:
+    pass
+
+
+_PASS_END: trio.lowlevel.RunVar[_PassEndFlush] = trio.lowlevel.RunVar("tunneld_mux_pass_end")
+
+
+def _pass_end_flush() -> _PassEndFlush:
+    """This run's :class:`_PassEndFlush`, installed on first use."""
+    try:
+        return _PASS_END.get()
+    except LookupError:
+        flusher = _PassEndFlush()
+        trio.lowlevel.add_instrument(flusher)
+        _PASS_END.set(flusher)
+        return flusher

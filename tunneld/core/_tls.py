@@ -81,6 +81,8 @@ _RECORD = 16 * 1024
 _OBUF_SLACK = 8 * 1024
 #: Ciphertext sent without a pooled buffer when it fits (two full records and their overhead).
 _SMALL_OBUF_SIZE = 2 * _RECORD + 256
+#: Plaintext ``send_parts_nowait`` takes at most: its ciphertext (two records) fits that buffer.
+_NOWAIT_MAX = 2 * _RECORD
 #: Idle ciphertext buffers kept per thread (one is in use per connection that is sending).
 _OBUF_POOL = 4
 #: Socket reads up to this size are copied into the engine's BIO (which then never grows
@@ -923,10 +925,11 @@ class BulkTLSStream(trio.abc.Stream):
             await self._send_pending_locked(pending)
 
     def send_parts_nowait(self, parts: Sequence[bytes | bytearray | memoryview]) -> bool | None:
-        """Encrypt *parts* (at most one record's worth) and write them now, in this task.
+        """Encrypt *parts* (at most two records' worth) and write them now, in this task.
 
-        For a caller that must not wait (the mux's reader, answering a heartbeat or returning
-        credit): one task wakeup and two scheduler trips fewer than handing them to a writer.
+        For a caller that must not wait (the mux's reader answering a heartbeat or returning
+        credit, the mux's flush at the end of a scheduler pass): one task wakeup and a scheduler
+        trip fewer than handing them to a writer.
         Returns None when it cannot take them without waiting — another task is sending, the
         handshake is not done, the stream failed, the engine has output queued, or the
         transport cannot write without waiting — and the caller sends them the usual way.
@@ -937,9 +940,14 @@ class BulkTLSStream(trio.abc.Stream):
         if (write is None or self._send_conflict._held or self._send_lock.locked()
                 or not self._handshook or self._state is not _State.OK or self._outgoing_pending()):
             return None
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if len(data) > _RECORD:
+        if len(parts) == 1:
+            data = parts[0]
+            if len(data) > _NOWAIT_MAX:
+                return None
+        elif sum(map(len, parts)) > _NOWAIT_MAX:  # before joining: a bulk outbox is megabytes
             return None
+        else:
+            data = b"".join(parts)
         self._encrypt(data)
         small = _small_obuf()
         n = self._take_outgoing(small)
