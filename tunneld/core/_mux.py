@@ -725,8 +725,8 @@ class MuxSession:
 
     def _flush_at_pass_end(self) -> None:
         """Have the outbox written when the scheduler's current pass ends (see
-        :class:`_PassEndFlush`): by this task's successor in the pass, not by a writer task
-        woken for it — one task step, and at low load one scheduler pass, fewer per flush."""
+        :class:`_PassEndFlush`) rather than by the writer task woken for it: one task step,
+        and at low load one scheduler pass, fewer per flush."""
         if self._send_nowait is None or self._writing or self._outbox_bytes > PASS_END_FLUSH_MAX:
             self._wake_writer()
             return
@@ -983,8 +983,9 @@ class _PassEndFlush(trio.abc.Instrument):
     Trio calls ``before_io_wait`` after running every task that was runnable, just before it
     polls for I/O: every frame the pass queued is there, so one write carries them all (as
     the writer task did), but no task is woken to make it.  What cannot be written at once
-    (the carrier is busy or full, or it is more than one record) goes to the writer task as
-    before.  An exception here would make Trio drop the instrument, so none escapes.
+    (the carrier is busy or full) goes to the writer task, as outboxes over
+    ``PASS_END_FLUSH_MAX`` do straight away.  An exception here would make Trio drop the
+    instrument, so none escapes.
     """
 
     def __init__(self) -> None:
