@@ -64,14 +64,15 @@ MAX_RECEIVE = 1024 * 1024
 #: Size of each read from the transport (a short read returns what the socket holds).
 TRANSPORT_READ = 1024 * 1024
 #: Plaintext encrypted before ciphertext is pushed to the transport (bounds memory per send: a
-#: blocked sender holds this much twice, in the engine's BIO and in its ciphertext buffer).
+#: blocked sender holds this much in the engine's BIO, and over a transport other than a
+#: socket once more in its ciphertext buffer).
 SEND_CHUNK = 256 * 1024
 #: The same for an agent link (the mux's carrier; ``send_chunk`` of :func:`accept_tls` and
 #: :func:`start_tls_client`): its sender writes 1 MiB at a time and the receiving end reads,
 #: decrypts and dispatches in fewer, larger passes.  Bulk through a tunnel, five alternating
 #: pairs: download 1,089 -> 1,186 MB/s, both ends' CPU per GB 8-12 % lower (issue 17).  One
-#: link per agent, each holding this at most twice while blocked; public connections keep
-#: SEND_CHUNK, thousands of them may be blocked at once.
+#: link per agent, each holding this at most twice while blocked (once over a socket); public
+#: connections keep SEND_CHUNK, thousands of them may be blocked at once.
 CARRIER_SEND_CHUNK = 1024 * 1024
 #: Largest plaintext of one TLS record (RFC 8446 §5.1); SSL_read never returns more.
 _RECORD = 16 * 1024
