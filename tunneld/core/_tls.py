@@ -125,8 +125,9 @@ try:
     _BIO_new_mem_buf = _lib.BIO_new_mem_buf
     _BIO_set_mem_eof_return = _lib.BIO_set_mem_eof_return
     _SSL_set_bio = _lib.SSL_set_bio
-    # BIO_get_mem_data(bio, NULL): the bytes a memory BIO holds (BIO_CTRL_INFO), not copied.
-    _BIO_pending = _lib.BIO_get_mem_data
+    # BIO_get_mem_data(bio, char **): the bytes a memory BIO holds (BIO_CTRL_INFO) and where
+    # they start, not copied; with NULL only the count (``_BIO_pending``).
+    _BIO_get_mem_data = _BIO_pending = _lib.BIO_get_mem_data
     _from_buffer = _ffi.from_buffer
     _FAST = hasattr(SSL.Connection, "_raise_ssl_error")
 except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL release
@@ -520,16 +521,20 @@ class BulkTLSStream(trio.abc.Stream):
         ptr = _data_ptr()
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
-        while (n := _BIO_pending(bio, ptr)) > 0:
+        total = 0
+        while (n := _BIO_get_mem_data(bio, ptr)) > 0:
             data = ptr[0]
             sent = write(_ffi.buffer(data, n))
             if sent:
                 _BIO_read(bio, data, sent)
+                total += sent
             else:  # full: wait (after a short write, try again first: the peer may be reading)
                 waited = True
                 await transport.wait_send_all_might_not_block()
-        # As a socket's send_all: a bulk write that did not wait yields (shielded: it is sent).
-        if not waited:
+        # Yield as the socket's own send_all would (``_lean``; shielded: the bytes are sent).
+        if waited:
+            STREAK.waited()
+        elif STREAK.ready(total):
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _flush(self) -> None:
