@@ -21,6 +21,12 @@ makes one each time it looks up ``derive``, for every ``Cancelled`` Trio collect
 object allocated while the sessions were there: a few hundred of them, scattered, kept 6 one-MiB
 arenas of CPython's allocator from being returned after 3,000 agents left.  The cache refills
 with the next lookups.
+
+Even so, most of those arenas keep some long-lived object that was allocated while the
+sessions were there, and CPython returns an arena only when all of its 64 pools are empty.
+After the collection, :func:`release_empty_pools` gives the empty pools' pages back to the OS
+(all but the first page of each, which holds the pool's header) with the compiled helper
+``_pooltrim.c``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["RECLAIM_AFTER", "install", "installed", "maybe_reclaim", "sessions_ended"]
+__all__ = ["RECLAIM_AFTER", "install", "installed", "maybe_reclaim", "release_empty_pools", "sessions_ended"]
 
 #: Seconds an ended session's cyclic garbage may stay frozen, however few sessions ended.
 RECLAIM_AFTER = 300.0
@@ -91,4 +97,33 @@ def maybe_reclaim(live_sessions: int, *, now: float | None = None) -> bool:
     _clear_type_cache()
     gc.unfreeze()
     gc.collect()  # full (which also empties the free lists): its callback freezes the survivors again
+    release_empty_pools()
     return True
+
+
+try:
+    from ._pooltrim import release_free_pools as _release_free_pools
+except ImportError:  # not built: empty pools stay resident until their whole arena empties
+    _release_free_pools = None
+
+def release_empty_pools() -> int:
+    """Give the pages of CPython's empty small-object pools back to the OS; returns bytes.
+
+    The arenas searched are those holding the objects the collector tracks and what they
+    refer to (see ``_pooltrim.c``).  Call it right after a full collection, as
+    :func:`maybe_reclaim` leaves things: the frozen objects are listed by unfreezing them for a
+    moment and freezing them again, which at any other time would also freeze younger objects.
+    0 where the compiled helper is not built or does not know this interpreter's allocator.
+    """
+    if _release_free_pools is None:
+        return 0
+    frozen = gc.get_freeze_count()
+    if frozen:
+        gc.unfreeze()
+    try:
+        objects = gc.get_objects()
+    finally:
+        if frozen:
+            gc.freeze()
+    released = _release_free_pools(objects)
+    return 0 if released is None else released[2]
