@@ -174,18 +174,16 @@ release_arena(const struct arena_span *span, Py_ssize_t *pools, Py_ssize_t *byte
     while (p >= floor + POOL_SIZE && safe_read(p - POOL_SIZE, &h) == 0 && is_pool(&h, p - POOL_SIZE, span->index))
         p -= POOL_SIZE;
     for (; p <= ceil; p += POOL_SIZE) {
-        struct pool_header *live = (struct pool_header *)p;
-        if (p < span->lo || p > span->hi) {
-            /* Outside the known span: read it safely first. */
-            if (safe_read(p, &h) != 0 || !is_pool(&h, p, span->index))
-                break;
-        }
-        else if (!is_pool(live, p, span->index)) {
-            continue;  /* cannot happen inside one arena; never touch what does not check out */
-        }
-        if (live->ref.count != 0 || live->szidx == DUMMY_SIZE_IDX || !plausible_link(live, p))
+        /* Every header is read safely and checked, inside the known span too: memory is
+         * written only where it proved to be an empty pool of this arena. */
+        if (safe_read(p, &h) != 0 || !is_pool(&h, p, span->index)) {
+            if (p > span->hi)
+                break;  /* past the pools carved so far, or past the arena */
             continue;
-        live->szidx = DUMMY_SIZE_IDX;
+        }
+        if (h.ref.count != 0 || h.szidx == DUMMY_SIZE_IDX || !plausible_link(&h, p))
+            continue;
+        ((struct pool_header *)p)->szidx = DUMMY_SIZE_IDX;
         if (madvise((void *)(p + (uintptr_t)page_size), POOL_SIZE - (uintptr_t)page_size, MADV_DONTNEED) == 0) {
             *pools += 1;
             *bytes += (Py_ssize_t)(POOL_SIZE - (uintptr_t)page_size);
