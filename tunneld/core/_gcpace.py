@@ -34,9 +34,17 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RECLAIM_AFTER", "install", "installed", "maybe_reclaim", "release_empty_pools", "sessions_ended"]
+_release_free_pools: Callable[[list[Any]], tuple[int, int, int] | None] | None
+try:
+    from ._pooltrim import release_free_pools as _release_free_pools
+except ImportError:  # not built: empty pools stay resident until their whole arena empties
+    _release_free_pools = None
+
+__all__ = ["RECLAIM_AFTER", "install", "installed", "maybe_reclaim", "release_empty_pools",
+           "sessions_ended"]
 
 #: Seconds an ended session's cyclic garbage may stay frozen, however few sessions ended.
 RECLAIM_AFTER = 300.0
@@ -100,11 +108,6 @@ def maybe_reclaim(live_sessions: int, *, now: float | None = None) -> bool:
     release_empty_pools()
     return True
 
-
-try:
-    from ._pooltrim import release_free_pools as _release_free_pools
-except ImportError:  # not built: empty pools stay resident until their whole arena empties
-    _release_free_pools = None
 
 def release_empty_pools() -> int:
     """Give the pages of CPython's empty small-object pools back to the OS; returns bytes.

@@ -6,8 +6,9 @@
  * few long-lived objects allocated meanwhile, so the empty pools stay resident: ~26 MB after
  * 1,500 sessions left (``sys._debugmallocstats``: "unused pools").
  *
- * release_free_pools(addresses) walks the arenas that hold the pools at ``addresses`` (pools
- * of live objects, found by the caller) and, for every empty pool, marks its header as never
+ * release_free_pools(objects) walks the arenas that hold ``objects`` (gc.get_objects()) and
+ * what they refer to (one level, through tp_traverse: that reaches the strings, numbers and
+ * tuples the collector does not track) and, for every empty pool, marks its header as never
  * used (size class DUMMY_SIZE_IDX, as a freshly carved pool has) and drops the pool's pages
  * after the first with madvise(MADV_DONTNEED).  The allocator then treats that pool as a new
  * one when it next takes it from the arena's free list: it rewrites the header and carves
@@ -18,15 +19,14 @@
  * change a pool between the check and the release.  Nothing here is a public CPython API: the
  * module checks the layout it relies on against real allocations first (self_check) and does
  * nothing where it does not match (another allocator, debug hooks, another version's layout).
- * Memory outside the known pools is read with process_vm_readv, which fails instead of
- * faulting on an unmapped page; a header counts as a pool of the arena only if every field is
- * consistent with one.
+ * Every pool header is read with process_vm_readv, which fails instead of faulting on an
+ * unmapped page, and counts as a pool of the arena only if every field is consistent with one;
+ * memory is written only there.  Linux only: elsewhere self_check fails and nothing is done.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <errno.h>
 #include <stdint.h>
 #include <sys/mman.h>
 #include <unistd.h>
