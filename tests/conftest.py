@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 import shutil
 from collections.abc import AsyncIterator
@@ -75,21 +76,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("edge_env", ["tls", "websocket"], indirect=True)
 
 
-def require_compiled_parser() -> None:
-    """Skip unless the compiled head-parser fast path (``tunneld/http1/_speedups.c``) is built.
+def require_compiled(module: str, what: str = "the compiled fast path") -> None:
+    """Skip unless the optional compiled extension ``module`` is built (see setup.py).
 
     It is missing only where no C compiler was found at install time, and then tunneld does
     not use it either.  With a compiler at hand a missing build fails instead: a skip there
-    would leave the compiled parser untested.
+    would leave the compiled code untested.
     """
-    from tunneld.http1 import _wire
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail(f"{module} is not built: run `python3 -m pip install -e .`", pytrace=False)
+        pytest.skip(f"{what} is not built here (no C compiler at install time)", allow_module_level=True)
 
-    if _wire.SPEEDUPS:
-        return
-    if shutil.which("cc") or shutil.which("gcc"):
-        pytest.fail("tunneld.http1._speedups is not built: run `python3 -m pip install -e .`", pytrace=False)
-    pytest.skip("the compiled fast path is not built here (no C compiler at install time)",
-                allow_module_level=True)
+
+def require_compiled_parser() -> None:
+    """Skip unless the compiled head-parser fast path (``tunneld/http1/_speedups.c``) is built."""
+    require_compiled("tunneld.http1._speedups")
 
 
 @pytest.fixture(scope="module", params=["compiled", "python"])

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from ..conftest import require_compiled
 
 _PROGRAM = r"""
 import gc, json, os, re, sys, tempfile
@@ -76,13 +77,7 @@ def _run(env_extra: dict[str, str] | None = None) -> dict:
 
 
 def _require_built() -> None:
-    try:
-        from tunneld.core import _pooltrim  # noqa: F401
-    except ImportError:
-        if shutil.which("cc") or shutil.which("gcc"):
-            pytest.fail("tunneld.core._pooltrim is not built: run `python3 -m pip install -e .`",
-                        pytrace=False)
-        pytest.skip("the compiled helper is not built here (no C compiler at install time)")
+    require_compiled("tunneld.core._pooltrim", "the pool release helper")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process_vm_readv and /proc: Linux")
