@@ -224,6 +224,14 @@ async def hold(args: argparse.Namespace, port: int, edge: subprocess.Popen[str],
           f"agent {cpu[agent.pid]:.1f}s")
     if FIRST_ERROR:
         print(f"first refusal: {FIRST_ERROR[0]!r}")
+    if args.after:
+        # Memory given back once the crowd has gone (the edge's idle sweeps and collections run).
+        await trio.sleep(args.after)
+        for name, proc in (("edge", edge), ("agent", agent)):
+            rss0, fds0 = before[proc.pid]
+            rss, fds = rss_kib(proc.pid), fd_count(proc.pid)
+            print(f"  {args.after:.0f}s after they closed: {name} RSS {rss / 1024:.0f} MiB "
+                  f"({(rss - rss0) / 1024:+.1f} over before), descriptors {fds} ({fds - fds0:+d})")
 
 
 async def churn(args: argparse.Namespace, port: int, edge: subprocess.Popen[str]) -> None:
@@ -298,7 +306,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="give up waiting for all after")
     parser.add_argument("--churn", type=int, default=0, help="short connections instead")
     parser.add_argument("--after", type=float, default=12.0,
-                        help="seconds to settle before measuring (churn)")
+                        help="seconds to settle before measuring: after the churn, or after the held "
+                             "connections closed (0: not measured)")
     args = parser.parse_args()
     if args.conns < 1 or args.requests < 1:
         parser.error("--conns and --requests must be at least 1")

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from tunneld.core import Agent, TunnelConfig
-from tunneld.core._agent import EWMA, Metrics, percentiles
+from tunneld.core._agent import EWMA, SAMPLE_SIZE, Metrics, percentiles
 from tunneld.core._capture import (
     DEFAULT_DB_SIZE,
     ENTRY_OVERHEAD,
@@ -311,6 +311,18 @@ def test_metrics_count_rates_and_durations() -> None:
     after = m.as_json()["http"]
     assert after["rate1"] < before * 0.01 and after["rate15"] > after["rate5"] > after["rate1"]
     assert after["count"] == 20
+
+
+def test_metrics_keep_the_latest_durations_only() -> None:
+    """A ring of SAMPLE_SIZE: once full, each new duration replaces the oldest."""
+    m = Metrics(clock=FakeClock())
+    for i in range(SAMPLE_SIZE + 500):
+        m.request_done(1.0 if i < 500 else 2.0)  # the first 500 are pushed out
+    assert len(m._req_durations) == SAMPLE_SIZE
+    assert sorted(m._req_durations) == [2.0] * SAMPLE_SIZE
+    assert m.as_json()["http"]["p50"] == 2e9
+    m.request_done(3.0)
+    assert sorted(m._req_durations) == [2.0] * (SAMPLE_SIZE - 1) + [3.0]
 
 
 def test_percentiles_edges() -> None:

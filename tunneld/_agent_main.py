@@ -273,6 +273,7 @@ async def _console(agent: Agent, web: str | None, console: bool) -> None:
 
 
 async def _main(agent: Agent, console: bool) -> None:
+    from .core._giveback import watch_crowds
     from .core._util import freeze_startup_objects
     from .core._web import serve_web
 
@@ -288,5 +289,7 @@ async def _main(agent: Agent, console: bool) -> None:
             nursery.start_soon(_console, agent, web, console)
             if _truthy(getattr(agent.config, "update_check", False)):
                 nursery.start_soon(_check_for_update, agent)
+            # Memory given back once a crowd of connections has come and gone.
+            nursery.start_soon(watch_crowds)
             await nursery.start(agent.run)
             freeze_startup_objects()

@@ -50,6 +50,7 @@ from ._bindpolicy import reservation_maps
 from ._certs import certificate_names, ensure_dev_host_cert, name_matches
 from ._errors import Code, ConfigError, PluginError, RemoteProtocolError, TunnelRejected, wire_error
 from ._forward import ByteCounts
+from ._giveback import CROWD
 from ._hostnames import AllowedHostname, HostChooser, HostPolicy
 from ._idlewatch import IdleWatcher
 from ._lean import lean
@@ -397,6 +398,9 @@ class Edge:
         """
         open_now = self.open_connections
         open_now.setdefault(pool, 0)
+        # Public connections count towards the crowd whose going gives memory back; agents'
+        # sessions have their own count (``_gcpace.sessions_ended``).
+        crowd = CROWD if pool != "agent" else None
 
         async def guarded(stream: trio.SocketStream) -> None:
             try:
@@ -408,6 +412,8 @@ class Edge:
                 log.exception("connection handler failed", exc_info=group)
             finally:
                 open_now[pool] -= 1
+                if crowd is not None:
+                    crowd.closed()
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
 
@@ -419,6 +425,8 @@ class Edge:
                     reset_connection(stream)
                     return
                 open_now[pool] += 1
+                if crowd is not None:
+                    crowd.opened()
                 handlers.start_soon(guarded, stream)
 
             async with trio.open_nursery() as accepting:
@@ -540,8 +548,13 @@ class Edge:
             # Tunnels that never carried traffic have no series: an idle edge walks nothing.
             if self.metrics.has_tunnel_series:
                 self.metrics.prune(self.live_tunnel_ids())
-            # Ended sessions' cycles may be frozen (``_gcpace``): collected first when due.
-            reclaimed = _gcpace.maybe_reclaim(len(self.sessions))
+            # Ended sessions' cycles may be frozen (``_gcpace``): collected first when due; and
+            # everything once a crowd of public connections has gone (``_giveback``).
+            if CROWD.gone():
+                _gcpace.reclaim_now()
+                reclaimed = True
+            else:
+                reclaimed = _gcpace.maybe_reclaim(len(self.sessions))
             if trim and (self._ended_since_trim or reclaimed):
                 self._ended_since_trim = 0
                 trim = await trio.to_thread.run_sync(release_free_memory)

@@ -43,7 +43,7 @@ try:
 except ImportError:  # not built: empty pools stay resident until their whole arena empties
     _release_free_pools = None
 
-__all__ = ["RECLAIM_AFTER", "install", "installed", "maybe_reclaim", "release_empty_pools",
+__all__ = ["RECLAIM_AFTER", "install", "installed", "maybe_reclaim", "reclaim_now", "release_empty_pools",
            "sessions_ended"]
 
 #: Seconds an ended session's cyclic garbage may stay frozen, however few sessions ended.
@@ -95,32 +95,47 @@ def maybe_reclaim(live_sessions: int, *, now: float | None = None) -> bool:
     the first of them ended :data:`RECLAIM_AFTER` seconds ago.  A no-op unless installed.  The
     collection walks everything once (as CPython's own full collection would at that point).
     """
-    global _ended
     if not _installed or not _ended:
         return False
     now = time.monotonic() if now is None else now
     if _ended * 4 < live_sessions and now - _first_ended < RECLAIM_AFTER:
         return False
-    _ended = 0
-    _clear_type_cache()
-    gc.unfreeze()
-    gc.collect()  # full (which also empties the free lists): its callback freezes the survivors again
-    release_empty_pools()
+    reclaim_now()
     return True
 
 
-def release_empty_pools() -> int:
+def reclaim_now() -> None:
+    """Collect everything now and give the empty pools back, whether installed or not.
+
+    Installed, the frozen objects are unfrozen and collected too (the survivors are frozen again
+    by the collection's callback).  Otherwise what a process froze once at start-up
+    (``freeze_startup_objects``) stays frozen: it is neither collected nor searched for pools.
+    """
+    global _ended
+    _ended = 0
+    _clear_type_cache()
+    if _installed:
+        gc.unfreeze()
+        gc.collect()  # full (which also empties the free lists): its callback freezes the survivors again
+        release_empty_pools()
+    else:
+        gc.collect()
+        release_empty_pools(frozen=False)
+
+
+def release_empty_pools(*, frozen: bool = True) -> int:
     """Give the pages of CPython's empty small-object pools back to the OS; returns bytes.
 
     The arenas searched are those holding the objects the collector tracks and what they
-    refer to (see ``_pooltrim.c``).  Call it right after a full collection, as
+    refer to (see ``_pooltrim.c``).  With ``frozen``, call it right after a full collection, as
     :func:`maybe_reclaim` leaves things: the frozen objects are listed by unfreezing them for a
     moment and freezing them again, which at any other time would also freeze younger objects.
+    Without it the frozen objects are left out, and with them any arena only they hold.
     0 where the compiled helper is not built or does not know this interpreter's allocator.
     """
     if _release_free_pools is None:
         return 0
-    frozen = gc.get_freeze_count()
+    frozen = frozen and gc.get_freeze_count() > 0
     if frozen:
         gc.unfreeze()
     try:
