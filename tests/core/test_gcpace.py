@@ -108,3 +108,42 @@ def test_freeze_and_reclaim() -> None:
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+UNINSTALLED_SCRIPT = textwrap.dedent(
+    """
+    import gc, weakref
+    from tunneld.core import _gcpace
+
+    class Conn:
+        pass
+
+    gc.collect()
+    gc.freeze()  # what freeze_startup_objects does in the agent
+    kept = Conn()
+    kept.me = kept
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    ref_kept = weakref.ref(kept)
+    del kept
+
+    young = Conn()
+    young.me = young
+    ref_young = weakref.ref(young)
+    del young
+    _gcpace.reclaim_now()  # not installed: what a crowd's going does in the agent
+    assert ref_young() is None, "the young cycle is collected"
+    assert ref_kept() is not None, "what was frozen stays frozen, and is not collected"
+    assert gc.get_freeze_count() == frozen, (gc.get_freeze_count(), frozen)
+    print("ok")
+    """
+)
+
+
+def test_reclaim_now_leaves_a_startup_freeze_alone() -> None:
+    """Not installed (the agent), the give-back after a crowd collects the young objects and
+    neither unfreezes what the process froze at start-up nor freezes anything new."""
+    out = subprocess.run([sys.executable, "-c", UNINSTALLED_SCRIPT], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
