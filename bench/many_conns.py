@@ -48,28 +48,7 @@ from many_agents import (  # noqa: E402
 )
 
 #: The upstream: answers every request on a connection with ``ok`` until the client closes.
-UPSTREAM = r"""
-import sys, trio
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
-async def handle(stream):
-    buf = b""
-    try:
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            buf += data
-            while b"\r\n\r\n" in buf:
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                await stream.send_all(RESPONSE)
-    except trio.BrokenResourceError:
-        pass
-async def main():
-    listeners = await trio.open_tcp_listeners(int(sys.argv[1]), host="127.0.0.1", backlog=65535)
-    print("ready", flush=True)
-    await trio.serve_listeners(handle, listeners)
-trio.run(main)
-"""
+UPSTREAM = Path(__file__).resolve().parent / "ok_upstream.py"
 
 HOST = "many.bench.localhost"
 #: The body of the first answer that was not a 200 (shown with the results).
@@ -275,7 +254,7 @@ async def run(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen[str]] = []
     try:
         upstream = subprocess.Popen(  # noqa: ASYNC220 - before anything runs concurrently
-            [sys.executable, "-c", UPSTREAM, str(up_port)], stdout=subprocess.PIPE, text=True)
+            [sys.executable, str(UPSTREAM), str(up_port)], stdout=subprocess.PIPE, text=True)
         procs.append(upstream)
         assert upstream.stdout is not None
         upstream.stdout.readline()

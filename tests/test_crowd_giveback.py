@@ -29,25 +29,7 @@ HOST = f"crowd.{DOMAIN}"
 
 #: A keep-alive upstream that answers every request with ``ok`` (threads would not hold 2,000
 #: connections; this is one process with one task per connection).
-UPSTREAM = r"""
-import sys, trio
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
-async def handle(stream):
-    buf = b""
-    try:
-        while data := await stream.receive_some(65536):
-            buf += data
-            while b"\r\n\r\n" in buf:
-                _head, buf = buf.split(b"\r\n\r\n", 1)
-                await stream.send_all(RESPONSE)
-    except trio.BrokenResourceError:
-        pass
-async def main():
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=4096)
-    print(listeners[0].socket.getsockname()[1], flush=True)
-    await trio.serve_listeners(handle, listeners)
-trio.run(main)
-"""
+UPSTREAM = Path(__file__).resolve().parents[1] / "bench" / "ok_upstream.py"
 
 
 def rss_mib(pid: int) -> float:
@@ -105,7 +87,7 @@ def descriptors() -> Iterator[None]:
 
 
 def _start_upstream() -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", UPSTREAM], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(UPSTREAM)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
 
