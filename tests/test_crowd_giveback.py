@@ -1,10 +1,9 @@
 """Memory given back after a crowd of public connections (issue 17; ``tunneld/core/_giveback.py``).
 
-A real edge and a real agent (its local API on), 2,000 keep-alive
-public connections open at once through one HTTP tunnel, then all closed: both processes must
-fall back most of the way to where they were.  Without the give-back both stayed at their peak
-(``bench/many_conns.py --after 60``: +82 MiB each after 10,000).  And the crowd-watch rule on
-its own.
+A real edge and a real agent (its local API on), 2,000 keep-alive public connections open at
+once through one HTTP tunnel, then all closed: both processes must fall back most of the way to
+where they were.  Without the give-back both stayed at their peak (``bench/many_conns.py --after
+60``: +82 MiB each after 10,000).  And the crowd-watch rule on its own.
 """
 
 from __future__ import annotations
