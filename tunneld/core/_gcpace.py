@@ -116,11 +116,9 @@ def reclaim_now() -> None:
     _clear_type_cache()
     if _installed:
         gc.unfreeze()
-        gc.collect()  # full (which also empties the free lists): its callback freezes the survivors again
-        release_empty_pools()
-    else:
-        gc.collect()
-        release_empty_pools(frozen=False)
+    # Full (which also empties the free lists); installed, its callback freezes the survivors again.
+    gc.collect()
+    release_empty_pools(frozen=_installed)
 
 
 def release_empty_pools(*, frozen: bool = True) -> int:
