@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import ctypes
 import re
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,40 @@ def test_close_idempotent_and_context_manager(tmp_path: Path) -> None:
     with Store.open(tmp_path) as s:
         s.create_token()
     s.close()
+
+
+def _sqlite_memory_used() -> Callable[[], int] | None:
+    """SQLite's own count of the memory it holds, read from the very library ``sqlite3`` loaded
+    (None where that is not a shared library found in ``/proc/self/maps``)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = [line.split()[-1] for line in maps.splitlines() if "/libsqlite3" in line]
+    if not paths:
+        return None
+    lib = ctypes.CDLL(paths[0])
+    lib.sqlite3_memory_used.restype = ctypes.c_int64
+    return lambda: int(lib.sqlite3_memory_used())
+
+
+@pytest.mark.skipif(_sqlite_memory_used() is None, reason="sqlite3 is not a shared libsqlite3 here")
+def test_release_memory_gives_back_the_page_cache(tmp_path: Path) -> None:
+    memory_used = _sqlite_memory_used()
+    assert memory_used is not None
+    with Store.open(tmp_path) as store:
+        before = memory_used()
+        # A crowd of agents' holds: the table grows, its pages are cached, then it empties.
+        names = [("host", f"{i:06d}.tunneld.localhost") for i in range(6000)]
+        store.save_names([(*key, "owner", 10.0) for key in names], [])
+        store.save_names([], names)
+        grown = memory_used()
+        assert grown - before > 300_000
+        store.release_memory()
+        assert memory_used() - before < 100_000
+        # The store goes on working: the cache fills again as it is read.
+        store.save_names([("host", "next", "owner", -1.0)], [])
+        assert [n for _, n, _, _ in store.all_names()] == ["next"]
 
 
 def test_expired_rows_deleted_from_store(tmp_path: Path) -> None:

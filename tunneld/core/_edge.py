@@ -557,7 +557,15 @@ class Edge:
                 reclaimed = _gcpace.maybe_reclaim(len(self.sessions))
             if trim and (self._ended_since_trim or reclaimed):
                 self._ended_since_trim = 0
-                trim = await trio.to_thread.run_sync(release_free_memory)
+                trim = await trio.to_thread.run_sync(self._release_memory)
+
+    def _release_memory(self) -> bool:
+        """In a worker thread: the store's cache first, so that ``malloc_trim`` gets its pages."""
+        try:
+            self.store.release_memory()
+        except sqlite3.Error as exc:
+            log.debug("could not shrink the store's cache: %s", exc)
+        return release_free_memory()
 
     async def _watch_heartbeats(self) -> None:
         """Close the sessions whose agents stopped heartbeating (see :meth:`AgentSession.silent`)."""
