@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import random
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 
@@ -68,6 +69,21 @@ def make_edge_config(tmp: Path, **kw: object) -> EdgeConfig:
                                      tcp_ports=(low, low + 199), grace_period=1.0)
     values.update(kw)
     return EdgeConfig(**values)  # type: ignore[arg-type]
+
+
+def sqlite_memory_used() -> Callable[[], int] | None:
+    """SQLite's own count of the memory it holds, read from the very library ``sqlite3`` loaded
+    (None where that is not a shared library found in ``/proc/self/maps``)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = [line.split()[-1] for line in maps.splitlines() if "/libsqlite3" in line]
+    if not paths:
+        return None
+    lib = ctypes.CDLL(paths[0])
+    lib.sqlite3_memory_used.restype = ctypes.c_int64
+    return lambda: int(lib.sqlite3_memory_used())
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

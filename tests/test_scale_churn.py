@@ -21,7 +21,7 @@ from tunneld.core._plugins import build_registry, get_plugin_manager
 from tunneld.core._rpc import call
 from tunneld.core._tls import client_context, open_tls_client
 
-from .conftest import EdgeEnv, start_hello_upstream
+from .conftest import EdgeEnv, sqlite_memory_used, start_hello_upstream
 
 
 def fd_count() -> int:
@@ -73,6 +73,36 @@ async def test_agent_churn_leaves_descriptors_and_memory_flat(edge_env: EdgeEnv)
     # ~100 KB a live session: 200 kept would be ~20 MB; a few MB is allocator slack.
     assert grown < 12 * 1024, f"RSS grew {grown} KiB over 200 sessions"
     assert not edge_env.edge.preauth_by_host and not edge_env.edge.sessions_by_token
+
+
+@pytest.fixture
+def fast_trim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The edge's periodic trim every 50 ms (before the edge starts: its first wait reads it)."""
+    monkeypatch.setattr(edge_mod, "TRIM_INTERVAL", 0.05)
+
+
+@pytest.mark.skipif(sqlite_memory_used() is None, reason="sqlite3 is not a shared libsqlite3 here")
+async def test_the_trim_after_agents_leave_gives_back_the_store_cache(fast_trim: None,
+                                                                      edge_env: EdgeEnv) -> None:
+    """A crowd's name holds fill SQLite's page cache; once they are gone and an agent session
+    ends, the edge's trim gives the cache back (``PRAGMA shrink_memory``)."""
+    memory_used = sqlite_memory_used()
+    assert memory_used is not None
+    store = edge_env.store
+    # What 6,000 departed agents' holds do to the store: written, then deleted at the sweep.
+    names = [("host", f"{i:06d}.churn.tunneld.test") for i in range(6000)]
+    await trio.to_thread.run_sync(store.save_names, [(*key, "owner", 1e12) for key in names], [])
+    await trio.to_thread.run_sync(store.save_names, [], names)
+    grown = memory_used()
+    agent = Agent(edge_env.agent_config(), [TunnelConfig("t", "http", "127.0.0.1:9", inspect=False,
+                                                         schemes=["http"])])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            nursery.cancel_scope.cancel()
+        await settle(edge_env)
+        while memory_used() > grown - 300_000:
+            await trio.sleep(0.02)
 
 
 async def _get(port: int) -> bytes:

@@ -1,17 +1,18 @@
 from __future__ import annotations
 
-import ctypes
 import re
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tunneld.core._errors import ConfigError
 from tunneld.core._store import SCHEMA_VERSION, Store, TokenRecord, is_token_format
+
+from ..conftest import sqlite_memory_used
 
 
 class Clock:
@@ -220,24 +221,9 @@ def test_close_idempotent_and_context_manager(tmp_path: Path) -> None:
     s.close()
 
 
-def _sqlite_memory_used() -> Callable[[], int] | None:
-    """SQLite's own count of the memory it holds, read from the very library ``sqlite3`` loaded
-    (None where that is not a shared library found in ``/proc/self/maps``)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    paths = [line.split()[-1] for line in maps.splitlines() if "/libsqlite3" in line]
-    if not paths:
-        return None
-    lib = ctypes.CDLL(paths[0])
-    lib.sqlite3_memory_used.restype = ctypes.c_int64
-    return lambda: int(lib.sqlite3_memory_used())
-
-
-@pytest.mark.skipif(_sqlite_memory_used() is None, reason="sqlite3 is not a shared libsqlite3 here")
+@pytest.mark.skipif(sqlite_memory_used() is None, reason="sqlite3 is not a shared libsqlite3 here")
 def test_release_memory_gives_back_the_page_cache(tmp_path: Path) -> None:
-    memory_used = _sqlite_memory_used()
+    memory_used = sqlite_memory_used()
     assert memory_used is not None
     with Store.open(tmp_path) as store:
         before = memory_used()

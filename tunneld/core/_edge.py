@@ -555,17 +555,18 @@ class Edge:
                 reclaimed = True
             else:
                 reclaimed = _gcpace.maybe_reclaim(len(self.sessions))
-            if trim and (self._ended_since_trim or reclaimed):
+            if self._ended_since_trim or reclaimed:
                 self._ended_since_trim = 0
-                trim = await trio.to_thread.run_sync(self._release_memory)
+                trim = await trio.to_thread.run_sync(self._release_memory, trim)
 
-    def _release_memory(self) -> bool:
-        """In a worker thread: the store's cache first, so that ``malloc_trim`` gets its pages."""
+    def _release_memory(self, trim: bool) -> bool:
+        """In a worker thread: the store's cache first, so that ``malloc_trim`` (when ``trim``)
+        gets its pages.  Returns whether to trim next time (False where there is no glibc)."""
         try:
             self.store.release_memory()
         except sqlite3.Error as exc:
             log.debug("could not shrink the store's cache: %s", exc)
-        return release_free_memory()
+        return trim and release_free_memory()
 
     async def _watch_heartbeats(self) -> None:
         """Close the sessions whose agents stopped heartbeating (see :meth:`AgentSession.silent`)."""
