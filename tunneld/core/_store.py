@@ -870,7 +870,8 @@ class Store:
         """Give back SQLite's page cache (``PRAGMA shrink_memory``); it fills again as needed.
 
         The cache grows with the ``names`` table: 6,000 agents that came and went left their
-        holds there for a minute, and the cache at +650 KiB after the sweep had emptied it.
+        holds there for a minute, and once the sweep had emptied it the cache still held
+        +650 KiB.
         """
         with self._lock:
             self._conn.execute("PRAGMA shrink_memory")
