@@ -86,6 +86,14 @@ def sqlite_memory_used() -> Callable[[], int] | None:
     return lambda: int(lib.sqlite3_memory_used())
 
 
+def rss_kib(pid: int | str = "self") -> int:
+    """A process's resident set in KiB (``VmRSS`` in ``/proc/PID/status``; Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests marked ``carriers`` run once per agent carrier (TLS, WebSocket)."""
     if "edge_env" in metafunc.fixturenames and metafunc.definition.get_closest_marker("carriers"):

@@ -21,6 +21,7 @@ import trio
 from tunneld.core import _giveback
 from tunneld.core._giveback import CrowdWatch
 
+from .conftest import rss_kib
 from .test_cli import DOMAIN, STARTED_TUNNEL, Proc, free_port, spawn  # noqa: F401 - fixtures are used by name
 
 CONNS = 2000
@@ -32,10 +33,7 @@ UPSTREAM = Path(__file__).resolve().parents[1] / "bench" / "ok_upstream.py"
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    return rss_kib(pid) / 1024
 
 
 async def _get(port: int, source: str) -> trio.SocketStream:

@@ -21,18 +21,11 @@ from tunneld.core._plugins import build_registry, get_plugin_manager
 from tunneld.core._rpc import call
 from tunneld.core._tls import client_context, open_tls_client
 
-from .conftest import EdgeEnv, sqlite_memory_used, start_hello_upstream
+from .conftest import EdgeEnv, rss_kib, sqlite_memory_used, start_hello_upstream
 
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def settle(env: EdgeEnv, fds: int | None = None) -> int:
