@@ -67,7 +67,7 @@ from ._rpc import call, read_message, reply
 from ._streams import PrefixedStream
 from ._tls import CARRIER_SEND_CHUNK, BulkTLSStream, client_context, start_tls_client
 from ._tunnel import AgentTunnelContext, TunnelType, TunnelTypeRegistry
-from ._util import connect_tcp, set_nodelay, split_host_port
+from ._util import connect_tcp, split_host_port
 from ._websocket import HandshakeError, connect_websocket, is_websocket_url
 
 log = logging.getLogger("tunneld.agent")
@@ -963,7 +963,6 @@ async def open_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseableStrea
         if reset is not None:
             reset()
         return None
-    set_nodelay(upstream)
     # A SocketStream, or its lean twin: both half-closeable (``lean`` is typed for any stream).
     return cast("trio.abc.HalfCloseableStream", lean(upstream))
 

@@ -82,7 +82,6 @@ from ._util import (
     peer_addr,
     release_free_memory,
     reset_connection,
-    set_nodelay,
 )
 from ._websocket import HandshakeError, accept_websocket, looks_like_websocket
 
@@ -404,7 +403,6 @@ class Edge:
 
         async def guarded(stream: trio.SocketStream) -> None:
             try:
-                set_nodelay(stream)
                 await handler(stream)
             except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
                 pass

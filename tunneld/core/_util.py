@@ -23,7 +23,35 @@ LISTEN_BACKLOG = 4096
 
 #: Seconds a name's last working address is reused before the name is resolved again.
 RESOLVE_TTL = 30.0
-_last_good: dict[tuple[str, int], tuple[str, float]] = {}
+#: (name, port) -> (address, when it last answered, address family).
+_last_good: dict[tuple[str, int], tuple[str, float, int]] = {}
+
+
+def ip_family(host: str) -> int | None:
+    """``AF_INET``/``AF_INET6`` when ``host`` is an IP address literal, else None."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return family
+    return None
+
+
+async def connect_address(address: str, port: int, family: int) -> trio.SocketStream:
+    """A TCP connection to an IP address, in the calling task.
+
+    ``trio.open_tcp_stream`` runs each attempt in a task of its own, inside a nursery, even for
+    a single address: two scheduler passes and a task spawn more per connection (the agent
+    opens one per proxied TCP connection, and one per new public HTTP connection).
+    """
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def connect_tcp(host: str, port: int) -> trio.SocketStream:
@@ -32,13 +60,18 @@ async def connect_tcp(host: str, port: int) -> trio.SocketStream:
     Resolving ``localhost`` costs a getaddrinfo call in a worker thread and, when the upstream
     listens on IPv4 only, a refused attempt on ``::1`` first: about 120 µs of every new
     proxied connection.  The address that answered is tried directly for RESOLVE_TTL
-    seconds; if it fails the name is resolved again, so moved services are found.
+    seconds; if it fails the name is resolved again, so moved services are found.  An
+    address literal, or a remembered address, is connected to without a resolver or a task
+    of its own (:func:`connect_address`).
     """
+    family = ip_family(host)
+    if family is not None:
+        return await connect_address(host, port, family)
     key = (host, port)
     hit = _last_good.get(key)
     if hit is not None and time.monotonic() - hit[1] < RESOLVE_TTL:
         try:
-            return await trio.open_tcp_stream(hit[0], port)
+            return await connect_address(hit[0], port, hit[2])
         except OSError:
             _last_good.pop(key, None)
     stream = await trio.open_tcp_stream(host, port)
@@ -47,12 +80,16 @@ async def connect_tcp(host: str, port: int) -> trio.SocketStream:
     except OSError:
         return stream
     if address != host:
-        _last_good[key] = (address, time.monotonic())
+        _last_good[key] = (address, time.monotonic(), stream.socket.family)
     return stream
 
 
 def set_nodelay(stream: trio.abc.Stream) -> None:
-    """TCP_NODELAY on a socket stream: Nagle against delayed ACK costs 40 ms per exchange."""
+    """TCP_NODELAY on a socket stream: Nagle against delayed ACK costs 40 ms per exchange.
+
+    ``trio.SocketStream`` sets it itself (the edge's accepted connections, ``connect_tcp``'s):
+    this is for sockets wrapped some other way.
+    """
     sock = getattr(stream, "socket", None)
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:

@@ -37,7 +37,6 @@ from tunneld.plugin import (
     connect_tcp,
     lean,
     proto,
-    set_nodelay,
 )
 
 log = logging.getLogger("tunneld.http")
@@ -84,7 +83,6 @@ async def connect_upstream(url: str) -> trio.abc.Stream:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     with trio.fail_after(CONNECT_TIMEOUT):
         stream: trio.abc.Stream = await connect_tcp(host, port)
-        set_nodelay(stream)
         if parts.scheme == "https":
             ctx = ssl.create_default_context()
             ctx.check_hostname = False

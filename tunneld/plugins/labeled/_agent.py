@@ -19,7 +19,6 @@ from tunneld.plugin import (
     forward,
     lean,
     proto,
-    set_nodelay,
 )
 
 log = logging.getLogger("tunneld.labeled")
@@ -81,7 +80,6 @@ async def _forward_raw(tunnel: AgentTunnelContext, stream: trio.abc.HalfCloseabl
         log.warning("tunnel %s: cannot reach %s: %s", tunnel.name, tunnel.upstream, exc)
         _reset(stream)
         return
-    set_nodelay(upstream)
     try:
         await forward(stream, lean(upstream))
     finally:

@@ -45,7 +45,6 @@ from tunneld.plugin import (
     open_listeners,
     peer_addr,
     proto,
-    set_nodelay,
 )
 
 log = logging.getLogger("tunneld.labeled")
@@ -272,7 +271,6 @@ class EdgeRoute:
                  self.hostname or self.addr, ",".join(f"{k}={v}" for k, v in self.group.labels.items()))
 
     async def _handle_tcp(self, public: trio.SocketStream) -> None:
-        set_nodelay(public)
         started = time.monotonic()
         client = peer_addr(public)
         counts = ByteCounts()

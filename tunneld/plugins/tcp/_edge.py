@@ -24,7 +24,6 @@ from tunneld.plugin import (
     open_listeners,
     peer_addr,
     proto,
-    set_nodelay,
 )
 
 log = logging.getLogger("tunneld.tcp")
@@ -117,7 +116,6 @@ class TcpEdgeTunnel:
             edge.release_address(TCP, port, self)
 
     async def _handle(self, public: trio.SocketStream) -> None:
-        set_nodelay(public)
         started = time.monotonic()
         client = peer_addr(public)
         server = local_addr(public)
