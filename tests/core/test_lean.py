@@ -315,3 +315,26 @@ async def test_receive_some_validates_max_bytes() -> None:
     with pytest.raises(TypeError):
         await a.receive_some(1.5)  # type: ignore[arg-type]
     assert await a.receive_some(2) == b"da"
+
+
+async def test_close_forcefully_closes_a_socket_stream_without_a_checkpoint() -> None:
+    """A socket closes at once: no checkpoint (aclose_forcefully's raises and catches
+    Cancelled inside a cancelled scope, for every proxied connection), the peer sees EOF, and
+    a second close is harmless; a stream of another kind gets trio's aclose_forcefully."""
+    lean_a, lean_b = socket_pair()
+    plain_a, plain_b = socket_pair()
+    for stream, peer in ((lean_a, lean_b), (plain_a.stream, plain_b)):
+        with trio.testing.assert_no_checkpoints():
+            await _lean.close_forcefully(stream)
+            assert _lean.close_socket_now(stream)  # already closed: still fine
+        assert stream.socket.fileno() == -1
+        assert await peer.receive_some() == b""
+        await peer.aclose()
+    send, receive = trio.testing.memory_stream_pair()
+    assert not _lean.close_socket_now(send)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await _lean.close_forcefully(send)  # trio's: closes even when cancelled
+    with pytest.raises(trio.ClosedResourceError):
+        await send.send_all(b"x")
+    await receive.aclose()

@@ -59,7 +59,7 @@ from ._errors import (
 )
 from ._forward import forward
 from ._giveback import CROWD
-from ._lean import lean
+from ._lean import close_forcefully, lean
 from ._mux import MuxSession, MuxStream
 from ._plugins import build_registry, get_plugin_manager
 from ._remote import Op, RemoteCommandReceived, remote_error
@@ -976,7 +976,7 @@ async def forward_to_upstream(tunnel: AgentTunnel, stream: trio.abc.HalfCloseabl
     try:
         await forward(stream, upstream)
     finally:
-        await trio.aclose_forcefully(upstream)
+        await close_forcefully(upstream)
 
 
 def _with_metadata(bind: proto.Bind, config: TunnelConfig) -> proto.Bind:

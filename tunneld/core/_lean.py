@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import trio
 from trio.lowlevel import current_task
 
-__all__ = ["LeanSocketStream", "ReadyStreak", "STREAK", "lean", "YIELD_EVERY"]
+__all__ = ["LeanSocketStream", "ReadyStreak", "STREAK", "close_forcefully", "close_socket_now", "lean",
+           "YIELD_EVERY"]
 
 #: Calls in a row that completed without waiting before the task yields anyway.
 YIELD_EVERY = 8
@@ -282,3 +283,27 @@ def lean(stream: trio.abc.Stream) -> trio.abc.Stream:
     if type(stream) is trio.SocketStream and sys.platform != "win32":
         return LeanSocketStream(stream)
     return stream
+
+
+def close_socket_now(stream: object) -> bool:
+    """Close ``stream`` at once if it is a plain socket stream (trio's or lean); else False.
+
+    Closing a socket never waits, so the connection ends here without a checkpoint.
+    """
+    if type(stream) is LeanSocketStream:
+        stream = stream.stream
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+        return True
+    return False
+
+
+async def close_forcefully(stream: trio.abc.AsyncResource) -> None:
+    """``trio.aclose_forcefully(stream)``, done at once (no checkpoint) for a socket stream.
+
+    ``aclose_forcefully`` runs the close inside a cancelled scope, so its checkpoint raises
+    ``Cancelled`` and catches it again: ~30 µs more than the socket's close, paid for every
+    proxied connection on the edge and on the agent.
+    """
+    if not close_socket_now(stream):
+        await trio.aclose_forcefully(stream)

@@ -34,6 +34,7 @@ from tunneld.plugin import (
     AgentTunnelContext,
     Code,
     ExchangeRecorder,
+    close_forcefully,
     connect_tcp,
     lean,
     proto,
@@ -199,7 +200,7 @@ class _Upstream:
 
     async def drop(self) -> None:
         if self.reader is not None:
-            await trio.aclose_forcefully(self.reader)
+            await close_forcefully(self.reader.stream)
             self.reader = None
 
 

@@ -15,6 +15,7 @@ import trio
 from tunneld.plugin import (
     AgentTunnelContext,
     TunnelTypeRegistry,
+    close_forcefully,
     connect_tcp,
     forward,
     lean,
@@ -83,7 +84,7 @@ async def _forward_raw(tunnel: AgentTunnelContext, stream: trio.abc.HalfCloseabl
     try:
         await forward(stream, lean(upstream))
     finally:
-        await trio.aclose_forcefully(upstream)
+        await close_forcefully(upstream)
 
 
 def _reset(stream: trio.abc.HalfCloseableStream) -> None:

@@ -40,6 +40,7 @@ from tunneld.plugin import (
     SessionContext,
     TunnelInfo,
     TunnelRejected,
+    close_forcefully,
     forward,
     lean,
     open_listeners,
@@ -286,7 +287,7 @@ class EdgeRoute:
             finally:
                 await stream.aclose()
         finally:
-            await trio.aclose_forcefully(public)
+            await close_forcefully(public)
             self.edge.log_connection(client=client, proto="tcp", tunnel_id=self.group.edge_id,
                                      url=f"tcp://{self.addr}", result=result, started=started, counts=counts)
 

@@ -18,6 +18,7 @@ from tunneld.plugin import (
     SessionContext,
     TunnelInfo,
     TunnelRejected,
+    close_forcefully,
     forward,
     lean,
     local_addr,
@@ -137,7 +138,7 @@ class TcpEdgeTunnel:
             finally:
                 await stream.aclose()
         finally:
-            await trio.aclose_forcefully(public)
+            await close_forcefully(public)
             port = server.rsplit(":", 1)[-1]
             self.edge.log_connection(client=client, proto="tcp", tunnel_id=self.tunnel_id,
                                      url=f"tcp://{self.edge.domain}:{port}", result=result, started=started,

@@ -21,6 +21,7 @@ from tunneld.plugin import (
     ConfigError,
     PrefixedStream,
     RemoteProtocolError,
+    close_forcefully,
     forward,
     parse_local_addr,
     proto,
@@ -91,6 +92,6 @@ async def serve_tls_stream(tunnel: AgentTunnelContext, stream: trio.abc.HalfClos
                 await upstream.send_all(prefix)
             await forward(tls, upstream)
         finally:
-            await trio.aclose_forcefully(upstream)
+            await close_forcefully(upstream)
     finally:
         await trio.aclose_forcefully(tls)
