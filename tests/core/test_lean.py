@@ -326,12 +326,12 @@ async def test_close_forcefully_closes_a_socket_stream_without_a_checkpoint() ->
     for stream, peer in ((lean_a, lean_b), (plain_a.stream, plain_b)):
         with trio.testing.assert_no_checkpoints():
             await _lean.close_forcefully(stream)
-            assert _lean.close_socket_now(stream)  # already closed: still fine
+            assert _lean.close_now(stream)  # already closed: still fine
         assert stream.socket.fileno() == -1
         assert await peer.receive_some() == b""
         await peer.aclose()
     send, receive = trio.testing.memory_stream_pair()
-    assert not _lean.close_socket_now(send)
+    assert not _lean.close_now(send)
     with trio.CancelScope() as scope:
         scope.cancel()
         await _lean.close_forcefully(send)  # trio's: closes even when cancelled

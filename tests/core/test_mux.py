@@ -344,6 +344,32 @@ async def test_close_after_reading_everything_is_graceful(nursery: trio.Nursery)
         assert client.stream_count == 0
 
 
+async def test_close_now_is_aclose_without_the_checkpoint(nursery: trio.Nursery) -> None:
+    """What a handler's last step uses: the same FIN (or RST over unread data) as aclose, with
+    no scheduler pass of its own."""
+    with trio.fail_after(5):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        await s.send_all(b"bye")
+        with trio.testing.assert_no_checkpoints():
+            assert _lean.close_now(s)
+            s.close_now()  # again: nothing more happens
+        assert await c.receive_some() == b"bye"
+        assert await c.receive_some() == b""
+        await c.aclose()
+        # Unread data when it closes: the peer's stream is reset, as by aclose.
+        c, s = await stream_pair(client, server)
+        await c.send_all(b"unread")
+        await trio.testing.wait_all_tasks_blocked()
+        s.close_now()
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(100):
+                await c.send_all(b"x")
+                await trio.testing.wait_all_tasks_blocked()
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.stream_count == 0
+
+
 async def test_reset_reaches_the_peer_as_stream_reset(nursery: trio.Nursery) -> None:
     with trio.fail_after(5):
         client, server = await session_pair(nursery)

@@ -853,12 +853,11 @@ class Agent:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             stream.reset()
         finally:
-            # Shielded (the close itself never waits): when the session ends just as a remote
-            # command is accepted, a cancelled checkpoint here would replace the
+            # No checkpoint (the close itself never waits): when the session ends just as a
+            # remote command is accepted, a cancelled one here would replace the
             # RemoteCommandReceived on its way out with Cancelled, and the agent would reconnect
             # instead of restarting.
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            stream.close_now()
 
     async def _proxy(self, stream: MuxStream, header: proto.ProxyHeader, leftover: bytes) -> None:
         tunnel = self._by_id.get(header.id)

@@ -53,7 +53,7 @@ from ._forward import ByteCounts
 from ._giveback import CROWD
 from ._hostnames import AllowedHostname, HostChooser, HostPolicy
 from ._idlewatch import IdleWatcher
-from ._lean import close_socket_now, lean
+from ._lean import close_now, lean
 from ._metrics import EdgeMetrics
 from ._mux import MAX_REMOTE_STREAMS, MuxSession, MuxStream
 from ._names import NameClaims, Signer, load_secret
@@ -412,7 +412,7 @@ class Edge:
                 open_now[pool] -= 1
                 if crowd is not None:
                     crowd.closed()
-                if not close_socket_now(stream):  # always one: it came from a listener
+                if not close_now(stream):  # always closed here: a listener's socket stream
                     with trio.CancelScope(shield=True):
                         await trio.aclose_forcefully(stream)
 

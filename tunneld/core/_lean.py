@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import trio
 from trio.lowlevel import current_task
 
-__all__ = ["LeanSocketStream", "ReadyStreak", "STREAK", "close_forcefully", "close_socket_now", "lean",
+__all__ = ["LeanSocketStream", "ReadyStreak", "STREAK", "close_forcefully", "close_now", "lean",
            "YIELD_EVERY"]
 
 #: Calls in a row that completed without waiting before the task yields anyway.
@@ -285,25 +285,30 @@ def lean(stream: trio.abc.Stream) -> trio.abc.Stream:
     return stream
 
 
-def close_socket_now(stream: object) -> bool:
-    """Close ``stream`` at once if it is a plain socket stream (trio's or lean); else False.
-
-    Closing a socket never waits, so the connection ends here without a checkpoint.
+def close_now(stream: object) -> bool:
+    """Close ``stream`` at once, without a checkpoint, when closing it never waits: a plain
+    socket stream (trio's or lean), or a stream with a ``close_now()`` method (the mux's
+    streams).  False, doing nothing, for any other stream.
     """
     if type(stream) is LeanSocketStream:
         stream = stream.stream
     if type(stream) is trio.SocketStream:
         stream.socket.close()
         return True
-    return False
+    close = getattr(stream, "close_now", None)
+    if close is None:
+        return False
+    close()
+    return True
 
 
 async def close_forcefully(stream: trio.abc.AsyncResource) -> None:
-    """``trio.aclose_forcefully(stream)``, done at once (no checkpoint) for a socket stream.
+    """``trio.aclose_forcefully(stream)``, done at once (no checkpoint) where :func:`close_now`
+    can.
 
     ``aclose_forcefully`` runs the close inside a cancelled scope, so its checkpoint raises
     ``Cancelled`` and catches it again: ~30 µs more than the socket's close, paid for every
     proxied connection on the edge and on the agent.
     """
-    if not close_socket_now(stream):
+    if not close_now(stream):
         await trio.aclose_forcefully(stream)

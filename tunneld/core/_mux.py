@@ -401,6 +401,12 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.session._forget(self)
 
     async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """:meth:`aclose` without its checkpoint (closing never waits): for a handler's last
+        step, where the checkpoint was a scheduler pass of its own on every proxied connection."""
         if not self._closed:
             if not self._fin_sent and self._error is None:
                 self._send_fin()
@@ -412,7 +418,6 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._discard_unread()
             self.session._forget(self)
             self._wake_both()
-        await trio.lowlevel.checkpoint()
 
     def _discard_unread(self) -> None:
         """Drop unread data (the stream is closed): its bytes leave the session's budget."""
