@@ -41,6 +41,7 @@ from tunneld.plugin import (
     TunnelInfo,
     TunnelRejected,
     close_forcefully,
+    close_now,
     forward,
     lean,
     open_listeners,
@@ -163,7 +164,8 @@ class GroupTlsRoute:
                 result = "ok"
                 await forward(public, stream, counts)
             finally:
-                await stream.aclose()
+                if not close_now(stream):  # the mux's: at once, no scheduler pass
+                    await stream.aclose()
         except _STREAM_ERRORS:
             pass
         finally:
@@ -285,7 +287,8 @@ class EdgeRoute:
                 result = "ok"
                 await forward(lean(public), stream, counts)
             finally:
-                await stream.aclose()
+                if not close_now(stream):  # the mux's: at once, no scheduler pass
+                    await stream.aclose()
         finally:
             await close_forcefully(public)
             self.edge.log_connection(client=client, proto="tcp", tunnel_id=self.group.edge_id,

@@ -19,6 +19,7 @@ from tunneld.plugin import (
     TunnelInfo,
     TunnelRejected,
     close_forcefully,
+    close_now,
     forward,
     lean,
     local_addr,
@@ -136,7 +137,8 @@ class TcpEdgeTunnel:
                 result = "ok"
                 await forward(lean(public), stream, counts)
             finally:
-                await stream.aclose()
+                if not close_now(stream):  # the mux's: at once, no scheduler pass
+                    await stream.aclose()
         finally:
             await close_forcefully(public)
             port = server.rsplit(":", 1)[-1]

@@ -38,6 +38,7 @@ from tunneld.plugin import (
     SessionContext,
     TunnelInfo,
     TunnelRejected,
+    close_now,
     forward,
     local_addr,
     proto,
@@ -98,7 +99,8 @@ class TlsEdgeTunnel(ClaimTunnel):
                 result = "ok"
                 await forward(public, stream, counts)
             finally:
-                await stream.aclose()
+                if not close_now(stream):  # the mux's: at once, no scheduler pass
+                    await stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the agent's session ended: nothing more to relay
         finally:
