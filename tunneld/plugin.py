@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from tunneld.core._forward import RELAY_CHUNK as RELAY_CHUNK
     from tunneld.core._forward import ByteCounts as ByteCounts
     from tunneld.core._forward import forward as forward
+    from tunneld.core._lean import aclose_at_once as aclose_at_once
     from tunneld.core._lean import close_forcefully as close_forcefully
-    from tunneld.core._lean import close_now as close_now
     from tunneld.core._lean import lean as lean
     from tunneld.core._options import NAME_OPTIONS as NAME_OPTIONS
     from tunneld.core._options import PROXY_PROTO_OPTION as PROXY_PROTO_OPTION
@@ -135,7 +135,7 @@ _EXPORTS: dict[str, str] = {
     "RELAY_CHUNK": "tunneld.core._forward",
     "lean": "tunneld.core._lean",
     "close_forcefully": "tunneld.core._lean",
-    "close_now": "tunneld.core._lean",
+    "aclose_at_once": "tunneld.core._lean",
     "PrefixedStream": "tunneld.core._streams",
     "connect_tcp": "tunneld.core._util",
     "format_host_port": "tunneld.core._util",

@@ -338,3 +338,15 @@ async def test_close_forcefully_closes_a_socket_stream_without_a_checkpoint() ->
     with pytest.raises(trio.ClosedResourceError):
         await send.send_all(b"x")
     await receive.aclose()
+    # aclose_at_once: the same at once for a socket; any other stream gets its own aclose.
+    lean_a, lean_b = socket_pair()
+    with trio.testing.assert_no_checkpoints():
+        await _lean.aclose_at_once(lean_a)
+    assert await lean_b.receive_some() == b""
+    await lean_b.aclose()
+    send, receive = trio.testing.memory_stream_pair()
+    with trio.testing.assert_checkpoints():
+        await _lean.aclose_at_once(send)
+    with pytest.raises(trio.ClosedResourceError):
+        await send.send_all(b"x")
+    await receive.aclose()

@@ -35,7 +35,7 @@ from tunneld.plugin import (
     SessionContext,
     TunnelInfo,
     TunnelRejected,
-    close_now,
+    aclose_at_once,
     lean,
     peer_addr,
 )
@@ -337,10 +337,7 @@ class HttpIngress:
                 if aborted or (timer.cancelled_caught and phase == _EXCHANGE):
                     # Nor may a request cut short reach the upstream as if it were whole.
                     abort(upstream)
-                # At once where that never waits (the mux's streams): a checkpoint here was a
-                # scheduler pass more per connection.
-                if not close_now(upstream.stream):
-                    await upstream.aclose()
+                await aclose_at_once(upstream.stream)  # at once: the mux's streams never wait
         if timer.cancelled_caught:
             if phase == _HEAD:
                 await _send_error(client, 408, Code.REQUEST_TIMEOUT, "the request head took too long")

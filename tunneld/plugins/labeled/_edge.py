@@ -40,8 +40,8 @@ from tunneld.plugin import (
     SessionContext,
     TunnelInfo,
     TunnelRejected,
+    aclose_at_once,
     close_forcefully,
-    close_now,
     forward,
     lean,
     open_listeners,
@@ -164,8 +164,7 @@ class GroupTlsRoute:
                 result = "ok"
                 await forward(public, stream, counts)
             finally:
-                if not close_now(stream):  # the mux's: at once, no scheduler pass
-                    await stream.aclose()
+                await aclose_at_once(stream)
         except _STREAM_ERRORS:
             pass
         finally:
@@ -287,8 +286,7 @@ class EdgeRoute:
                 result = "ok"
                 await forward(lean(public), stream, counts)
             finally:
-                if not close_now(stream):  # the mux's: at once, no scheduler pass
-                    await stream.aclose()
+                await aclose_at_once(stream)
         finally:
             await close_forcefully(public)
             self.edge.log_connection(client=client, proto="tcp", tunnel_id=self.group.edge_id,

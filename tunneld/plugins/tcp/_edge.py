@@ -18,8 +18,8 @@ from tunneld.plugin import (
     SessionContext,
     TunnelInfo,
     TunnelRejected,
+    aclose_at_once,
     close_forcefully,
-    close_now,
     forward,
     lean,
     local_addr,
@@ -137,8 +137,7 @@ class TcpEdgeTunnel:
                 result = "ok"
                 await forward(lean(public), stream, counts)
             finally:
-                if not close_now(stream):  # the mux's: at once, no scheduler pass
-                    await stream.aclose()
+                await aclose_at_once(stream)
         finally:
             await close_forcefully(public)
             port = server.rsplit(":", 1)[-1]

@@ -38,7 +38,7 @@ from tunneld.plugin import (
     SessionContext,
     TunnelInfo,
     TunnelRejected,
-    close_now,
+    aclose_at_once,
     forward,
     local_addr,
     proto,
@@ -99,8 +99,7 @@ class TlsEdgeTunnel(ClaimTunnel):
                 result = "ok"
                 await forward(public, stream, counts)
             finally:
-                if not close_now(stream):  # the mux's: at once, no scheduler pass
-                    await stream.aclose()
+                await aclose_at_once(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the agent's session ended: nothing more to relay
         finally:
