@@ -29,7 +29,8 @@ import trio_websocket
 
 from tunneld.core import ERROR_HEADER, Agent, TunnelConfig
 from tunneld.core._tls import client_context, open_tls_client
-from tunneld.plugins.http import _edge
+from tunneld.plugins.http import _agent as http_agent
+from tunneld.plugins.http import _edge, _pool
 
 from ..conftest import EdgeEnv
 
@@ -57,6 +58,8 @@ class Upstream:
     continues_sent: int = 0
     #: Open connections from the agent.
     open_connections: int = 0
+    #: Connections the agent opened, in all.
+    accepted: int = 0
 
     async def start(self, nursery: trio.Nursery) -> Upstream:
         listeners = await nursery.start(partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1"))
@@ -66,6 +69,7 @@ class Upstream:
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=2 * MiB)
         self.open_connections += 1
+        self.accepted += 1
         try:
             while True:
                 event = await self._next(conn, stream)
@@ -897,6 +901,149 @@ async def test_reused_upstream_connection_closing_is_retried(edge_env: EdgeEnv,
         resp = await client.request("POST", "/", host, body=b"data")
         assert resp.status == 502 and resp.header(ERROR_HEADER) == "ERR_TUNNELD_8012"
         assert await client.at_eof()
+
+
+async def test_kept_alive_upstream_closed_while_idle_is_replaced_before_a_post(
+        edge_env: EdgeEnv, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upstream connection idle past PROBE_AFTER_IDLE and closed by the upstream is not used:
+    a POST (never replayed) goes out on a new one."""
+    monkeypatch.setattr(http_agent, "PROBE_AFTER_IDLE", 0.05)
+    port = await scripted_upstream(nursery, [OK])  # one answer per connection, then a silent close
+    _, host = await http_tunnel(edge_env, port)
+    with trio.fail_after(10):
+        client = await RawClient.connect(edge_env.http_port)
+        assert (await client.request("GET", "/", host)).status == 200
+        await trio.sleep(0.2)
+        resp = await client.request("POST", "/", host, body=b"data")
+        assert resp.status == 200, (resp.status, resp.header(ERROR_HEADER), resp.body[:200])
+        await client.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream connections kept between public connections (_pool)
+# --------------------------------------------------------------------------------------------
+
+
+def idle_upstreams(port: int) -> int:
+    """Connections to the upstream on ``port`` parked in the agent's pool (this Trio run's)."""
+    pool = _pool._pools().get(f"http://127.0.0.1:{port}")
+    return 0 if pool is None else len(pool.idle)
+
+
+async def wait_for(condition: Any, what: str) -> None:
+    with trio.move_on_after(5):
+        while not condition():
+            await trio.sleep(0.01)
+    assert condition(), f"not within 5 s: {what}"
+
+
+async def test_public_connections_reuse_an_idle_upstream_connection(edge_env: EdgeEnv,
+                                                                    nursery: trio.Nursery) -> None:
+    """One request per public connection, with ``Connection: close`` or without: one upstream
+    connection serves them all, and the client's close still closes the public connection."""
+    up = await Upstream("P").start(nursery)
+    _, host = await http_tunnel(edge_env, up.port, "pooled")
+    with trio.fail_after(10):
+        for close in (False, True, True, False, True):
+            client = await RawClient.connect(edge_env.http_port)
+            headers = [("Connection", "close")] if close else []
+            resp = await client.request("GET", "/echo", host, headers=headers)
+            assert resp.status == 200
+            sent = [k.lower() for k, _ in resp.json()["headers"]]
+            assert "connection" not in sent  # the public connection's close is not the upstream's
+            if close:
+                assert resp.header("Connection") == "close"
+                assert await client.at_eof()
+            await client.aclose()
+            await wait_for(lambda: idle_upstreams(up.port) == 1, "the upstream connection parked")
+        assert (up.accepted, up.open_connections) == (1, 1)
+
+
+async def test_an_idle_upstream_connection_the_upstream_closed_is_not_reused(edge_env: EdgeEnv,
+                                                                             nursery: trio.Nursery) -> None:
+    """The upstream closes after each answer without saying so: every parked connection is
+    found closed before reuse, so a POST (never replayed) still succeeds."""
+    port = await scripted_upstream(nursery, [OK])
+    _, host = await http_tunnel(edge_env, port)
+    with trio.fail_after(10):
+        for _ in range(3):
+            client = await RawClient.connect(edge_env.http_port)
+            resp = await client.request("POST", "/", host, body=b"data")
+            assert resp.status == 200, (resp.status, resp.header(ERROR_HEADER), resp.body[:200])
+            await client.aclose()
+            await wait_for(lambda: idle_upstreams(port) == 1, "the upstream connection parked")
+            await trio.sleep(0.05)  # the upstream's FIN arrives
+
+
+async def test_idle_upstream_connections_are_bounded_and_closed_in_time(
+        edge_env: EdgeEnv, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_pool, "IDLE_TIMEOUT", 0.5)
+    up = await Upstream("P").start(nursery)
+    _, host = await http_tunnel(edge_env, up.port, "bounded")
+    with trio.fail_after(10):
+        clients = []
+        for _ in range(_pool.MAX_IDLE + 4):
+            client = await RawClient.connect(edge_env.http_port)
+            assert (await client.request("GET", "/hello", host)).status == 200
+            clients.append(client)
+        assert up.open_connections == _pool.MAX_IDLE + 4
+        for client in clients:
+            await client.aclose()
+        await wait_for(lambda: up.open_connections == _pool.MAX_IDLE, "the ones past MAX_IDLE closed")
+        assert idle_upstreams(up.port) == _pool.MAX_IDLE
+        closed_from = trio.current_time()
+        await wait_for(lambda: up.open_connections == 0, "the sweeper closed the rest")
+        assert trio.current_time() - closed_from < 2
+        assert f"http://127.0.0.1:{up.port}" not in _pool._pools()
+        # And the next public connection opens a new one.
+        client = await RawClient.connect(edge_env.http_port)
+        assert (await client.request("GET", "/hello", host)).status == 200
+        await client.aclose()
+        assert up.accepted == _pool.MAX_IDLE + 5
+
+
+@pytest.mark.parametrize(("scheme", "next_status"), [("NTLM", 401), ("Negotiate", 401), ("Basic", 200)])
+async def test_a_connection_bound_login_is_never_handed_to_another_client(
+        edge_env: EdgeEnv, nursery: trio.Nursery, scheme: str, next_status: int) -> None:
+    """NTLM and Negotiate log in the upstream connection: after one client's login its connection
+    is closed with the client's, so the next client meets the challenge, not the login.  Basic
+    authenticates each request: that connection is reused."""
+    challenge = f"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {scheme}\r\nContent-Length: 0\r\n\r\n"
+    port = await scripted_upstream(nursery, [challenge.encode(), OK, OK])  # per upstream connection
+    _, host = await http_tunnel(edge_env, port)
+    with trio.fail_after(10):
+        client = await RawClient.connect(edge_env.http_port)
+        assert (await client.request("GET", "/", host)).status == 401
+        resp = await client.request("GET", "/", host, headers=[("Authorization", f"{scheme} dG9rZW4=")])
+        assert resp.status == 200
+        await client.aclose()
+        await trio.sleep(0.2)
+        client = await RawClient.connect(edge_env.http_port)
+        assert (await client.request("GET", "/", host)).status == next_status
+        await client.aclose()
+
+
+@pytest.mark.parametrize(("version", "headers", "body"), [
+    ("1.1", [("Connection", "close")], b"data"),  # a body: the exchange decides, not the close
+    ("1.1", [("Connection", "close, x-other")], b""),  # more than close
+    ("1.0", [("Connection", "close")], b""),
+])
+async def test_connection_close_reaches_the_upstream_unless_only_close_on_a_bodiless_request(
+        edge_env: EdgeEnv, nursery: trio.Nursery, version: str, headers: list[tuple[str, str]],
+        body: bytes) -> None:
+    up = await Upstream("P").start(nursery)
+    _, host = await http_tunnel(edge_env, up.port, "unpooled")
+    with trio.fail_after(10):
+        client = await RawClient.connect(edge_env.http_port)
+        resp = await client.request("POST" if body else "GET", "/echo", host, headers=headers, body=body,
+                                    version=version)
+        assert resp.status == 200
+        sent = {k.lower(): v for k, v in resp.json()["headers"]}
+        assert sent["connection"] == headers[0][1]
+        assert await client.at_eof()
+        await client.aclose()
+        await wait_for(lambda: up.open_connections == 0, "the upstream connection closed")
+        assert idle_upstreams(up.port) == 0
 
 
 async def test_bad_upstream_responses(edge_env: EdgeEnv, nursery: trio.Nursery) -> None:

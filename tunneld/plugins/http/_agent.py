@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import select
 import ssl
 import time
 from urllib.parse import urlsplit
@@ -39,6 +38,8 @@ from tunneld.plugin import (
     lean,
     proto,
 )
+
+from ._pool import closed_while_idle, give_idle, take_idle
 
 log = logging.getLogger("tunneld.http")
 
@@ -153,20 +154,6 @@ def location_rewriter(sent_host: bytes, req: RequestHead) -> ResponseFilter:
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 
 
-def _closed_while_idle(upstream: Reader) -> bool:
-    """True when an idle kept-alive upstream connection is readable: closed, or stray bytes."""
-    if upstream.buf:
-        return True
-    stream: object = upstream.stream
-    while not isinstance(stream, trio.SocketStream):
-        stream = getattr(stream, "transport_stream", None)
-        if stream is None:
-            return False
-    poller = select.poll()
-    poller.register(stream.socket.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
-
-
 def _replayable(req: RequestHead, exc: UpstreamFailed) -> bool:
     """May a request that failed on a reused connection be sent again on a new one?"""
     return not exc.bad_response and req.body == BodyKind.NONE and req.method in _IDEMPOTENT
@@ -178,38 +165,59 @@ PROBE_AFTER_IDLE = 1.0
 
 
 class _Upstream:
-    """The agent's kept-alive connection to the upstream, reopened when it has gone stale."""
+    """A public connection's kept-alive connection to the upstream: taken from the idle pool or
+    opened when first needed, reopened when it has gone stale, and parked in the pool again at
+    the end when its last exchange left it clean (:attr:`reusable`)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.reader: Reader | None = None
         self.last_used = 0.0
+        #: The last exchange ended with the connection ready for another request.
+        self.reusable = False
+        #: The connection carried a connection-bound login (:func:`binds_connection`): it is
+        #: never parked for another public connection.
+        self.private = False
 
     async def get(self) -> tuple[Reader, bool]:
         """The connection to use and whether it is new (OSError & co. when unreachable)."""
         now = trio.current_time()
         idle, self.last_used = now - self.last_used, now
+        self.reusable = False
         if self.reader is not None and (self.reader.buf or idle > PROBE_AFTER_IDLE) \
-                and _closed_while_idle(self.reader):
+                and closed_while_idle(self.reader):
             # The upstream dropped the kept-alive connection (idle timeout): use a new one.
             await self.drop()
         if self.reader is None:
+            self.reader = await take_idle(self.url)  # probed there
+            if self.reader is not None:
+                return self.reader, False
             self.reader = Reader(await connect_upstream(self.url))
             return self.reader, True
         return self.reader, False
 
     async def drop(self) -> None:
+        self.reusable = self.private = False
         if self.reader is not None:
             await close_forcefully(self.reader.stream)
             self.reader = None
 
+    async def release(self) -> None:
+        """The public connection is over: park the connection if it is clean, else close it."""
+        reader = self.reader
+        if reader is not None and self.reusable and not self.private and give_idle(self.url, reader):
+            self.reader = None
+        await self.drop()
+
 
 async def _relay_request(tunnel: AgentTunnelContext, client: Reader, upstream: _Upstream, req: RequestHead,
                          raw: bytes, response_filter: ResponseFilter = strip_error_header,
-                         recorder: ExchangeRecorder | None = None) -> Outcome:
+                         recorder: ExchangeRecorder | None = None, close_stripped: bool = False) -> Outcome:
     """One request/response through the upstream; answers 502 itself when that fails.
 
     ``recorder`` (the inspector's) sees the exchange, the 502 pages included.
+    ``close_stripped``: the client's ``Connection: close`` was kept from the upstream, so the
+    upstream connection may outlive this exchange when the response allows it.
     """
     head_only = req.method == b"HEAD"
 
@@ -229,7 +237,7 @@ async def _relay_request(tunnel: AgentTunnelContext, client: Reader, upstream: _
                 json_body=wants_json(req.headers), head_only=head_only))
             return Outcome.CLOSE
         try:
-            outcome, _resp = await exchange(client, reader, req, raw, response_filter, tap=recorder)
+            outcome, resp = await exchange(client, reader, req, raw, response_filter, tap=recorder)
         except UpstreamFailed as exc:
             await upstream.drop()
             if attempt == 1 and not fresh and _replayable(req, exc):
@@ -255,8 +263,55 @@ async def _relay_request(tunnel: AgentTunnelContext, client: Reader, upstream: _
             abort(client)
             abort(reader)
             await upstream.drop()
+            return outcome
+        if binds_connection(req, resp):
+            upstream.private = True
+        if outcome is Outcome.KEEP or (close_stripped and outcome is Outcome.CLOSE and resp is not None
+                                       and resp.keep_alive and resp.status != 101):
+            upstream.reusable = True
         return outcome
     raise AssertionError("unreachable: the second attempt always returns")
+
+
+_CONNECTION = frozenset({b"connection"})
+#: Authentication schemes that log in a connection rather than a request (RFC 4559, MS-NTHT).
+_CONNECTION_LOGINS = (b"ntlm", b"negotiate")
+
+
+def binds_connection(req: RequestHead, resp: ResponseHead | None) -> bool:
+    """Whether the exchange began a login the upstream ties to its connection (NTLM, Kerberos).
+
+    Such a connection stays with its public connection: parked and handed to another client,
+    it would hand over the login.  (Go's ``ReverseProxy`` pools it anyway.)
+    """
+    if req.has(b"authorization") and any(value.lower().startswith(_CONNECTION_LOGINS)
+                                         for value in req.values(b"authorization")):
+        return True
+    return resp is not None and resp.status == 401 and any(
+        scheme in value.lower() for value in resp.values(b"www-authenticate")
+        for scheme in _CONNECTION_LOGINS)
+
+
+def _only_close(req: RequestHead) -> bool:
+    """A bodiless HTTP/1.1 request whose only connection option is ``close``.
+
+    Its ``Connection: close`` concerns the public connection, which the edge closes after the
+    response anyway; kept from the upstream, it no longer costs the upstream connection, which
+    the next public connection can then reuse (see ``_pool``).  Requests with a body keep it:
+    after a body the upstream connection is reused only when the exchange says so.
+    """
+    if req.keep_alive or req.body != BodyKind.NONE or req.version != "1.1":
+        return False
+    values = req.values(b"connection")
+    return len(values) == 1 and values[0].lower() == b"close"
+
+
+def _closing(response_filter: ResponseFilter) -> ResponseFilter:
+    """``response_filter``, then ``Connection: close`` on the final response, as the client asked."""
+    def close(resp: ResponseHead, raw: bytes) -> bytes:
+        raw = response_filter(resp, raw)
+        return raw if resp.interim else set_header(raw, b"Connection", b"close")
+    return close
 
 
 async def serve_http_stream(tunnel: AgentTunnelContext, stream: trio.abc.HalfCloseableStream,
@@ -283,8 +338,13 @@ async def serve_http_stream(tunnel: AgentTunnelContext, stream: trio.abc.HalfClo
             if host is not None:
                 raw = set_header(raw, b"Host", host)
                 response_filter = location_rewriter(host, req)
+            close_stripped = _only_close(req)
+            if close_stripped:
+                raw = rewrite_head(raw, drop=_CONNECTION)
+                response_filter = _closing(response_filter)
             try:
-                outcome = await _relay_request(tunnel, client, upstream, req, raw, response_filter, recorder)
+                outcome = await _relay_request(tunnel, client, upstream, req, raw, response_filter, recorder,
+                                               close_stripped)
             finally:
                 tunnel.request_done(time.monotonic() - started)
                 if recorder is not None:
@@ -295,4 +355,4 @@ async def serve_http_stream(tunnel: AgentTunnelContext, stream: trio.abc.HalfClo
         code = Code.HEADERS_TOO_LARGE if exc.status == 431 else Code.BAD_REQUEST
         await client.send_all(error_response(exc.status, code, str(exc)))
     finally:
-        await upstream.drop()
+        await upstream.release()
