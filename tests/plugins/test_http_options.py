@@ -511,6 +511,21 @@ async def test_https_upstream_not_verified(edge_env: EdgeEnv, nursery: trio.Nurs
         await client.aclose()
 
 
+async def test_https_upstream_connection_serves_the_next_public_connections(
+        edge_env: EdgeEnv, nursery: trio.Nursery, upstream_ca: trustme.CA) -> None:
+    """The TLS connection to an https:// upstream is parked between public connections: one
+    handshake for all of them (see ``_pool``)."""
+    port, snis = await https_upstream(nursery, upstream_ca, ["localhost"])
+    _, host = await tunnel(edge_env, f"https://localhost:{port}")
+    with trio.fail_after(10):
+        for _ in range(4):
+            client = await RawClient.connect(edge_env.http_port)
+            resp = await client.request("GET", "/", host, headers=[("Connection", "close")])
+            assert resp.status == 200 and resp.header("Connection") == "close"
+            await client.aclose()
+    assert snis == ["localhost"]
+
+
 async def test_forward_to_other_addresses_and_names(edge_env: EdgeEnv, nursery: trio.Nursery) -> None:
     """Upstreams named by another address or by a host name (all loopback here)."""
     other = Upstream("other")
