@@ -10,7 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from tunneld.core import _lean, proto
+from tunneld.core import PrefixedStream, _lean, proto
+from tunneld.core._forward import forward
 from tunneld.core._mux import MuxSession, MuxStream, StreamReset
 from tunneld.core.proto import Data, ErrorCode, FrameDecoder, GoAway, RemoteProtocolError
 
@@ -192,6 +193,53 @@ async def test_receive_parts_hands_out_frames_unjoined(nursery: trio.Nursery) ->
         assert s._window.buffered == 0
         with pytest.raises(ValueError):
             await s.receive_parts(0)
+
+
+class _PartsSink(trio.abc.HalfCloseableStream):
+    """Records how a relay sent to it: joined bytes (``send_all``) or pieces (``send_all_parts``)."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes | list[bytes]] = []
+        self.eof = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent.append(bytes(data))
+
+    async def send_all_parts(self, parts: list[bytes]) -> None:
+        self.sent.append(list(parts))
+
+    async def send_eof(self) -> None:
+        self.eof = True
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return b""  # nothing the other way
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_prefixed_mux_stream_relays_its_frames_unjoined(nursery: trio.Nursery) -> None:
+    """The agent hands tunnel types its mux streams behind a PrefixedStream (the bytes after the
+    proxy header): ``forward`` still gets the frames as they came, so a bulk relay copies none."""
+    with trio.fail_after(10):
+        client, server = await session_pair(nursery)
+        c, s = await stream_pair(client, server)
+        pieces = [os.urandom(n) for n in (1000, 70_000, 5)]
+        for piece in pieces:
+            await c.send_all(piece)
+        await c.send_eof()
+        await trio.testing.wait_all_tasks_blocked()
+        prefixed = PrefixedStream(s, b"leftover")
+        assert await prefixed.receive_parts(3) == [b"lef"]  # the prefix first, bounded
+        sink = _PartsSink()
+        await forward(prefixed, sink)
+        assert sink.sent == [[b"tover"], pieces] and sink.eof
+        # Over a stream without receive_parts it offers none, so relays take receive_some.
+        assert not hasattr(PrefixedStream(trio.testing.MemoryReceiveStream(), b""), "receive_parts")
 
 
 @pytest.mark.parametrize("window", [None, 4 * MiB])

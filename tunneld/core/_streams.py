@@ -13,8 +13,8 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
     Used wherever bytes are peeked before deciding who handles a stream: the edge sniffing
     an agent's carrier or a ClientHello's SNI, the agent taking a proxy header or a PROXY
     protocol line off the front.  Whatever the inner stream offers beyond ``trio.abc.Stream``
-    (half-close, ``reset``, ``send_all_parts``) passes through; ``transport_stream`` lets
-    ``peer_addr`` see the socket underneath.
+    (half-close, ``reset``, ``send_all_parts``, ``receive_parts``) passes through;
+    ``transport_stream`` lets ``peer_addr`` see the socket underneath.
     """
 
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
@@ -23,6 +23,18 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         send_parts = getattr(stream, "send_all_parts", None)
         if send_parts is not None:
             self.send_all_parts = send_parts
+        # Offered only when the inner stream offers it: a relay looks for the attribute.
+        receive_parts = getattr(stream, "receive_parts", None)
+        if receive_parts is not None:
+            self._receive_parts = receive_parts
+            self.receive_parts = self._prefixed_parts
+
+    async def _prefixed_parts(self, max_bytes: int) -> list[bytes]:
+        """``receive_parts`` of the inner stream (a mux stream's frames as they came, which a
+        relay hands to ``writev`` unjoined), after the prefix."""
+        if self.prefix:
+            return [await self.receive_some(max_bytes)]
+        return await self._receive_parts(max_bytes)  # type: ignore[no-any-return]
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self.prefix:
