@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -238,8 +239,15 @@ async def test_a_prefixed_mux_stream_relays_its_frames_unjoined(nursery: trio.Nu
         sink = _PartsSink()
         await forward(prefixed, sink)
         assert sink.sent == [[b"tover"], pieces] and sink.eof
-        # Over a stream without receive_parts it offers none, so relays take receive_some.
-        assert not hasattr(PrefixedStream(trio.testing.MemoryReceiveStream(), b""), "receive_parts")
+        # Over a stream without receive_parts: one piece per call, then an empty list.
+        inner = trio.testing.MemoryReceiveStream()
+        inner.put_data(b"data")
+        inner.put_eof()
+        other = PrefixedStream(inner, b"pre")
+        assert [await other.receive_parts(100) for _ in range(3)] == [[b"pre"], [b"data"], []]
+        # No reference cycle per stream: it is freed as soon as it is dropped.
+        ref = weakref.ref(PrefixedStream(s, b""))
+        assert ref() is None
 
 
 @pytest.mark.parametrize("window", [None, 4 * MiB])

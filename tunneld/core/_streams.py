@@ -23,18 +23,18 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         send_parts = getattr(stream, "send_all_parts", None)
         if send_parts is not None:
             self.send_all_parts = send_parts
-        # Offered only when the inner stream offers it: a relay looks for the attribute.
-        receive_parts = getattr(stream, "receive_parts", None)
-        if receive_parts is not None:
-            self._receive_parts = receive_parts
-            self.receive_parts = self._prefixed_parts
+        # The inner stream's bound method (kept here, not a method of ours bound to self, which
+        # would make every proxied connection a reference cycle for the collector).
+        self._inner_parts = getattr(stream, "receive_parts", None)
 
-    async def _prefixed_parts(self, max_bytes: int) -> list[bytes]:
-        """``receive_parts`` of the inner stream (a mux stream's frames as they came, which a
-        relay hands to ``writev`` unjoined), after the prefix."""
-        if self.prefix:
-            return [await self.receive_some(max_bytes)]
-        return await self._receive_parts(max_bytes)  # type: ignore[no-any-return]
+    async def receive_parts(self, max_bytes: int) -> list[bytes]:
+        """The prefix, then the inner stream's ``receive_parts`` (a mux stream's frames as they
+        came, which a relay hands to ``writev`` unjoined); one piece per call over any other
+        stream.  An empty list at end of stream."""
+        if self.prefix or self._inner_parts is None:
+            data = await self.receive_some(max_bytes)
+            return [data] if data else []
+        return await self._inner_parts(max_bytes)  # type: ignore[no-any-return]
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self.prefix:
