@@ -48,15 +48,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tunneld.core import Agent, AgentConfig, TunnelConfig, _agent, _gcpace, _tls  # noqa: E402
 from tunneld.core._plugins import build_registry, get_plugin_manager  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import _status_kib  # noqa: E402  (bench.py, next to this file)
+
 #: Linux: bind() a source address without reserving a port yet (socket.h).
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    """A process's resident set in KiB (0 when it cannot be read), as ``bench.py`` reads it."""
+    return _status_kib(pid, "VmRSS")
 
 
 def fd_count(pid: int) -> int:
