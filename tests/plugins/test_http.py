@@ -14,6 +14,7 @@ import math
 import random
 import socket
 import ssl
+import types
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -25,9 +26,10 @@ import h11
 import httpx
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 
-from tunneld.core import ERROR_HEADER, Agent, TunnelConfig
+from tunneld.core import ERROR_HEADER, Agent, TunnelConfig, proto
 from tunneld.core._tls import client_context, open_tls_client
 from tunneld.plugins.http import _agent as http_agent
 from tunneld.plugins.http import _edge, _pool
@@ -939,16 +941,17 @@ async def wait_for(condition: Any, what: str) -> None:
 
 async def test_public_connections_reuse_an_idle_upstream_connection(edge_env: EdgeEnv,
                                                                     nursery: trio.Nursery) -> None:
-    """One request per public connection, with ``Connection: close`` or without: one upstream
-    connection serves them all, and the client's close still closes the public connection."""
+    """One request per public connection, with ``Connection: close`` or without, with a body or
+    without (a webhook): one upstream connection serves them all, and the client's close still
+    closes the public connection."""
     up = await Upstream("P").start(nursery)
     _, host = await http_tunnel(edge_env, up.port, "pooled")
     with trio.fail_after(10):
-        for close in (False, True, True, False, True):
+        for close, body in ((False, b""), (True, b""), (True, b"{}"), (False, b"{}"), (True, b"")):
             client = await RawClient.connect(edge_env.http_port)
             headers = [("Connection", "close")] if close else []
-            resp = await client.request("GET", "/echo", host, headers=headers)
-            assert resp.status == 200
+            resp = await client.request("POST" if body else "GET", "/echo", host, headers=headers, body=body)
+            assert resp.status == 200 and resp.json()["length"] == len(body)
             sent = [k.lower() for k, _ in resp.json()["headers"]]
             assert "connection" not in sent  # the public connection's close is not the upstream's
             if close:
@@ -957,6 +960,45 @@ async def test_public_connections_reuse_an_idle_upstream_connection(edge_env: Ed
             await client.aclose()
             await wait_for(lambda: idle_upstreams(up.port) == 1, "the upstream connection parked")
         assert (up.accepted, up.open_connections) == (1, 1)
+
+
+@attrs.define
+class _BareTunnel:
+    """Just enough of an AgentTunnelContext for ``serve_http_stream`` (no inspector, no options)."""
+
+    upstream: str
+    name: str = "bare"
+    config: Any = attrs.field(factory=lambda: types.SimpleNamespace(options={}))
+
+    def record_http(self, header: Any, head: bytes) -> None:
+        return None
+
+    def request_done(self, seconds: float) -> None:
+        pass
+
+
+async def test_the_agent_ends_a_public_connection_whose_request_said_close(nursery: trio.Nursery) -> None:
+    """With the client's ``Connection: close`` kept from the upstream, the exchange runs as a
+    keep-alive one, yet the agent still ends the public connection after the response (it does
+    not wait for a request the client will not send) and parks the upstream connection."""
+    up = await Upstream("P").start(nursery)
+    edge_side, agent_side = trio.testing.memory_stream_pair()
+    header = proto.ProxyHeader(id="t", client_addr="127.0.0.1:1", proto="http")
+    got = bytearray()
+
+    async def edge() -> None:
+        await edge_side.send_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                 b"Content-Length: 2\r\n\r\n{}")
+        while b"\r\n\r\n" not in got or not got.endswith(b"}"):
+            got.extend(await edge_side.receive_some())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(edge)
+            await http_agent.serve_http_stream(_BareTunnel(f"http://127.0.0.1:{up.port}"), agent_side, header)
+    assert got.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close\r\n" in got
+    assert "connection" not in {k.lower() for k, _ in up.requests[0]["headers"]}
+    assert idle_upstreams(up.port) == 1
 
 
 async def test_an_idle_upstream_connection_the_upstream_closed_is_not_reused(edge_env: EdgeEnv,
@@ -1024,11 +1066,11 @@ async def test_a_connection_bound_login_is_never_handed_to_another_client(
 
 
 @pytest.mark.parametrize(("version", "headers", "body"), [
-    ("1.1", [("Connection", "close")], b"data"),  # a body: the exchange decides, not the close
     ("1.1", [("Connection", "close, x-other")], b""),  # more than close
+    ("1.1", [("Connection", "close, x-other")], b"data"),
     ("1.0", [("Connection", "close")], b""),
 ])
-async def test_connection_close_reaches_the_upstream_unless_only_close_on_a_bodiless_request(
+async def test_connection_close_reaches_the_upstream_unless_it_is_an_http11_requests_only_option(
         edge_env: EdgeEnv, nursery: trio.Nursery, version: str, headers: list[tuple[str, str]],
         body: bytes) -> None:
     up = await Upstream("P").start(nursery)

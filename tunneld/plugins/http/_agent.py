@@ -7,6 +7,7 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
+import attrs
 import trio
 
 from tunneld.http1 import (
@@ -217,8 +218,11 @@ async def _relay_request(tunnel: AgentTunnelContext, client: Reader, upstream: _
 
     ``recorder`` (the inspector's) sees the exchange, the 502 pages included.
     ``close_stripped``: the client's ``Connection: close`` was kept from the upstream, so the
-    upstream connection may outlive this exchange when the response allows it.
+    upstream connection may outlive this exchange when the response allows it; the exchange is
+    then relayed as a keep-alive one (its outcome says whether the upstream connection is
+    clean), and this public connection still ends after it.
     """
+    upstream_req = attrs.evolve(req, keep_alive=True) if close_stripped else req
     head_only = req.method == b"HEAD"
 
     async def answer(page: bytes) -> None:
@@ -237,7 +241,7 @@ async def _relay_request(tunnel: AgentTunnelContext, client: Reader, upstream: _
                 json_body=wants_json(req.headers), head_only=head_only))
             return Outcome.CLOSE
         try:
-            outcome, resp = await exchange(client, reader, req, raw, response_filter, tap=recorder)
+            outcome, resp = await exchange(client, reader, upstream_req, raw, response_filter, tap=recorder)
         except UpstreamFailed as exc:
             await upstream.drop()
             if attempt == 1 and not fresh and _replayable(req, exc):
@@ -266,9 +270,10 @@ async def _relay_request(tunnel: AgentTunnelContext, client: Reader, upstream: _
             return outcome
         if binds_connection(req, resp):
             upstream.private = True
-        if outcome is Outcome.KEEP or (close_stripped and outcome is Outcome.CLOSE and resp is not None
-                                       and resp.keep_alive and resp.status != 101):
+        if outcome is Outcome.KEEP:
             upstream.reusable = True
+            if close_stripped:
+                return Outcome.CLOSE
         return outcome
     raise AssertionError("unreachable: the second attempt always returns")
 
@@ -293,14 +298,14 @@ def binds_connection(req: RequestHead, resp: ResponseHead | None) -> bool:
 
 
 def _only_close(req: RequestHead) -> bool:
-    """A bodiless HTTP/1.1 request whose only connection option is ``close``.
+    """An HTTP/1.1 request whose only connection option is ``close``.
 
     Its ``Connection: close`` concerns the public connection, which the edge closes after the
     response anyway; kept from the upstream, it no longer costs the upstream connection, which
-    the next public connection can then reuse (see ``_pool``).  Requests with a body keep it:
-    after a body the upstream connection is reused only when the exchange says so.
+    the next public connection can then reuse (see ``_pool``).  Webhook senders often send it
+    (Ruby's Net::HTTP does by default).
     """
-    if req.keep_alive or req.body != BodyKind.NONE or req.version != "1.1":
+    if req.keep_alive or req.version != "1.1":
         return False
     values = req.values(b"connection")
     return len(values) == 1 and values[0].lower() == b"close"
