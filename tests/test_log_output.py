@@ -114,6 +114,78 @@ def test_the_access_shortcut_writes_what_the_logger_would(tmp_path: Path, fmt: s
         assert via_logger.split(" ", 1)[1] == via_shortcut.split(" ", 1)[1]
 
 
+@pytest.mark.parametrize("fmt", ["term", "logfmt", "json"])
+def test_a_deferred_access_line_is_what_the_logger_would_write(tmp_path: Path, fmt: str) -> None:
+    """``defer_access`` renders the line later, in a batch: the same bytes, stamped with the
+    time it was logged, not the time it was written."""
+    path = tmp_path / f"{fmt}.log"
+    _logging.setup_logging(str(path), fmt, "info")
+    access = logging.getLogger("tunneld.access")
+    message = 'client=127.0.0.1:9 host=a.example tunnel=tn_1 method=GET path="/a b=c\\\\" status=200'
+    rendered: list[tuple[str, ...]] = []
+
+    def render(*args: str) -> str:
+        rendered.append(args)
+        return " ".join(args)
+
+    access.info("%s", message)
+    # Logged "3 s ago": the line's timestamp says so, whenever it is written.
+    assert _logging.defer_access(render, tuple(message.split(" ")), time.monotonic() - 3)
+    assert not rendered, "rendered at once; it should wait for its batch"
+    logging.getLogger("tunneld").warning("flush")  # writes the waiting access lines out first
+    via_logger, deferred, warning = _lines(path)[:3]
+    assert len(rendered) == 1 and "flush" in warning
+    if fmt == "json":
+        assert {**json.loads(via_logger), "t": 0} == {**json.loads(deferred), "t": 0}
+        stamp = json.loads(deferred)["t"]
+    else:
+        assert via_logger.split(" ", 1)[1] == deferred.split(" ", 1)[1]
+        stamp = deferred.split(" ", 1)[0].removeprefix("t=")
+    form = "%H:%M:%S" if fmt == "term" else "%Y-%m-%dT%H:%M:%S%z"
+    assert stamp in {time.strftime(form, time.localtime(time.time() - ago)) for ago in (3, 4)}
+
+
+def test_deferred_access_lines_keep_their_order_and_reach_the_file_in_time(log_file: Path) -> None:
+    started = time.monotonic()
+    for i in range(300):
+        assert _logging.defer_access("client=127.0.0.1:{} status=200".format, (1000 + i,), time.monotonic())
+    _logging.write_access("client=127.0.0.1:1300 status=200")  # written now, after those before it
+    deadline = time.monotonic() + 5
+    while len(_lines(log_file)) < 301 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert time.monotonic() - started < 2 * _logging.ACCESS_FLUSH_DELAY + 1
+    assert [line.split("client=127.0.0.1:")[1][:4] for line in _lines(log_file)] == \
+        [str(1000 + i) for i in range(301)]
+
+
+def test_deferred_access_lines_are_bounded(log_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stalled flusher lets at most ACCESS_BACKLOG lines wait: the caller writes them then."""
+    monkeypatch.setattr(_logging, "ACCESS_BACKLOG", 10)
+    monkeypatch.setattr(_logging, "ACCESS_FLUSH_DELAY", 3600)  # the flusher never comes
+    handler = _logging._installed
+    assert handler is not None
+    for i in range(25):
+        _logging.defer_access(str, (f"client=127.0.0.1:{i}",), time.monotonic())
+        assert len(handler._waiting) < 10
+    assert len(_lines(log_file)) == 20  # two batches of ten written by the caller, five waiting
+    handler.close()  # logging.shutdown() at exit flushes and closes: nothing is lost
+    assert len(_lines(log_file)) == 25
+
+
+def test_a_failing_render_loses_only_its_line_and_says_so(log_file: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    def broken() -> str:
+        raise ValueError("boom")
+
+    _logging.defer_access(str, ("client=1",), time.monotonic())
+    _logging.defer_access(broken, (), time.monotonic())
+    _logging.defer_access(str, ("client=3",), time.monotonic())
+    logging.getLogger("tunneld").warning("after")  # the handler carries on
+    lines = _lines(log_file)
+    assert len(lines) == 3 and "client=1" in lines[0] and "client=3" in lines[1] and "after" in lines[2]
+    assert "boom" in capsys.readouterr().err  # logging's handleError reports it
+
+
 def test_the_access_shortcut_steps_aside_for_other_handlers(log_file: Path) -> None:
     access = logging.getLogger("tunneld.access")
     seen: list[logging.LogRecord] = []
@@ -140,9 +212,11 @@ def test_the_access_shortcut_steps_aside_for_other_handlers(log_file: Path) -> N
 def test_no_shortcut_when_logging_is_off(tmp_path: Path) -> None:
     _logging.setup_logging("false", "logfmt", "info")
     assert not _logging.write_access("client=1")
+    assert not _logging.defer_access(str, ("client=1",), time.monotonic())
 
 
 def test_no_shortcut_when_records_propagate_further(log_file: Path) -> None:
     root = logging.getLogger("tunneld")
     root.propagate = True  # e.g. pytest's caplog, or an embedder's root handler, listening above
     assert not _logging.write_access("client=1")
+    assert not _logging.defer_access(str, ("client=1",), time.monotonic())

@@ -41,10 +41,9 @@ import attrs
 import pluggy
 import trio
 
-from .._logging import write_access
 from . import _gcpace, proto
 from . import proto as _proto  # where a parameter is named ``proto`` (SessionContext.open_stream)
-from ._access import log_connection
+from ._access import log_connection, log_request
 from ._acl import LABELS, allows_bind
 from ._bindpolicy import reservation_maps
 from ._certs import certificate_names, ensure_dev_host_cert, name_matches
@@ -89,7 +88,6 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
 log = logging.getLogger("tunneld.edge")
-access_log = logging.getLogger("tunneld.access")
 
 #: An agent must authenticate within this many seconds of connecting.
 AUTH_TIMEOUT = 10.0
@@ -1376,15 +1374,10 @@ class EdgeAdapter:
 
     def log_request(self, *, client: str, host: str, tunnel_id: str, method: str, path: str, status: int,
                     started: float) -> None:
-        self._edge.metrics.request(tunnel_id, status, time.monotonic() - started)
-        # Same shape as TCP/TLS connection lines (core/_access.py): client= first, "-" for none.
-        if access_log.isEnabledFor(logging.INFO):
-            quoted = path.replace('"', "%22")[:512]
-            ms = (time.monotonic() - started) * 1000
-            line = (f'client={client} host={host or "-"} tunnel={tunnel_id or "-"} method={method} '
-                    f'path="{quoted}" status={status:d} duration_ms={ms:.1f}')
-            if not write_access(line):
-                access_log.info("%s", line)
+        ended = time.monotonic()
+        self._edge.metrics.request(tunnel_id, status, ended - started)
+        log_request(client=client, host=host, tunnel_id=tunnel_id, method=method, path=path, status=status,
+                    seconds=ended - started, ended=ended)
 
     def count(self, metric: str, value: float = 1, **labels: str) -> None:
         # The core's own series, which plugins add to (the ssh gateway's logins and binds).
