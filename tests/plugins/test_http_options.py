@@ -29,6 +29,7 @@ import attrs
 import h11
 import pytest
 import trio
+import trio.testing
 import trustme
 import websockets.exceptions
 import websockets.sync.client
@@ -38,7 +39,7 @@ from tunneld.core import ERROR_HEADER, Agent, Code, TunnelConfig, TunnelRejected
 from tunneld.core._config import ConfigError, parse_agent_config
 from tunneld.core._web import tunnel_json
 from tunneld.http1._wire import MAX_HEAD
-from tunneld.plugins.http import _edge
+from tunneld.plugins.http import _edge, _pool
 from tunneld.plugins.http._agent import parse_http_addr, upstream_authority
 from tunneld.plugins.http._auth import BasicAuth
 
@@ -524,6 +525,73 @@ async def test_https_upstream_connection_serves_the_next_public_connections(
             assert resp.status == 200 and resp.header("Connection") == "close"
             await client.aclose()
     assert snis == ["localhost"]
+
+
+async def test_stray_ciphertext_keeps_an_https_upstream_connection_from_the_pool(
+        edge_env: EdgeEnv, nursery: trio.Nursery, upstream_ca: trustme.CA) -> None:
+    """An upstream that answers one request twice: the second answer, still encrypted in the
+    TLS layer's buffer when the first ended, must never reach the next public client.
+
+    The first response fills one TLS record exactly and the stray one follows in a second
+    record of the same socket write, so the agent decrypts the first only: its socket is not
+    readable and its reader's buffer is empty, yet the connection is not clean.
+    """
+    cert = upstream_ca.issue_cert("localhost")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    connections = 0
+    record = 16384  # the largest TLS record's plaintext
+
+    async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        nonlocal connections
+        connections += 1
+        first, buf = connections == 1, b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                buf = buf.split(b"\r\n\r\n", 1)[1]
+                if first:
+                    first = False
+                    head, size = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n", record
+                    while len(head % size) + size > record:
+                        size -= 1
+                    answer = head % size + b"a" * size
+                    assert len(answer) == record
+                    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+                    await stream.send_all(answer + stray)
+                else:
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        except trio.BrokenResourceError:
+            return
+
+    listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, handle, 0, ctx, host="127.0.0.1"))
+    port = int(listeners[0].transport_listener.socket.getsockname()[1])
+    _, host = await tunnel(edge_env, f"https://localhost:{port}")
+    with trio.fail_after(10):
+        client = await RawClient.connect(edge_env.http_port)
+        resp = await client.request("GET", "/", host, headers=[("Connection", "close")])
+        assert resp.status == 200 and resp.body == b"a" * len(resp.body) and len(resp.body) > 16000
+        await client.aclose()
+        for _ in range(2):
+            client = await RawClient.connect(edge_env.http_port)
+            resp = await client.request("GET", "/", host, headers=[("Connection", "close")])
+            assert (resp.status, resp.body) == (200, b"fresh")
+            await client.aclose()
+    assert connections == 2  # the tainted connection was dropped; the clean one was reused
+
+
+def test_a_tls_stream_whose_buffers_cannot_be_seen_is_not_known_clean() -> None:
+    """Should trio keep an SSLStream's buffers elsewhere one day, its connections are no
+    longer parked rather than parked unchecked."""
+    ours, _ = trio.testing.memory_stream_pair()
+    tls = trio.SSLStream(ours, ssl.create_default_context(), server_hostname="localhost")
+    assert not _pool._tls_holds_bytes(tls) and not _pool._tls_holds_bytes(ours)
+    del tls._incoming
+    assert _pool._tls_holds_bytes(tls)
 
 
 async def test_forward_to_other_addresses_and_names(edge_env: EdgeEnv, nursery: trio.Nursery) -> None:

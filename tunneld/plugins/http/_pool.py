@@ -37,12 +37,29 @@ def closed_while_idle(upstream: Reader) -> bool:
     # A socket stream (trio's or lean) has the socket; TLS over one, the transport stream.
     stream: object = upstream.stream
     while (sock := getattr(stream, "socket", None)) is None:
+        if _tls_holds_bytes(stream):
+            return True
         stream = getattr(stream, "transport_stream", None)
         if stream is None:
             return False
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     return bool(poller.poll(0))
+
+
+def _tls_holds_bytes(stream: object) -> bool:
+    """Whether a TLS stream (an https:// upstream's ``trio.SSLStream``) already took bytes from
+    its socket that nobody has read: records still encrypted in its incoming buffer, or
+    plaintext decrypted and waiting.  The socket's probe cannot see them, and on a parked
+    connection they are an answer to nothing (an upstream that answered twice, or a desync):
+    handed to the next client, they would be taken for its response.
+    """
+    if not isinstance(stream, trio.SSLStream):
+        return False
+    try:
+        return bool(stream._incoming.pending or stream._ssl_object.pending())
+    except AttributeError:  # a trio that keeps them elsewhere: not known clean, so not reused
+        return True
 
 
 async def _discard(reader: Reader) -> None:
