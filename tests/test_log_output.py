@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +158,24 @@ def test_deferred_access_lines_keep_their_order_and_reach_the_file_in_time(log_f
     assert time.monotonic() - started < 2 * _logging.ACCESS_FLUSH_DELAY + 1
     assert [line.split("client=127.0.0.1:")[1][:4] for line in _lines(log_file)] == \
         [str(1000 + i) for i in range(301)]
+
+
+def test_no_deferred_line_is_lost_while_the_flusher_runs(log_file: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flusher thread takes lines while the caller adds more: all of them arrive, in order."""
+    monkeypatch.setattr(_logging, "ACCESS_FLUSH_DELAY", 0.0005)
+    count = 20000
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the two threads take turns between almost any two bytecodes
+    try:
+        for i in range(count):
+            _logging.defer_access("n={}".format, (i,), time.monotonic())
+    finally:
+        sys.setswitchinterval(interval)
+    deadline = time.monotonic() + 10
+    while len(_lines(log_file)) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [int(re.search(r"n=(\d+)", line)[1]) for line in _lines(log_file)] == list(range(count))
 
 
 def test_deferred_access_lines_are_bounded(log_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
