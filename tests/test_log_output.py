@@ -11,7 +11,9 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,6 +178,39 @@ def test_no_deferred_line_is_lost_while_the_flusher_runs(log_file: Path,
     while len(_lines(log_file)) < count and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [int(re.search(r"n=(\d+)", line)[1]) for line in _lines(log_file)] == list(range(count))
+
+
+def test_the_flusher_writes_in_short_steps_and_lets_the_event_loop_run(
+        log_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quarter-second's lines formatted in one go held the GIL until the switch interval
+    forced it away (the event loop stalled up to 5 ms): the flusher writes ACCESS_STEP lines at a
+    time and pauses between steps."""
+    monkeypatch.setattr(_logging, "ACCESS_STEP", 10)
+    handler = _logging._installed
+    assert handler is not None
+    handler._flusher = threading.Thread(target=lambda: None)  # never started: this test flushes
+    writes: list[int] = []
+    pauses: list[float] = []
+    stream = handler.stream
+
+    class Counting:
+        def write(self, text: str) -> int:
+            writes.append(text.count("\n"))
+            return stream.write(text)
+
+        def flush(self) -> None:
+            stream.flush()
+
+    handler.stream = Counting()  # type: ignore[assignment]
+    monkeypatch.setattr(_logging, "time", types.SimpleNamespace(
+        monotonic=time.monotonic, time=time.time, sleep=pauses.append))
+    for i in range(95):
+        _logging.defer_access(str, (f"client=127.0.0.1:{i}",), time.monotonic())
+    handler._flush_in_steps()
+    handler.stream = stream
+    assert writes == [10] * 9 + [5]
+    assert pauses == [_logging.ACCESS_STEP_PAUSE] * 9
+    assert len(_lines(log_file)) == 95 and not handler._dirty
 
 
 def test_deferred_access_lines_are_bounded(log_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:

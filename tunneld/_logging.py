@@ -116,6 +116,10 @@ ACCESS_FLUSH_DELAY = 0.25
 #: Deferred access lines (:meth:`_DeferredFlush.defer_access`) waiting beyond this many are
 #: written out by the caller at once: the bound on what a stalled flusher lets pile up.
 ACCESS_BACKLOG = 4096
+#: The flusher thread writes waiting lines this many at a time, pausing ACCESS_STEP_PAUSE
+#: seconds between steps (see :meth:`_DeferredFlush._flush_in_steps`).
+ACCESS_STEP = 32
+ACCESS_STEP_PAUSE = 0.0001
 
 #: An access line not written yet: its render function, that function's arguments, and when it
 #: happened (``time.monotonic()``).
@@ -181,15 +185,18 @@ class _DeferredFlush(logging.StreamHandler):  # type: ignore[type-arg]
         finally:
             self.release()
 
-    def _write_waiting(self) -> None:
-        """Format and write the deferred access lines (the caller holds the lock)."""
+    def _write_waiting(self, most: int | None = None) -> int:
+        """Format and write the deferred access lines, or the ``most`` oldest of them (the
+        caller holds the lock); the number written."""
         waiting = self._waiting
         count = len(waiting)  # lines deferred while this runs wait for the next batch
+        if most is not None:
+            count = min(count, most)
         if not count:
-            return
+            return 0
         if self.stream is None:  # closed (FileHandler.close): nowhere to write them
             waiting.clear()
-            return
+            return 0
         formatter: Any = self.formatter
         line = formatter.access_line
         wall = time.time() - time.monotonic()  # one clock reading turns each ``at`` into wall time
@@ -202,6 +209,7 @@ class _DeferredFlush(logging.StreamHandler):  # type: ignore[type-arg]
                 self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": f"{render!r}{args!r}"}))
         lines.append("")
         self.stream.write(self.terminator.join(lines))
+        return count
 
     def _mark_dirty(self) -> None:
         self._dirty = True
@@ -219,19 +227,44 @@ class _DeferredFlush(logging.StreamHandler):  # type: ignore[type-arg]
             self._wake.clear()
             time.sleep(ACCESS_FLUSH_DELAY)
             if self._dirty:
-                self.flush()
+                self._flush_in_steps()
+
+    def _flush_in_steps(self) -> None:
+        """:meth:`flush`, for the flusher thread: the lines are written ACCESS_STEP at a time,
+        with a pause between steps that lets the other threads run.
+
+        Formatting a quarter-second's lines (thousands, under load) in one go held the GIL until
+        the interpreter's switch interval forced it away: the event loop stood still for up to
+        5 ms, four times a second.  A step takes a fraction of a millisecond.
+        """
+        self._dirty = False  # first: a line deferred meanwhile marks it again
+        while True:
+            self.acquire()
+            try:
+                done = self._write_or_report(ACCESS_STEP) < ACCESS_STEP
+                if done:
+                    super().flush()
+            finally:
+                self.release()
+            if done:
+                return
+            time.sleep(ACCESS_STEP_PAUSE)
 
     def flush(self) -> None:
         self.acquire()
         try:
             self._dirty = False  # first: a line deferred meanwhile marks it again
-            try:
-                self._write_waiting()
-            except Exception:  # the stream failed (disk full...): as emit() reports it
-                self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": "(access lines)"}))
+            self._write_or_report()
             super().flush()
         finally:
             self.release()
+
+    def _write_or_report(self, most: int | None = None) -> int:
+        try:
+            return self._write_waiting(most)
+        except Exception:  # the stream failed (disk full...): as emit() reports it
+            self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": "(access lines)"}))
+            return 0
 
 
 class DeferredFlushHandler(_DeferredFlush):
