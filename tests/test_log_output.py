@@ -213,6 +213,30 @@ def test_the_flusher_writes_in_short_steps_and_lets_the_event_loop_run(
     assert len(_lines(log_file)) == 95 and not handler._dirty
 
 
+def test_the_flusher_thread_writes_in_steps(log_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_logging, "ACCESS_STEP", 10)
+    handler = _logging._installed
+    assert handler is not None
+    writes: list[int] = []
+    stream = handler.stream
+
+    class Counting:
+        def write(self, text: str) -> int:
+            writes.append(text.count("\n"))
+            return stream.write(text)
+
+        def flush(self) -> None:
+            stream.flush()
+
+    monkeypatch.setattr(handler, "stream", Counting())
+    for i in range(95):
+        _logging.defer_access(str, (f"client=127.0.0.1:{i}",), time.monotonic())
+    deadline = time.monotonic() + 5
+    while sum(writes) < 95 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sum(writes) == 95 and max(writes) == 10, writes
+
+
 def test_deferred_access_lines_are_bounded(log_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stalled flusher lets at most ACCESS_BACKLOG lines wait: the caller writes them then."""
     monkeypatch.setattr(_logging, "ACCESS_BACKLOG", 10)
