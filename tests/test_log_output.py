@@ -13,7 +13,6 @@ import re
 import sys
 import threading
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,8 +201,18 @@ def test_the_flusher_writes_in_short_steps_and_lets_the_event_loop_run(
             stream.flush()
 
     handler.stream = Counting()  # type: ignore[assignment]
-    monkeypatch.setattr(_logging, "time", types.SimpleNamespace(
-        monotonic=time.monotonic, time=time.time, sleep=pauses.append))
+
+    class Clock:
+        """The time module, with the pauses recorded instead of slept."""
+
+        sleep = staticmethod(pauses.append)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(time, name)
+
+    monkeypatch.setattr(_logging, "time", Clock())
+    for cache in (_logging._clock_second, _logging._iso_second):
+        monkeypatch.setattr(cache, "second", -1)  # a new second: formatting reads the clock too
     for i in range(95):
         _logging.defer_access(str, (f"client=127.0.0.1:{i}",), time.monotonic())
     handler._flush_in_steps()
