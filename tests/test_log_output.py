@@ -179,6 +179,23 @@ def test_no_deferred_line_is_lost_while_the_flusher_runs(log_file: Path,
     assert [int(re.search(r"n=(\d+)", line)[1]) for line in _lines(log_file)] == list(range(count))
 
 
+def count_writes(handler: logging.Handler, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record how many lines each write to ``handler``'s stream carries (and still write them)."""
+    writes: list[int] = []
+    stream = handler.stream  # type: ignore[attr-defined]
+
+    class Counting:
+        def write(self, text: str) -> int:
+            writes.append(text.count("\n"))
+            return int(stream.write(text))
+
+        def flush(self) -> None:
+            stream.flush()
+
+    monkeypatch.setattr(handler, "stream", Counting())
+    return writes
+
+
 def test_the_flusher_writes_in_short_steps_and_lets_the_event_loop_run(
         log_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A quarter-second's lines formatted in one go held the GIL until the switch interval
@@ -188,19 +205,8 @@ def test_the_flusher_writes_in_short_steps_and_lets_the_event_loop_run(
     handler = _logging._installed
     assert handler is not None
     handler._flusher = threading.Thread(target=lambda: None)  # never started: this test flushes
-    writes: list[int] = []
+    writes = count_writes(handler, monkeypatch)
     pauses: list[float] = []
-    stream = handler.stream
-
-    class Counting:
-        def write(self, text: str) -> int:
-            writes.append(text.count("\n"))
-            return stream.write(text)
-
-        def flush(self) -> None:
-            stream.flush()
-
-    handler.stream = Counting()  # type: ignore[assignment]
 
     class Clock:
         """The time module, with the pauses recorded instead of slept."""
@@ -216,7 +222,6 @@ def test_the_flusher_writes_in_short_steps_and_lets_the_event_loop_run(
     for i in range(95):
         _logging.defer_access(str, (f"client=127.0.0.1:{i}",), time.monotonic())
     handler._flush_in_steps()
-    handler.stream = stream
     assert writes == [10] * 9 + [5]
     assert pauses == [_logging.ACCESS_STEP_PAUSE] * 9
     assert len(_lines(log_file)) == 95 and not handler._dirty
@@ -226,18 +231,7 @@ def test_the_flusher_thread_writes_in_steps(log_file: Path, monkeypatch: pytest.
     monkeypatch.setattr(_logging, "ACCESS_STEP", 10)
     handler = _logging._installed
     assert handler is not None
-    writes: list[int] = []
-    stream = handler.stream
-
-    class Counting:
-        def write(self, text: str) -> int:
-            writes.append(text.count("\n"))
-            return stream.write(text)
-
-        def flush(self) -> None:
-            stream.flush()
-
-    monkeypatch.setattr(handler, "stream", Counting())
+    writes = count_writes(handler, monkeypatch)
     for i in range(95):
         _logging.defer_access(str, (f"client=127.0.0.1:{i}",), time.monotonic())
     deadline = time.monotonic() + 5
