@@ -18,6 +18,7 @@ import trustme
 from OpenSSL import SSL
 
 from tunneld.core import _tls
+from tunneld.core._lean import lean
 from tunneld.core._tls import (
     MAX_RECEIVE,
     BulkTLSStream,
@@ -27,7 +28,20 @@ from tunneld.core._tls import (
     server_context,
 )
 
+from ..conftest import require_compiled
+
 ALPN = b"tunneld/1"
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def record_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with the receiver's compiled record loop (``_tlsread.c``) and with
+    one SSL_read per record from Python."""
+    if request.param == "compiled":
+        require_compiled("tunneld.core._tlsread", "the compiled TLS record loop")
+    else:
+        monkeypatch.setattr(_tls, "_read_records", None)
+    return str(request.param)
 
 
 @dataclass
@@ -620,7 +634,8 @@ async def test_records_split_anywhere_and_no_idle_ssl_read(pki: Pki, piece: int,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The receiver skips SSL_read while the engine holds no whole record (``_needs_input``):
     a small message costs one SSL_read, yet records split at any byte, or several in one read,
-    all arrive intact and in order."""
+    all arrive intact and in order.  (Small reads never take the compiled record loop, whose
+    last SSL_read is always one that fails.)"""
     assert _tls._FAST
     calls = 0
     real = _tls._SSL_read
@@ -647,3 +662,81 @@ async def test_records_split_anywhere_and_no_idle_ssl_read(pki: Pki, piece: int,
         for i in range(200):
             await client.send_all(b"%04d" % i)  # 200 records, read in pieces or all at once
         assert await _recv_exactly(server, len(burst)) == burst
+
+
+@pytest.mark.parametrize("size", [1, 777, 16384, 40000])
+async def test_small_receives_take_what_was_asked_and_leave_the_rest(pki: Pki, size: int) -> None:
+    """``receive_some(size)`` over many buffered records, some larger than ``size``: each call
+    gives at most ``size`` bytes (the engine keeps the rest of a record it began), and a
+    close_notify behind the data ends the stream after its last byte."""
+    data = os.urandom(200_000)
+    with trio.fail_after(10):
+        client, server = await _over(*trio.testing.memory_stream_pair(), pki)
+        await client.send_all(data)
+        await client.aclose()  # close_notify, queued behind the data
+        got = bytearray()
+        while chunk := await server.receive_some(size):
+            assert len(chunk) <= size
+            got += chunk
+        assert got == data
+        assert await server.receive_some(size) == b""
+
+
+async def test_a_forged_record_after_good_ones_breaks_the_stream(pki: Pki) -> None:
+    """A record that fails authentication (here, one the peer never sealed) breaks the stream
+    with trio's BrokenResourceError, for good: the engine's error is not mistaken for "need
+    more ciphertext"."""
+    with trio.fail_after(10):
+        client, server = await _over(*trio.testing.memory_stream_pair(), pki)
+        await client.send_all(b"good")
+        assert await _recv_exactly(server, 4) == b"good"
+        forged = b"\x17\x03\x03\x00\x40" + os.urandom(64)  # application_data, 64 bytes
+        await client.transport_stream.send_all(forged)
+        await client.send_all(b"after")
+        with pytest.raises(trio.BrokenResourceError, match="bad record mac"):
+            await server.receive_some()
+        with pytest.raises(trio.BrokenResourceError):
+            await server.receive_some()
+
+
+async def test_bulk_reads_decrypt_in_one_call(listener: trio.SocketListener, pki: Pki, record_loop: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a socket, a bulk read's records are decrypted by one call of the compiled loop
+    (where it is built), not one SSL_read from Python each; the bytes arrive intact.  Over
+    ``lean`` sockets (as tunneld runs it) a call per socket read; over any other stream a call
+    per 64 KiB of ciphertext fed to the engine."""
+    loop_calls, reads = 0, 0
+    real_loop, real_read = _tls._read_records, _tls._SSL_read
+
+    def counting_loop(*args: int) -> tuple[int, int]:
+        nonlocal loop_calls
+        loop_calls += 1
+        assert real_loop is not None
+        return real_loop(*args)
+
+    def counting_read(*args: object) -> int:
+        nonlocal reads
+        reads += 1
+        return real_read(*args)
+
+    data = os.urandom(8 * 1024 * 1024)
+    records = len(data) // _tls._RECORD
+    for wrap, most in ((lean, records // 8), (lambda s: s, records // 3)):
+        loop_calls = reads = 0
+        with trio.fail_after(20):
+            ctcp, stcp = await _tcp_pair(listener)
+            client, server = await _over(wrap(ctcp), wrap(stcp), pki)
+            with monkeypatch.context() as patch:
+                if record_loop == "compiled":
+                    patch.setattr(_tls, "_read_records", counting_loop)
+                patch.setattr(_tls, "_SSL_read", counting_read)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.send_all, data)
+                    assert await _recv_exactly(server, len(data)) == data
+            await client.aclose()
+            await server.aclose()
+        if record_loop == "compiled":
+            assert 1 <= loop_calls < most, loop_calls
+            assert reads < most, reads
+        else:
+            assert loop_calls == 0 and reads >= records, reads

@@ -31,15 +31,19 @@ async def lst() -> AsyncIterator[trio.SocketListener]:
         yield listener
 
 
-@pytest.fixture(params=["inplace", "fast", "fallback"])
+@pytest.fixture(params=["inplace", "inplace-python-records", "fast", "fallback"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test over the direct-cffi path with the engine reading socket reads in place
-    (over ``lean`` sockets, as tunneld runs it), with memory BIOs fed by the transport (any
-    other stream), and over pyOpenSSL's public API."""
+    (over ``lean`` sockets, as tunneld runs it; records decrypted by the compiled loop where
+    it is built, and once more one SSL_read at a time from Python), with memory BIOs fed by the
+    transport (any other stream), and over pyOpenSSL's public API."""
     if request.param == "fallback":
         monkeypatch.setattr(_tls, "_FAST", False)
     # Fresh per-thread buffers: the staging pointer is made for the path in use.
     monkeypatch.setattr(_tls, "_local", threading.local())
+    if request.param == "inplace-python-records":
+        monkeypatch.setattr(_tls, "_read_records", None)
+        return "inplace"
     return str(request.param)
 
 

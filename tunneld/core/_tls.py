@@ -134,13 +134,39 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpe
     _FAST = False
 
 
+def _record_loop() -> Callable[[int, int, int], tuple[int, int]] | None:
+    """The compiled loop that decrypts every whole record in one call (``_tlsread.c``), pointed
+    at the OpenSSL that pyOpenSSL's binding calls; None where it was not built (or the binding
+    hides its functions): then one ``SSL_read`` per record from Python."""
+    if not _FAST:
+        return None
+    try:
+        from . import _tlsread
+
+        def address(fn: Any, ctype: str) -> int:
+            return int(_ffi.cast("uintptr_t", _ffi.cast(ctype, fn)))
+
+        _tlsread.configure(address(_SSL_read, "int(*)(SSL *, void *, int)"),
+                           address(_SSL_get_error, "int(*)(const SSL *, int)"), _WANT_READ)
+    except (ImportError, TypeError, ValueError, AttributeError):  # pragma: no cover - not built
+        return None
+    return _tlsread.read_records
+
+
+#: See :func:`_record_loop`; status values of ``_read_records`` besides SSL_read's failures.
+_read_records = _record_loop()
+_LOOP_FULL = 1
+_LOOP_NEEDS_INPUT = 2
+
+
 _local = threading.local()
 _T = TypeVar("_T")
 _NO_BYTES = memoryview(b"")
 
 
-def _staging() -> tuple[memoryview, Any]:
-    """This thread's plaintext staging buffer for ``receive_some``, and a cffi pointer to it.
+def _staging() -> tuple[memoryview, Any, int]:
+    """This thread's plaintext staging buffer for ``receive_some``, a cffi pointer to it and
+    its address (for ``_read_records``; None and 0 off the fast path).
 
     Filled and copied out with no checkpoint in between, so one per thread is enough (saves
     1 MiB per connection).
@@ -149,7 +175,9 @@ def _staging() -> tuple[memoryview, Any]:
         return _local.staging  # type: ignore[no-any-return]
     except AttributeError:
         buf = bytearray(MAX_RECEIVE)
-        _local.staging = staging = (memoryview(buf), _from_buffer(buf) if _FAST else None)
+        ptr = _from_buffer(buf) if _FAST else None
+        addr = int(_ffi.cast("uintptr_t", ptr)) if ptr is not None else 0
+        _local.staging = staging = (memoryview(buf), ptr, addr)
         return staging
 
 
@@ -693,8 +721,13 @@ class BulkTLSStream(trio.abc.Stream):
                 return consume(_NO_BYTES)
 
             conn = self._conn
-            view, ptr = _staging()
+            view, ptr, addr = _staging()
             ssl = conn._ssl if ptr is not None else None
+            loop = _read_records if ptr is not None else None
+            # Bulk ciphertext came in this call (a socket read or a feed of more than a record):
+            # the compiled loop decrypts it.  A small read stays on the per-record path, which
+            # learns that the engine is empty without the failing SSL_read the loop ends with.
+            bulk = False
             got = 0
             blocked = False
             in_place = 0  # bytes of the shared ciphertext buffer the engine reads in place
@@ -705,6 +738,16 @@ class BulkTLSStream(trio.abc.Stream):
                         n = conn.recv_into(view[got:], max_bytes - got)
                     elif self._needs_input:
                         want_read = True
+                    elif bulk and loop is not None:
+                        # Every whole record at once, in C (``_tlsread.c``).
+                        n, status = loop(int(_ffi.cast("uintptr_t", ssl)), addr + got, max_bytes - got)
+                        got += n
+                        n = 0
+                        if status == _LOOP_NEEDS_INPUT:
+                            want_read = self._needs_input = True
+                        elif status != _LOOP_FULL:
+                            conn._raise_ssl_error(ssl, status)
+                            raise SSL.SysCallError(-1, f"SSL_read returned {status}")
                     else:
                         # SSL_read decrypts one record straight into the staging buffer.
                         n = _SSL_read(ssl, ptr + got, max_bytes - got)
@@ -752,6 +795,7 @@ class BulkTLSStream(trio.abc.Stream):
                                 break
                             if nread > _IN_PLACE_MIN:
                                 in_place = nread
+                                bulk = True
                             self._needs_input = False
                             # Yield as the transport would have (``_lean``), after the data
                             # is consumed: the ciphertext buffer is shared until then.
@@ -775,6 +819,7 @@ class BulkTLSStream(trio.abc.Stream):
                         self._rbio_grown = trio.current_time()
                         chunk = memoryview(data)
                     self._feed(chunk[:_FEED])
+                    bulk = True
                     self._needs_input = False
                     self._backlog = chunk[_FEED:] if len(chunk) > _FEED else None
                     continue
@@ -860,7 +905,7 @@ class BulkTLSStream(trio.abc.Stream):
         ssl = conn._ssl
         self._feed(ciphertext)
         self._needs_input = False
-        view, ptr = _staging()
+        view, ptr, _ = _staging()
         got = 0
         try:
             while got < MAX_RECEIVE:
