@@ -141,16 +141,16 @@ def _record_loop() -> Callable[[int, int, int], tuple[int, int]] | None:
     if not _FAST:
         return None
     try:
-        from . import _tlsread
+        from ._tlsread import configure, read_records
 
         def address(fn: Any, ctype: str) -> int:
             return int(_ffi.cast("uintptr_t", _ffi.cast(ctype, fn)))
 
-        _tlsread.configure(address(_SSL_read, "int(*)(SSL *, void *, int)"),
-                           address(_SSL_get_error, "int(*)(const SSL *, int)"), _WANT_READ)
+        configure(address(_SSL_read, "int(*)(SSL *, void *, int)"),
+                  address(_SSL_get_error, "int(*)(const SSL *, int)"), _WANT_READ)
     except (ImportError, TypeError, ValueError, AttributeError):  # pragma: no cover - not built
         return None
-    return _tlsread.read_records
+    return read_records
 
 
 #: See :func:`_record_loop`; status values of ``_read_records`` besides SSL_read's failures.
