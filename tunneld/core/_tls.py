@@ -134,29 +134,37 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpe
     _FAST = False
 
 
+_compiled_loop: Callable[[int, int, int], tuple[int, int]] | None
+try:
+    # FULL and NEEDS_INPUT: the statuses of ``read_records`` besides SSL_read's failures.
+    from ._tlsread import FULL as _LOOP_FULL
+    from ._tlsread import NEEDS_INPUT as _LOOP_NEEDS_INPUT
+    from ._tlsread import configure as _configure_loop
+    from ._tlsread import read_records as _compiled_loop
+except ImportError:  # pragma: no cover - not built (no C compiler at install time)
+    _compiled_loop = None
+
+
 def _record_loop() -> Callable[[int, int, int], tuple[int, int]] | None:
     """The compiled loop that decrypts every whole record in one call (``_tlsread.c``), pointed
     at the OpenSSL that pyOpenSSL's binding calls; None where it was not built (or the binding
     hides its functions): then one ``SSL_read`` per record from Python."""
-    if not _FAST:
+    if not _FAST or _compiled_loop is None:
         return None
+
+    def address(fn: Any, ctype: str) -> int:
+        return int(_ffi.cast("uintptr_t", _ffi.cast(ctype, fn)))
+
     try:
-        from ._tlsread import configure, read_records
-
-        def address(fn: Any, ctype: str) -> int:
-            return int(_ffi.cast("uintptr_t", _ffi.cast(ctype, fn)))
-
-        configure(address(_SSL_read, "int(*)(SSL *, void *, int)"),
-                  address(_SSL_get_error, "int(*)(const SSL *, int)"), _WANT_READ)
-    except (ImportError, TypeError, ValueError, AttributeError):  # pragma: no cover - not built
+        _configure_loop(address(_SSL_read, "int(*)(SSL *, void *, int)"),
+                        address(_SSL_get_error, "int(*)(const SSL *, int)"), _WANT_READ)
+    except (TypeError, ValueError):  # pragma: no cover - the binding's functions cannot be cast
         return None
-    return read_records
+    return _compiled_loop
 
 
-#: See :func:`_record_loop`; status values of ``_read_records`` besides SSL_read's failures.
+#: See :func:`_record_loop`.
 _read_records = _record_loop()
-_LOOP_FULL = 1
-_LOOP_NEEDS_INPUT = 2
 
 
 _local = threading.local()

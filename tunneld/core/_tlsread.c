@@ -109,5 +109,13 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__tlsread(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "FULL", FULL) < 0 || PyModule_AddIntConstant(m, "NEEDS_INPUT", NEEDS_INPUT) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }
